@@ -1,0 +1,109 @@
+"""THE modality table. Everything per-modality (signal tokens, projector ModuleDicts, dataset fields, embedding
+precompute, decoding) is driven by these rows; no code path is written once per modality.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Wrapper tokens around the one soft token of an input medium. The original uses <Img>...</Img> for images,
+# videos and audio alike (its <Vid>/<Aud> variants are commented out); we keep that so released deltas load.
+MEDIA_START = "<Img>"
+MEDIA_END = "</Img>"
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str                 # one spelling everywhere: image | video | audio
+    signal_prefix: str        # [IMG0] ... : signal tokens are f"[{signal_prefix}{i}]"
+    num_signal_tokens: int    # 4 / 24 / 8 in the original
+    imagebind_key: str        # ImageBind modality that encodes it (videos go through the vision trunk)
+    pair_key: str             # raw pair JSON field naming the media file: image_name / video_name / audio_name
+    media_folder: str         # folder beside the pair JSON: images / videos / audios
+    input_key: str            # *_comprehension.json: input_image ...
+    output_key: str           # *_generation.json: output_image ...
+    placeholder: str          # <image> in the new-layout conversation files
+    pipeline: str             # diffusers pipeline class of the decoder
+    pooled: bool              # decoder consumes one pooled vector (AudioLDM/CLAP) instead of a token sequence
+    file_ext: str             # what inference writes
+    extensions: tuple[str, ...]  # media files we accept as input
+
+    @property
+    def signal_tokens(self) -> list[str]:
+        return [f"[{self.signal_prefix}{i}]" for i in range(self.num_signal_tokens)]
+
+    @property
+    def captions_key(self) -> str:          # *_instruction_tuning.json / *_generation.json
+        return f"{self.name}_captions"
+
+    @property
+    def embeddings_key(self) -> str:
+        return f"{self.name}_caption_embeddings"
+
+
+MODALITIES: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality("image", "IMG", 4, "vision", "image_name", "images", "input_image", "output_image", "<image>",
+                 "StableDiffusionPipeline", False, "png", (".jpg", ".jpeg", ".png", ".bmp", ".webp")),
+        Modality("video", "VID", 24, "vision", "video_name", "videos", "input_video", "output_video", "<video>",
+                 "TextToVideoSDPipeline", False, "mp4", (".mp4", ".avi", ".mov", ".mkv", ".webm")),
+        Modality("audio", "AUD", 8, "audio", "audio_name", "audios", "input_audio", "output_audio", "<audio>",
+                 "AudioLDMPipeline", True, "wav", (".wav", ".flac", ".mp3", ".ogg")),
+    )
+}
+
+
+def get(name: str) -> Modality:
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown modality {name!r}; known: {', '.join(MODALITIES)}") from None
+
+
+def added_tokens() -> list[str]:
+    """The 38 tokens NExT-GPT adds, in the original order (<Img>, </Img>, [IMG0-3], [VID0-23], [AUD0-7])."""
+    tokens = [MEDIA_START, MEDIA_END]
+    for m in MODALITIES.values():
+        tokens += m.signal_tokens
+    return tokens
+
+
+def modality_of_file(path: str | Path) -> str:
+    ext = Path(path).suffix.lower()
+    for m in MODALITIES.values():
+        if ext in m.extensions:
+            return m.name
+    raise ValueError(f"{path}: cannot tell the modality from the extension {ext!r}")
+
+
+def conditioning_shape(modality: str, decoder_dir: str | Path) -> tuple[int, int]:
+    """(tokens, dim) that the decoder's text encoder produces, read from the pipeline folder's JSON configs.
+
+    SD-1.5 -> (77, 768); SD-2 / Zeroscope -> (77, 1024); AudioLDM (CLAP text_embeds, pooled) -> (1, 512).
+    Reads only small JSON files, so it is cheap enough for check_ckpt and config validation.
+    """
+    m = get(modality)
+    root = Path(decoder_dir)
+    cfg_path = root / "text_encoder" / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg_path}: missing (the {modality} decoder folder is incomplete)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if m.pooled:
+        dim = cfg.get("projection_dim") or cfg.get("text_config", {}).get("projection_dim")
+        if not dim:
+            raise ValueError(f"{cfg_path}: no projection_dim for the pooled {modality} conditioning")
+        return 1, int(dim)
+    dim = cfg.get("hidden_size") or cfg.get("text_config", {}).get("hidden_size")
+    tokens = cfg.get("max_position_embeddings", 77)
+    tok_cfg = root / "tokenizer" / "tokenizer_config.json"
+    if tok_cfg.exists():
+        tokens = int(json.loads(tok_cfg.read_text()).get("model_max_length", tokens))
+    if not dim:
+        raise ValueError(f"{cfg_path}: no hidden_size for the {modality} conditioning")
+    return int(tokens), int(dim)
