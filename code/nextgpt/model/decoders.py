@@ -1,0 +1,204 @@
+"""The diffusion decoders: projected signal-token conditioning -> image / video / audio files.
+
+    output_proj[modality] -> conditioning (1, T, D) -> diffusers pipeline(prompt_embeds=...) -> media -> file
+        image  (1, 77, 768)  StableDiffusionPipeline   -> PIL image           -> image_<i>.png
+        video  (1, 77, 1024) TextToVideoSDPipeline     -> (F, H, W, 3) uint8  -> video_<i>.mp4 (PyAV)
+        audio  (1, 1, 512)   AudioLDMPipeline          -> (N,) float waveform -> audio_<i>.wav (soundfile)
+                             (pooled: fed as (1, 512), the CLAP text_embeds slot)
+
+Which pipeline class decodes a modality comes from the table (`nextgpt.modalities`); the folder from
+`cfg.model.decoders`; steps, guidance, size, frames, fps and audio length from `cfg.inference`
+(`<modality>_steps`, `<modality>_guidance`, ...). Each pipeline is loaded from local files on first use and kept
+for the rest of the process (the original re-loaded all of them on every call, reference §7 item 14).
+
+Classifier-free guidance needs unconditional embeddings; like the original (and like the pipelines themselves when
+given only `prompt_embeds`) they are the empty prompt through the pipeline's own text encoder, computed once per
+pipeline and passed as `negative_prompt_embeds`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from nextgpt.modalities import MODALITIES, conditioning_shape, get
+
+# What each pipeline class takes beyond the embeddings, from cfg.inference, and the output type we ask for.
+# (Sizes are named differently per pipeline: height/width, num_frames, audio_length_in_s.)
+_SIZE_ARGUMENTS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "StableDiffusionPipeline": lambda inf: dict(height=inf.image_height, width=inf.image_width, output_type="pil"),
+    "TextToVideoSDPipeline": lambda inf: dict(height=inf.video_height, width=inf.video_width,
+                                              num_frames=inf.video_frames, output_type="np"),
+    "AudioLDMPipeline": lambda inf: dict(audio_length_in_s=inf.audio_seconds, output_type="np"),
+}
+
+
+@dataclass
+class Decoded:
+    """One generated medium, ready for its writer."""
+    modality: str
+    data: Any                 # PIL.Image | np.uint8 (F, H, W, 3) | np.float32 (N,)
+    rate: float = 0.0         # video frames per second, or audio samples per second
+
+
+class Decoders:
+    """The configured diffusion pipelines, each loaded lazily and once.
+
+    `decode(modality, conditioning)` -> Decoded; `write(decoded, out_dir, index)` -> path of the written file.
+    """
+
+    def __init__(self, cfg, device=None, dtype=None, seed: int | None = None):
+        import torch
+
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype if dtype is not None else torch.float32
+        self.seed = cfg.inference.seed if seed is None else seed
+        self._pipelines: dict[str, Any] = {}
+        self._negative: dict[str, Any] = {}
+
+    # -- loading --------------------------------------------------------------------------------------------------
+    def folder(self, modality: str) -> Path:
+        try:
+            return self.cfg.path(self.cfg.model.decoders[modality])
+        except KeyError:
+            raise ValueError(f"model.decoders has no {modality!r} entry (configured: "
+                             f"{', '.join(self.cfg.model.decoders) or 'none'})") from None
+
+    def loaded(self) -> list[str]:
+        return list(self._pipelines)
+
+    def pipeline(self, modality: str):
+        """The diffusers pipeline of `modality`, loaded from its local folder on first use."""
+        if modality in self._pipelines:
+            return self._pipelines[modality]
+        try:
+            import diffusers
+        except ImportError as e:
+            raise ImportError(f"decoding {modality} needs diffusers ({e}); run `make env`") from None
+        folder = self.folder(modality)
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder / 'model_index.json'}: missing (the {modality} decoder folder from "
+                                    f"model.decoders.{modality}; see `make check-ckpt`)")
+        pipeline_class = getattr(diffusers, get(modality).pipeline)
+        # diffusers 0.42 spells the dtype argument `dtype` (`torch_dtype` is deprecated there)
+        try:
+            pipeline = pipeline_class.from_pretrained(str(folder), dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: cannot load {pipeline_class.__name__} ({e})") from None
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        self._pipelines[modality] = pipeline
+        return pipeline
+
+    def conditioning_shape(self, modality: str) -> tuple[int, int]:
+        """(T, D) the decoder's text encoder produces; (1, D) for a pooled decoder."""
+        return conditioning_shape(modality, self.folder(modality))
+
+    def negative_embeds(self, modality: str):
+        """Unconditional embeddings for classifier-free guidance: the empty prompt through the pipeline's own text
+        encoder. (1, 77, D) for SD / text-to-video; (1, D), L2-normalised, for AudioLDM."""
+        if modality in self._negative:
+            return self._negative[modality]
+        import torch
+
+        pipeline = self.pipeline(modality)
+        with torch.inference_mode():
+            if hasattr(pipeline, "encode_prompt"):
+                # SD / text-to-video: (prompt_embeds, negative_prompt_embeds); no guidance -> the second is None
+                negative = pipeline.encode_prompt("", self.device, 1, False)[0]
+            else:
+                # AudioLDM has only _encode_prompt: CLAP text_embeds, L2-normalised as for its own prompts -> (1, D)
+                negative = pipeline._encode_prompt("", self.device, 1, False)
+        self._negative[modality] = negative
+        return negative
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def decode(self, modality: str, conditioning, seed: int | None = None) -> Decoded:
+        """conditioning (1, T, D) from output_proj[modality] -> Decoded media. Same seed + conditioning -> same media."""
+        import numpy as np
+        import torch
+
+        info = get(modality)
+        tokens, dim = self.conditioning_shape(modality)
+        if conditioning.dim() != 3 or conditioning.shape[0] != 1 or tuple(conditioning.shape[1:]) != (tokens, dim):
+            raise ValueError(f"{modality} conditioning has shape {tuple(conditioning.shape)}; the decoder at "
+                             f"{self.folder(modality)} needs (1, {tokens}, {dim})")
+        pipeline = self.pipeline(modality)
+        settings = self.cfg.inference
+        steps = int(getattr(settings, f"{modality}_steps"))
+        guidance = float(getattr(settings, f"{modality}_guidance"))
+        prompt_embeds = conditioning.detach().to(self.device, self.dtype)
+        if info.pooled:
+            prompt_embeds = prompt_embeds.reshape(1, dim)          # (1, 1, 512) -> (1, 512), the CLAP slot
+        negative = self.negative_embeds(modality).to(self.dtype) if guidance > 1.0 else None
+        # A CPU generator: the same numbers on every device (diffusers draws on CPU and moves them).
+        generator = torch.Generator("cpu").manual_seed(self.seed if seed is None else seed)
+        with torch.inference_mode():
+            output = pipeline(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
+                              num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                              **_SIZE_ARGUMENTS[info.pipeline](settings))
+        if hasattr(output, "images"):
+            return Decoded(modality, output.images[0])
+        if hasattr(output, "frames"):
+            frames = np.asarray(output.frames[0], dtype=np.float32)          # (F, H, W, 3) in [0, 1]
+            return Decoded(modality, (frames.clip(0, 1) * 255).round().astype(np.uint8),
+                           rate=float(settings.video_fps))
+        waveform = np.asarray(output.audios[0], dtype=np.float32)           # (N,) at the vocoder's rate
+        return Decoded(modality, waveform, rate=float(pipeline.vocoder.config.sampling_rate))
+
+    def write(self, decoded: Decoded, out_dir: str | Path, index: int) -> Path:
+        """Write `<modality>_<index>.<ext>` atomically (temp file + rename) and return its path."""
+        from nextgpt.io import atomic_write_bytes
+
+        ext = MODALITIES[decoded.modality].file_ext
+        path = Path(out_dir) / f"{decoded.modality}_{index}.{ext}"
+        atomic_write_bytes(path, _WRITERS[ext](decoded))
+        return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders to bytes, one per file type in the table.
+
+def _png_bytes(decoded: Decoded) -> bytes:
+    buffer = io.BytesIO()
+    decoded.data.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mp4_bytes(decoded: Decoded) -> bytes:
+    """(F, H, W, 3) uint8 -> H.264 mp4 (MPEG-4 part 2 where this FFmpeg has no libx264), yuv420p."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f"writing mp4 needs PyAV ({e}); run `make env`") from None
+    import numpy as np
+
+    frames = decoded.data
+    # yuv420p stores chroma at half resolution: odd sizes are padded by one edge row / column.
+    pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))
+    frames = np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=max(1, round(decoded.rate)))
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))                     # flush the encoder's delayed frames
+    return buffer.getvalue()
+
+
+def _wav_bytes(decoded: Decoded) -> bytes:
+    import numpy as np
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(decoded.data, -1.0, 1.0), int(decoded.rate), format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+_WRITERS: dict[str, Callable[[Decoded], bytes]] = {"png": _png_bytes, "mp4": _mp4_bytes, "wav": _wav_bytes}
