@@ -99,6 +99,7 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.001
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8                       # AdamW epsilon (the original: 1e-8)
     warmup_steps: int = 10
     max_steps: int = 0                      # 0: epochs x steps per epoch
     epochs: int = 1

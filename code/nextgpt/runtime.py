@@ -1,0 +1,219 @@
+"""Device, dtype and distribution, decided once at the top of a run (with the reason printed), plus the
+DeepSpeed JSON resolution ("auto" values filled from the YAML, contradictions rejected) and seeding.
+
+Nothing happens at import; deepspeed is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Variables every process of a torch.distributed job needs (a launcher sets them; a plain `python` run does not).
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+CPU_DS_CONFIG = "code/dsconfig/cpu.json"
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    reason: str
+    env_we_set: list[str] = field(default_factory=list)   # removed again by shutdown()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env(local_rank: int | None = None) -> list[str]:
+    """Fill RANK/WORLD_SIZE/... for a run started without a launcher; return the names we set.
+
+    Without them deepspeed.init_distributed goes looking for mpi4py. A launcher (deepspeed, torchrun) sets all five;
+    we never overwrite what it set.
+    """
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(local_rank if local_rank is not None else 0),
+                "MASTER_ADDR": "127.0.0.1"}
+    set_here = []
+    for name in DIST_ENV:
+        if name in os.environ:
+            continue
+        os.environ[name] = str(free_port()) if name == "MASTER_PORT" else defaults[name]
+        set_here.append(name)
+    return set_here
+
+
+def ds_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def setup(ds_config: dict[str, Any], ds_path: str | os.PathLike = "", local_rank: int | None = None,
+          verbose: bool = True) -> Runtime:
+    """Decide device/dtype/backend, initialise torch.distributed through DeepSpeed, print the reason once."""
+    env_we_set = single_process_env(local_rank)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accelerator = get_accelerator()
+    dtype = ds_dtype(ds_config)
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        reason = (f"{torch.cuda.device_count()} CUDA device(s): cuda:{local_rank}, nccl, "
+                  f"{str(dtype).removeprefix('torch.')} from {ds_path or 'the DeepSpeed config'}")
+    elif accelerator.device_name() == "cpu":
+        if dtype == torch.float16:
+            shutdown(Runtime(torch.device("cpu"), dtype, rank, world_size, local_rank, "gloo", "", env_we_set))
+            raise ValueError(f"{ds_path}: fp16 is not supported on CPU by DeepSpeed; use {CPU_DS_CONFIG} (bf16/fp32)")
+        device, backend = torch.device("cpu"), "gloo"
+        reason = (f"no CUDA device: DeepSpeed CPU accelerator, gloo, {str(dtype).removeprefix('torch.')} "
+                  f"from {ds_path or 'the DeepSpeed config'}")
+        # The shared-memory allreduce op would be compiled (~24 s) at every start; gloo does the job here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        raise ValueError(f"unsupported DeepSpeed accelerator {accelerator.device_name()!r}; expected cuda or cpu")
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    runtime = Runtime(device, dtype, rank, world_size, local_rank, backend,
+                      f"{reason}; rank {rank}/{world_size}", env_we_set)
+    if verbose and runtime.is_main:
+        print(f"runtime: {runtime.reason}", flush=True)
+    return runtime
+
+
+def shutdown(runtime: Runtime | None) -> None:
+    """Destroy the process group (a 2-rank gloo run crashed at exit without it) and undo our env defaults."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name in (runtime.env_we_set if runtime else []):
+        os.environ.pop(name, None)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on any rank (every rank must call this)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # all devices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: the YAML owns every number; the JSON owns the mechanics (ZeRO, precision, offload).
+
+AUTO = "auto"
+
+
+def _expected(cfg: Any, world_size: int, total_steps: int | None) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """JSON key path -> (value the YAML implies, where in the YAML it comes from)."""
+    t = cfg.train
+    micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
+    expected = {
+        ("train_micro_batch_size_per_gpu",): (micro, "train.micro_batch_size"),
+        ("gradient_accumulation_steps",): (accum, "train.gradient_accumulation_steps"),
+        ("train_batch_size",): (micro * accum * world_size,
+                                f"train.micro_batch_size {micro} x train.gradient_accumulation_steps {accum} "
+                                f"x world size {world_size}"),
+        ("gradient_clipping",): (t.grad_clip, "train.grad_clip"),
+        ("optimizer", "params", "lr"): (t.lr, "train.lr"),
+        ("optimizer", "params", "betas"): (list(t.betas), "train.betas"),
+        ("optimizer", "params", "eps"): (t.eps, "train.eps"),
+        ("optimizer", "params", "weight_decay"): (t.weight_decay, "train.weight_decay"),
+        ("scheduler", "params", "warmup_min_lr"): (t.min_lr, "train.min_lr"),
+        ("scheduler", "params", "warmup_max_lr"): (t.lr, "train.lr"),
+        ("scheduler", "params", "warmup_num_steps"): (t.warmup_steps, "train.warmup_steps"),
+    }
+    if total_steps is not None:
+        expected[("scheduler", "params", "total_num_steps")] = (total_steps, "train.max_steps (or epochs x steps)")
+    return expected
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: Any, world_size: int, total_steps: int | None = None,
+                   ds_path: str | os.PathLike = "the DeepSpeed config") -> dict[str, Any]:
+    """Fill "auto" values from the YAML in place (total_num_steps only once `total_steps` is known); raise
+    ValueError naming both files when the JSON states a number that contradicts the YAML."""
+    yaml_name = cfg.source or "the YAML config"
+    for keys, (value, origin) in _expected(cfg, world_size, total_steps).items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.get(k)
+            if not isinstance(node, dict):
+                break
+        else:
+            if keys[-1] not in node:
+                continue  # not stated in the JSON: the section may be absent (e.g. no scheduler) or DS's default
+            current = node[keys[-1]]
+            if current == AUTO:
+                node[keys[-1]] = value
+            elif not _same(current, value):
+                raise ValueError(f"{ds_path}: {'.'.join(keys)}={current!r} contradicts {yaml_name} "
+                                 f"({origin} = {value!r}); write \"auto\" in the JSON or change the YAML")
+    return ds
+
+
+def load_ds_config(path: str | os.PathLike, cfg: Any, world_size: int) -> dict[str, Any]:
+    """Read the JSON and fill everything except the step count (known once the data is built)."""
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"{path}: top level must be an object")
+    return fill_ds_config(ds, cfg, world_size, None, path)
+
+
+def unresolved(ds: Any, prefix: str = "") -> list[str]:
+    """Key paths still holding "auto" (must be empty before deepspeed.initialize)."""
+    if isinstance(ds, dict):
+        return [p for k, v in ds.items() for p in unresolved(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if ds == AUTO else []
