@@ -14,9 +14,10 @@ Deterministic (seeded); a few MB; seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
@@ -28,19 +29,22 @@ LLM = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layer
 
 
 def write_tokenizer(out: Path, vocab_size: int = 700) -> None:
-    """sentencepiece BPE model like LLaMA's (byte fallback, <unk>=0 <s>=1 </s>=2), trained on the toy text."""
+    """sentencepiece BPE model like LLaMA's (byte fallback, <unk>=0 <s>=1 </s>=2), trained on the toy text.
+
+    Trained from an iterator into memory, so no temporary path ends up in the model's trainer_spec and two builds
+    are byte-identical."""
+    import io
+
     import sentencepiece as spm
     from nextgpt.toy import tokenizer_corpus
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(tokenizer_corpus() * 4) + "\n")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", num_threads=1, minloglevel=2, hard_vocab_limit=False)
-        shutil.copy(Path(tmp) / "tokenizer.model", out / "tokenizer.model")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus() * 4), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2, hard_vocab_limit=False)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
 
 
 def write_llm(out: Path, seed: int = 0) -> None:
@@ -70,9 +74,227 @@ def write_imagebind(out: Path, seed: int = 0) -> None:
     tmp.replace(out)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny diffusion decoders. Text-encoder widths differ on purpose (SD 32, Zeroscope 48, CLAP projection 16) so a
+# test that mixes up two modalities' conditioning fails on shapes instead of passing silently.
+
+SD_TEXT_WIDTH = 32          # CLIP hidden size of the tiny StableDiffusionPipeline -> conditioning (77, 32)
+VIDEO_TEXT_WIDTH = 48       # CLIP hidden size of the tiny TextToVideoSDPipeline  -> conditioning (77, 48)
+CLAP_PROJECTION = 16        # CLAP text_embeds width of the tiny AudioLDMPipeline  -> conditioning (1, 16)
+CLIP_MAX_LENGTH = 77        # as SD / Zeroscope: prompt_embeds are always (B, 77, D)
+CLAP_MAX_LENGTH = 64        # RoBERTa padding length (512 in AudioLDM; the pooled output does not depend on it)
+
+# What the tiny decoders produce by default; code/config/tiny/base.yaml `inference:` mirrors these numbers
+# (tests/test_foundation.py checks that they agree).
+TINY_INFERENCE = dict(image_height=32, image_width=32, image_steps=2, video_height=32, video_width=32,
+                      video_frames=4, video_steps=2, audio_seconds=1.0, audio_steps=2)
+
+
+def inference_sizes() -> dict[str, dict[str, float | int]]:
+    """Keyword arguments for each tiny pipeline's __call__ (besides prompt_embeds), keyed by modality."""
+    s = TINY_INFERENCE
+    return {
+        "image": dict(height=s["image_height"], width=s["image_width"], num_inference_steps=s["image_steps"]),
+        "video": dict(height=s["video_height"], width=s["video_width"], num_frames=s["video_frames"],
+                      num_inference_steps=s["video_steps"]),
+        "audio": dict(audio_length_in_s=s["audio_seconds"], num_inference_steps=s["audio_steps"]),
+    }
+
+
+def _toy_words() -> list[str]:
+    """Distinct words of the toy world (lower-case, punctuation split off), in first-seen order."""
+    import re
+
+    from nextgpt.toy import tokenizer_corpus
+
+    words: dict[str, None] = {}
+    for line in tokenizer_corpus():
+        for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]", line.lower()):
+            words.setdefault(w, None)
+    return list(words)
+
+
+def _learn_merges(words: list[list[str]]) -> list[tuple[str, str]]:
+    """Plain BPE: merge the most frequent adjacent pair (ties: alphabetical, so the result is deterministic)
+    until every word is one symbol. tokenizers' BpeTrainer breaks ties differently from run to run."""
+    words = [list(w) for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for w in words for pair in zip(w, w[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [w[i] + w[i + 1]]
+                i += 1
+
+
+def _bpe_files(out: Path, words: list[str], style: str) -> None:
+    """vocab.json + merges.txt of a byte-level BPE learned on the toy words, in the released files' layout.
+
+    style "clip": word-final pieces carry "</w>" (CLIP); style "roberta": words after a space start with "Ġ"
+    (GPT-2 / RoBERTa). Every toy word becomes one token, and all 256 byte pieces (+ their "</w>" forms for CLIP)
+    are in the vocabulary, so any text tokenizes. The transformers tokenizer classes read these files exactly like
+    the released ones.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())               # the 256 printable stand-ins for bytes
+    if style == "clip":
+        spelled = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+        head, tail = alphabet + [c + "</w>" for c in alphabet], ["<|startoftext|>", "<|endoftext|>"]
+    elif style == "roberta":
+        spelled = [list(w) for w in words] + [["Ġ"] + list(w) for w in words]
+        head, tail = ["<s>", "<pad>", "</s>", "<unk>"] + alphabet, ["<mask>"]
+    else:
+        raise ValueError(f"unknown BPE style {style!r}")
+    merges = _learn_merges(spelled)
+    vocab = list(dict.fromkeys(head + [a + b for a, b in merges] + tail))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _clip_text(tmp: Path, width: int, seed: int):
+    """(CLIPTokenizer, CLIPTextModel) with `width`-dim hidden states over 77 positions."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    _bpe_files(tmp, _toy_words(), "clip")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp), model_max_length=CLIP_MAX_LENGTH,
+                                              pad_token="<|endoftext|>")
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH,
+                            projection_dim=width, bos_token_id=vocab["<|startoftext|>"],
+                            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def _vae(seed: int, in_channels: int = 3):
+    """AutoencoderKL with 3 levels (spatial factor 4) and 4 latent channels, as SD's."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)
+
+
+def _save_pipeline(pipe, tmp: Path) -> None:
+    """save_pretrained, plus the tokenizer's vocab.json / merges.txt beside tokenizer.json as in the released
+    folders (transformers 5 writes only tokenizer.json; older loaders and tools read the pair)."""
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tmp / "_bpe" / name, tmp / "tokenizer" / name)
+    shutil.rmtree(tmp / "_bpe")
+
+
+def write_stable_diffusion(out: Path, seed: int = 0) -> None:
+    """Tiny StableDiffusionPipeline: CLIP text (77, 32), UNet2DCondition, AutoencoderKL, PNDM (SD-1.5's)."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    with atomic_dir(out) as tmp:
+        tokenizer, text_encoder = _clip_text(tmp / "_bpe", SD_TEXT_WIDTH, seed)
+        torch.manual_seed(seed + 1)
+        # sample_size 8 latents x VAE factor 4 = the 32x32 default image
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                    cross_attention_dim=SD_TEXT_WIDTH)
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+        pipe = StableDiffusionPipeline(vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+        _save_pipeline(pipe, tmp)
+
+
+def write_zeroscope(out: Path, seed: int = 0) -> None:
+    """Tiny TextToVideoSDPipeline: CLIP text (77, 48), UNet3DCondition, AutoencoderKL, DDIM."""
+    import torch
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    with atomic_dir(out) as tmp:
+        tokenizer, text_encoder = _clip_text(tmp / "_bpe", VIDEO_TEXT_WIDTH, seed + 10)
+        torch.manual_seed(seed + 11)
+        unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
+                                    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                                    cross_attention_dim=VIDEO_TEXT_WIDTH)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = TextToVideoSDPipeline(vae=_vae(seed + 12), text_encoder=text_encoder, tokenizer=tokenizer,
+                                     unet=unet.eval(), scheduler=scheduler)
+        _save_pipeline(pipe, tmp)
+
+
+def write_audioldm(out: Path, seed: int = 0) -> None:
+    """Tiny AudioLDMPipeline: CLAP text model (text_embeds (B, 16)), UNet2DCondition conditioned through its class
+    embedding as AudioLDM's (class_embed_type simple_projection, concatenated to the time embedding; the
+    attention blocks' cross_attention_dim equals their width so encoder_hidden_states=None is self-attention),
+    a 1-channel mel VAE and a SpeechT5HifiGan vocoder at 16 kHz."""
+    import torch
+    from diffusers import AudioLDMPipeline, DDIMScheduler, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, \
+        SpeechT5HifiGanConfig
+
+    with atomic_dir(out) as tmp:
+        _bpe_files(tmp / "_bpe", _toy_words(), "roberta")
+        tokenizer = RobertaTokenizer.from_pretrained(str(tmp / "_bpe"), model_max_length=CLAP_MAX_LENGTH)
+        torch.manual_seed(seed + 20)
+        # RoBERTa positions start after the padding index, hence +2
+        text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+            vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=CLAP_MAX_LENGTH + 2, projection_dim=CLAP_PROJECTION,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id)).eval()
+        torch.manual_seed(seed + 21)
+        widths = (16, 32)
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=widths, norm_num_groups=8, attention_head_dim=4,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                    cross_attention_dim=widths, class_embed_type="simple_projection",
+                                    projection_class_embeddings_input_dim=CLAP_PROJECTION,
+                                    class_embeddings_concat=True)
+        # 16 kHz, hop 160 (= 8*5*4): 100 mel frames per second over 32 mel bins
+        torch.manual_seed(seed + 22)
+        vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+            model_in_dim=32, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
+            upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+            normalize_before=False)).eval()
+        scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = AudioLDMPipeline(vae=_vae(seed + 23, in_channels=1), text_encoder=text_encoder,
+                                tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler, vocoder=vocoder)
+        _save_pipeline(pipe, tmp)
+
+
+PIPELINE_WRITERS = {"image": ("stable-diffusion", write_stable_diffusion),
+                    "video": ("zeroscope", write_zeroscope),
+                    "audio": ("audioldm", write_audioldm)}
+
+
 def write_pipelines(out: Path, seed: int = 0) -> None:
-    """Tiny diffusers pipelines (stable-diffusion/, zeroscope/, audioldm/)."""
-    raise NotImplementedError
+    """Tiny diffusers pipelines: out/stable-diffusion, out/zeroscope, out/audioldm (save_pretrained folders)."""
+    import diffusers
+    import transformers
+
+    # per-shard progress bars of a few-MB save are noise in `make tiny` and test logs
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    for folder, writer in PIPELINE_WRITERS.values():
+        writer(out / folder, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
