@@ -150,13 +150,17 @@ class Decoders:
         return Decoded(modality, waveform, rate=float(pipeline.vocoder.config.sampling_rate))
 
     def write(self, decoded: Decoded, out_dir: str | Path, index: int) -> Path:
-        """Write `<modality>_<index>.<ext>` atomically (temp file + rename) and return its path."""
-        from nextgpt.io import atomic_write_bytes
+        return write(decoded, out_dir, index)
 
-        ext = MODALITIES[decoded.modality].file_ext
-        path = Path(out_dir) / f"{decoded.modality}_{index}.{ext}"
-        atomic_write_bytes(path, _WRITERS[ext](decoded))
-        return path
+
+def write(decoded: Decoded, out_dir: str | Path, index: int) -> Path:
+    """Write `<modality>_<index>.<ext>` atomically (temp file + rename) and return its path."""
+    from nextgpt.io import atomic_write_bytes
+
+    ext = MODALITIES[decoded.modality].file_ext
+    path = Path(out_dir) / f"{decoded.modality}_{index}.{ext}"
+    atomic_write_bytes(path, _WRITERS[ext](decoded))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
