@@ -1,0 +1,320 @@
+"""Train one NExT-GPT stage (1, 2, 3 or the 8-bit fine-tune): one program, the stage is configuration.
+
+    deepspeed code/train.py --config code/config/stage_1.yaml --ds_config code/dsconfig/stage_1.json
+    python code/train.py --config code/config/tiny/stage_1.yaml                  # CPU, one process
+    deepspeed --num_gpus 2 code/train.py --config ... --set train.micro_batch_size=2
+
+config -> runtime (device, dtype, rank) -> model -> init_from -> trainable set -> data -> deepspeed.initialize ->
+the loop below. Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.resume); `--resume auto`
+(the default) continues from <train.output_dir>/latest bit-exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `deepspeed code/train.py` from anywhere
+
+import torch  # noqa: E402
+
+from nextgpt import config as config_lib  # noqa: E402
+from nextgpt import resume, runtime  # noqa: E402
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (too many non-finite losses); the message says why."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    config_lib.add_config_args(parser)
+    parser.add_argument("--ds_config", "--ds-config", default=None,
+                        help="DeepSpeed JSON (default: code/dsconfig/stage_<N>.json on GPUs, cpu.json on CPU)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (continue from <output_dir>/latest if present) | none | a checkpoint folder")
+    parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
+                        help="stop after this many optimizer steps (overrides train.max_steps)")
+    parser.add_argument("--export-legacy", action="store_true",
+                        help="also write pytorch_model.pt in the original key layout beside the final delta")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def default_ds_config(cfg: config_lib.Config) -> Path:
+    has_gpu = torch.cuda.is_available()
+    name = (f"fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json") \
+        if has_gpu else "cpu.json"
+    return config_lib.REPO_ROOT / "code" / "dsconfig" / name
+
+
+def to_device(value, device: torch.device):
+    """Tensors (inside dicts/lists) to `device`; everything else (names, Sample records) as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value
+
+
+class RunLog:
+    """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.text = self.metrics = self.writer = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.text = open(output_dir / "train.log", "a", buffering=1)
+        self.metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        tqdm.write(message)
+        self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        for f in (self.text, self.metrics, self.writer):
+            if f is not None:
+                f.close()
+
+
+def build_data(cfg, model, rt, log):
+    """Datasets -> MixtureSampler -> Collator -> DataLoader, for training and (if the config names one) eval."""
+    from torch.utils.data import DataLoader
+
+    from nextgpt.data import collate, dataset, sampler as sampler_lib, validate
+
+    if cfg.data.validate:
+        validate.quick_check(cfg)  # the cheap part: records parse, files and caches exist (full check: validate_data.py)
+    train_set, eval_set = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
+    collator = collate.Collator.from_config(cfg, model.token_ids)
+    train_sampler = sampler_lib.MixtureSampler(train_set, cfg.train.micro_batch_size, cfg.train.seed, rt.rank,
+                                               rt.world_size, cfg.data.group_by_length)
+    train_loader = DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collator,
+                              num_workers=cfg.data.num_workers)
+    eval_loader = None
+    if eval_set is not None:
+        eval_sampler = sampler_lib.MixtureSampler(eval_set, cfg.train.micro_batch_size, cfg.train.seed, rt.rank,
+                                                  rt.world_size, False, shuffle=False)
+        eval_loader = DataLoader(eval_set, batch_sampler=eval_sampler, collate_fn=collator,
+                                 num_workers=cfg.data.num_workers)
+    log(f"data: {len(train_sampler)} micro-batches per epoch per rank"
+        + (f", eval {len(eval_loader)} micro-batches" if eval_loader is not None else ", no eval split"))
+    return train_sampler, train_loader, eval_loader
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device) -> dict[str, float]:
+    """Mean loss, token accuracy and alignment (l2) terms over the held-out split, averaged over ranks."""
+    from nextgpt.modalities import MODALITIES
+
+    engine.eval()
+    totals: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for batch in loader:
+        out = engine(to_device(batch, device))
+        for name, value in out.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+            counts[name] = counts.get(name, 0.0) + 1.0
+    engine.train()
+    names = sorted(totals)
+    packed = torch.tensor([[totals[n], counts[n]] for n in names], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(packed)  # every rank sees the same key set: same modalities in the split
+    result = {n: (packed[i, 0] / packed[i, 1]).item() for i, n in enumerate(names)}
+    l2 = [result[m] for m in MODALITIES if m in result]
+    if l2:
+        result["l2"] = sum(l2) / len(l2)
+    return result
+
+
+def train(args: argparse.Namespace) -> dict:
+    cfg = config_lib.from_args(args)
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    ds_path = Path(args.ds_config) if args.ds_config else default_ds_config(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
+    rt = runtime.setup(ds_config, ds_path, args.local_rank)
+    output_dir = cfg.path(cfg.train.output_dir)
+    log = RunLog(output_dir, rt.is_main, cfg.train.tensorboard)
+    try:
+        return _train(cfg, args, ds_config, ds_path, rt, output_dir, log)
+    finally:
+        log.close()
+        runtime.shutdown(rt)
+
+
+def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
+    import deepspeed
+
+    from nextgpt import checkpoint
+    from nextgpt.model.nextgpt import build_model, set_trainable
+
+    if rt.is_main:
+        config_lib.save(cfg, output_dir / "config.yaml")
+        log(f"config {cfg.source} (resolved, saved to {output_dir / 'config.yaml'}):\n{cfg.dump()}")
+        log(f"runtime: {rt.reason}")
+
+    # Model: the same seed on every rank so the randomly initialised projectors agree before DeepSpeed starts.
+    runtime.seed_everything(cfg.train.seed)
+    model = build_model(cfg, device=rt.device, dtype=rt.dtype)
+    if cfg.train.init_from:
+        source = cfg.path(cfg.train.init_from)
+        if source.suffix == ".pt":
+            checkpoint.import_legacy(model, source)
+        else:
+            checkpoint.load_delta(model, checkpoint.resolve_checkpoint(source))
+        log(f"init_from: {source}")
+    counts = set_trainable(model, cfg)
+    log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
+
+    train_sampler, train_loader, eval_loader = build_data(cfg, model, rt, log)
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(train_sampler) // accum
+    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if max_steps <= 0:
+        raise ValueError(f"{cfg.source}: {len(train_sampler)} micro-batches per rank is less than one step of "
+                         f"{accum} accumulation step(s); add data or lower train.micro_batch_size")
+    runtime.fill_ds_config(ds_config, cfg, rt.world_size, max_steps, ds_path)
+    if left := runtime.unresolved(ds_config):
+        raise ValueError(f"{ds_path}: values still 'auto' with nothing to fill them from: {', '.join(left)}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if cfg.train.optimizer_8bit:  # bitsandbytes 8-bit AdamW replaces the JSON's optimizer (the scheduler stays)
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                                 eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+        ds_config.pop("optimizer", None)
+        ds_config["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+
+    # Resume: trainable weights, optimizer, scheduler, RNGs, sampler position.
+    step, bad_steps, saved_at = 0, 0, -1
+    start = resume.find_resume(output_dir, args.resume)
+    if start is not None:
+        state = resume.load(engine, start, rt.rank)
+        step, bad_steps, saved_at = state["step"], state["bad_steps"], state["step"]
+        train_sampler.load_state_dict(state["sampler"])
+        log(f"resumed from {start} at step {step}")
+    else:
+        runtime.seed_everything(cfg.train.seed + rt.rank)  # per-rank dropout streams
+
+    def save(step: int) -> Path:
+        meta = {"stage": cfg.train.stage, "step": step}
+        path = resume.save(engine, output_dir, step, rt.rank,
+                           {"bad_steps": bad_steps, "sampler": train_sampler.state_dict()},
+                           lambda folder: checkpoint.save_delta(engine.module, folder, cfg, meta), cfg.train.keep_last)
+        log(f"saved {path}")
+        return path
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    from tqdm import tqdm
+
+    log(f"training {max_steps} steps ({steps_per_epoch} per epoch), global batch {ds_config['train_batch_size']}")
+    progress = tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    batches = iter(train_loader)
+    window = {"time": time.time(), "samples": 0, "tokens": 0}
+    terms: dict[str, float] = {}
+    while step < max_steps:
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch: MixtureSampler reshuffles with seed + epoch
+            train_sampler.set_epoch(train_sampler.epoch + 1)
+            batches = iter(train_loader)
+            continue
+        batch = to_device(batch, rt.device)
+        out = engine(batch)
+        loss = out["loss"]
+        if runtime.any_rank(not bool(torch.isfinite(loss)), rt.device):
+            # Skip the micro-batch on every rank (no backward: its gradients never reach the optimizer).
+            bad_steps += 1
+            log(f"step {step}: non-finite loss {loss.item()} ({bad_steps} so far) in "
+                f"{[s.where for s in batch['samples']][:4]}")
+            if bad_steps > cfg.train.max_bad_steps:
+                raise TrainingAborted(f"{bad_steps} non-finite losses, more than train.max_bad_steps "
+                                      f"({cfg.train.max_bad_steps}); last at step {step}: lower train.lr or check the data")
+            continue
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
+        engine.step()
+        for name, value in out.items():
+            terms[name] = terms.get(name, 0.0) + float(value) / accum
+        window["samples"] += batch["input_ids"].shape[0] * rt.world_size
+        window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size
+        if not boundary:
+            continue
+
+        step += 1
+        elapsed = max(time.time() - window["time"], 1e-9)
+        grad_norm = engine.get_global_grad_norm()
+        scalars = {**terms, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+        log.scalars("train", step, scalars)
+        progress.update(1)
+        progress.set_postfix(loss=f"{terms['loss']:.4f}", acc=f"{terms.get('token_acc', 0.0):.3f}")
+        if step % cfg.train.log_every == 0 or step == 1:
+            log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        terms = {}
+        window = {"time": time.time(), "samples": 0, "tokens": 0}
+        if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            result = evaluate(engine, eval_loader, rt.device)
+            log.scalars("eval", step, result)
+            log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
+            save(step)
+            saved_at = step
+    progress.close()
+
+    final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
+    if args.export_legacy and rt.is_main:
+        checkpoint.export_legacy(engine.module, final / "pytorch_model.pt")
+        log(f"exported {final / 'pytorch_model.pt'}")
+    if rt.is_main:
+        resume.write_done(output_dir, step, final, {"stage": cfg.train.stage, "bad_steps": bad_steps})
+        log(f"done: {final} ({step} steps, {bad_steps} skipped micro-batches)")
+    runtime.barrier()
+    return {"step": step, "checkpoint": final, "bad_steps": bad_steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
