@@ -260,21 +260,20 @@ def _turn_list(record: dict, key: str, index: int, ctx: Context) -> list[dict]:
         if turn["from"] not in ("human", "gpt"):
             raise RecordError(ctx.source, index, f"{key}[{t}].from: {turn['from']!r}; expected human or gpt")
         _text(turn["value"], f"{key}[{t}].value", index, ctx, allow_empty=True)
-    if turns[0]["from"] != "human":
-        raise RecordError(ctx.source, index, f"{key}[0] is a {turns[0]['from']} turn; the first turn must be human")
-    if not any(t["from"] == "gpt" for t in turns):
+    for t, turn in enumerate(turns):
+        expected = "human" if t % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise RecordError(ctx.source, index, f"{key}[{t}] is a {turn['from']} turn; turns must alternate "
+                              "human, gpt, human, ...")
+    if len(turns) < 2:
         raise RecordError(ctx.source, index, f"{key}: no gpt turn (nothing to learn)")
     return turns
 
 
-def _one_input(media: list[Media], index: int, ctx: Context) -> list[Media]:
-    # The template holds one input medium (<Img>{soft}</Img> at the start of the first human turn); a file that
-    # repeats the same medium per turn (preprocessed_llava.json) gives one Media.
-    unique = list({(m.modality, m.name): m for m in media}.values())
-    if len(unique) > 1:
-        raise RecordError(ctx.source, index, f"{len(unique)} different input media "
-                          f"({', '.join(m.name for m in unique)}); at most one per record is supported")
-    return unique
+def _unique_media(media: list[Media]) -> list[Media]:
+    # A file that repeats the same medium per turn (preprocessed_llava.json: input_image repeated per <image>)
+    # gives one Media; distinct media are kept in order (the encoder places them all at the start of turn 0).
+    return list({(m.modality, m.name): m for m in media}.values())
 
 
 def _parse_conversations(record: dict, index: int, ctx: Context) -> Sample:
@@ -341,7 +340,7 @@ def _parse_conversations(record: dict, index: int, ctx: Context) -> Sample:
             spec = MODALITIES[m]
             raise RecordError(ctx.source, index, f"{spec.embeddings_key!r} names {len(embeds[m])} embeddings but the "
                               f"gpt turns have {used_out[m]} {spec.placeholder}")
-    media = _one_input(media, index, ctx)
+    media = _unique_media(media)
     for m in media:
         _check_modality(m.modality, index, ctx)
     for target in targets:

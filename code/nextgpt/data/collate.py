@@ -1,0 +1,147 @@
+"""list[Encoded] -> the batch dict NextGPT.forward consumes.
+
+    input_ids        LongTensor (B, L)   right-padded with token_ids.pad to the longest sample of THIS batch
+    labels           LongTensor (B, L)   -100 on padding and unsupervised positions (not shifted)
+    attention_mask   LongTensor (B, L)   1 on tokens, 0 on padding
+    media_positions  LongTensor (N, 2)   (row, position) of each input medium's soft token, row-major
+    media_modalities list[str] (N)       media_names list[str] (N)       media_paths list[str] (N)
+    media_features   FloatTensor (N, F)  from <feature_dir>/<media name>.npy when EVERY medium of the batch is
+                                         cached there, else None (the model then encodes media_paths live)
+    caption_embeds   {modality: FloatTensor (n_m, T_m, D_m)}: one row per signal block of that modality, ordered by
+                     (row, position); pooled decoders (AudioLDM) are stored (D,) and viewed (n, 1, D)
+    samples          list[Sample] (B), for error messages
+
+Every caption embedding is checked against the shape its decoder consumes (a wrong shape names the .npy file and
+the sample's file + record), and the number of signal blocks in the token ids must equal the sample's targets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nextgpt.data.types import Encoded
+from nextgpt.embed_cache import item_path, load_item, read_manifest
+from nextgpt.modalities import MODALITIES
+
+
+def stored_shape(modality: str, shape: tuple[int, int]) -> tuple[int, ...]:
+    """On-disk shape of a caption embedding for a decoder whose conditioning is `shape` = (T, D): pooled
+    decoders store one vector (D,), the others (T, D)."""
+    tokens, dim = shape
+    return (dim,) if MODALITIES[modality].pooled and tokens == 1 else (tokens, dim)
+
+
+class Collator:
+    def __init__(self, token_ids, feature_dir: str | Path | None = None,
+                 caption_shapes: dict[str, tuple[int, int]] | None = None,
+                 feature_shape: tuple[int, ...] | None = None):
+        """caption_shapes: modality -> (T, D) the decoder consumes (nextgpt.modalities.conditioning_shape);
+        feature_shape: expected ImageBind feature shape, default: the feature cache manifest's."""
+        self.token_ids = token_ids
+        self.feature_dir = Path(feature_dir) if feature_dir else None
+        self.caption_shapes = {m: tuple(s) for m, s in (caption_shapes or {}).items()}
+        self.feature_shape = tuple(feature_shape) if feature_shape else None
+        if self.feature_shape is None and self.feature_dir is not None and self.feature_dir.is_dir():
+            manifest = read_manifest(self.feature_dir)
+            if manifest is not None:
+                self.feature_shape = tuple(manifest.shape)
+
+    def __call__(self, batch: list[Encoded]) -> dict:
+        if not batch:
+            raise ValueError("collate: empty batch")
+        length = max(len(e.input_ids) for e in batch)
+        size = (len(batch), length)
+        input_ids = torch.full(size, self.token_ids.pad, dtype=torch.long)
+        labels = torch.full(size, -100, dtype=torch.long)
+        attention_mask = torch.zeros(size, dtype=torch.long)
+        positions: list[tuple[int, int]] = []
+        modalities: list[str] = []
+        names: list[str] = []
+        paths: list[str] = []
+        embeds: dict[str, list[torch.Tensor]] = {}
+        for row, enc in enumerate(batch):
+            sample = enc.sample
+            n = len(enc.input_ids)
+            if len(enc.labels) != n:
+                raise ValueError(f"{sample.where}: {n} input ids but {len(enc.labels)} labels")
+            input_ids[row, :n] = torch.tensor(enc.input_ids, dtype=torch.long)
+            labels[row, :n] = torch.tensor(enc.labels, dtype=torch.long)
+            attention_mask[row, :n] = 1
+            if len(enc.media_positions) != len(sample.media):
+                raise ValueError(f"{sample.where}: {len(sample.media)} media but {len(enc.media_positions)} "
+                                 "soft-token positions")
+            for position, medium in zip(enc.media_positions, sample.media):
+                positions.append((row, int(position)))
+                modalities.append(medium.modality)
+                names.append(medium.name)
+                paths.append(medium.path)
+            self._check_blocks(enc)
+            for target in sample.targets:
+                embeds.setdefault(target.modality, []).append(self._caption_embed(target, sample))
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "media_positions": torch.tensor(positions, dtype=torch.long).reshape(-1, 2),
+            "media_modalities": modalities,
+            "media_names": names,
+            "media_paths": paths,
+            "media_features": self._features(names, batch),
+            "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
+            "samples": [e.sample for e in batch],
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_blocks(self, enc: Encoded) -> None:
+        """Signal blocks in the ids (by the id of each modality's first signal token) == the sample's targets."""
+        ids = enc.input_ids
+        for m, signal in self.token_ids.signal.items():
+            blocks = sum(1 for i in ids if i == signal[0])
+            targets = sum(1 for t in enc.sample.targets if t.modality == m)
+            if blocks != targets:
+                raise ValueError(f"{enc.sample.where}: {blocks} {m} signal block(s) in the tokens but {targets} "
+                                 f"{m} caption embedding(s)")
+
+    def _caption_embed(self, target, sample) -> torch.Tensor:
+        """(T, D) float32 tensor of one target (pooled: (1, D))."""
+        expected = self.caption_shapes.get(target.modality)
+        try:
+            array = load_item(target.embed_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{e} (caption embedding of {sample.where})") from None
+        if expected is not None:
+            want = stored_shape(target.modality, expected)
+            if tuple(array.shape) not in (want, tuple(expected)):
+                raise ValueError(f"{target.embed_path}: shape {tuple(array.shape)}, the {target.modality} decoder "
+                                 f"needs {want} (caption embedding of {sample.where})")
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return tensor.reshape(1, -1) if tensor.dim() == 1 else tensor
+
+    def _features(self, names: list[str], batch: list[Encoded]) -> torch.Tensor | None:
+        """(N, F) cached ImageBind features when every medium has one, else None (after checking the media files
+        exist, so a dangling name fails here with the sample named rather than deep inside the encoder)."""
+        if not names:
+            return None
+        if self.feature_dir is not None:
+            files = [item_path(self.feature_dir, n) for n in names]
+            if all(f.is_file() for f in files):
+                arrays = []
+                for f, enc in zip(files, (e for e in batch for _ in e.sample.media)):
+                    try:
+                        arrays.append(load_item(f, self.feature_shape))
+                    except (FileNotFoundError, ValueError) as e:
+                        raise type(e)(f"{e} (ImageBind feature of {enc.sample.where})") from None
+                shapes = {a.shape for a in arrays}
+                if len(shapes) != 1:
+                    raise ValueError(f"{self.feature_dir}: features of different shapes {sorted(shapes)} in one batch")
+                return torch.from_numpy(np.stack(arrays).astype(np.float32))
+        for enc in batch:
+            for medium in enc.sample.media:
+                if not os.path.isfile(medium.path):
+                    raise FileNotFoundError(f"{medium.path}: media file missing and no cached feature "
+                                            f"({enc.sample.where})")
+        return None
