@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,34 +39,24 @@ class Request:
 
 # `<Image>path</Image>` (the original demo's tags), one tag name per modality from the table
 _TAG = re.compile(r"<(%s)>(.*?)</\1>" % "|".join(m.capitalize() for m in MODALITIES), re.IGNORECASE | re.DOTALL)
-_FLAGS = {f"--{m}": m for m in MODALITIES}
+# `--image path` (a path with spaces in quotes); the text keeps its own quotes and apostrophes
+_FLAG = re.compile(r"(?:^|(?<=\s))--(%s)\s+(?:\"([^\"]+)\"|'([^']+)'|(\S+))" % "|".join(MODALITIES))
+_DANGLING_FLAG = re.compile(r"(?:^|(?<=\s))--(%s)\s*$" % "|".join(MODALITIES))
 
 
 def parse_line(line: str) -> Request:
     """An interactive line -> Request. Media by tags or --image/--video/--audio flags; the rest is the prompt."""
     media: list[tuple[str, Path]] = []
 
-    def take_tag(match: re.Match) -> str:
-        media.append((match.group(1).lower(), Path(match.group(2).strip()).expanduser()))
+    def take(modality: str, path: str) -> str:
+        media.append((modality.lower(), Path(path.strip()).expanduser()))
         return " "
 
-    text = _TAG.sub(take_tag, line)
-    try:
-        words = shlex.split(text, posix=True)
-    except ValueError as e:                      # an unbalanced quote
-        raise ValueError(f"cannot parse the line ({e})") from None
-    rest: list[str] = []
-    i = 0
-    while i < len(words):
-        if words[i] in _FLAGS:
-            if i + 1 >= len(words):
-                raise ValueError(f"{words[i]} needs a file path")
-            media.append((_FLAGS[words[i]], Path(words[i + 1]).expanduser()))
-            i += 2
-        else:
-            rest.append(words[i])
-            i += 1
-    return Request(" ".join(rest).strip(), media)
+    text = _TAG.sub(lambda m: take(m.group(1), m.group(2)), line)
+    text = _FLAG.sub(lambda m: take(m.group(1), next(g for g in m.group(2, 3, 4) if g is not None)), text)
+    if dangling := _DANGLING_FLAG.search(text):
+        raise ValueError(f"{dangling.group(0).strip()} needs a file path")
+    return Request(" ".join(text.split()), media)
 
 
 def check_media(request: Request) -> None:
@@ -150,6 +139,8 @@ class Session:
 def find_checkpoint(value: str | Path) -> tuple[str, Path]:
     """-> ("legacy", pytorch_model.pt) or ("delta", folder); FileNotFoundError naming the path otherwise."""
     path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found (give --ckpt, or train one: `make stage3`)")
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         return "legacy", path
     if path.is_dir() and (path / "pytorch_model.pt").is_file() and not (path / "delta.safetensors").exists():
