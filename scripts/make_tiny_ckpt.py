@@ -62,16 +62,19 @@ def write_llm(out: Path, seed: int = 0) -> None:
 
 
 def write_imagebind(out: Path, seed: int = 0) -> None:
-    """Filled by the ImageBind module: nextgpt.imagebind.model with the "tiny" preset."""
+    """ImageBind (vision, audio, text) at the parity-fixture sizes (preset "tiny"), seeded, saved like the real
+    imagebind_huge.pth (torch.save of a plain state dict), so load_imagebind reads it the same way. ~6 MB."""
+    import io
+
     import torch
     from nextgpt.imagebind.model import ImageBindModel, preset
+    from nextgpt.io import atomic_write_bytes
 
     torch.manual_seed(seed)
     model = ImageBindModel(**preset("tiny"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(out, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------
