@@ -1,0 +1,88 @@
+"""Media files -> ImageBind embeddings, batched: `Encoder(checkpoint, preset).encode(paths, "video")`.
+
+Only the vision and audio towers are loaded (the text tower is 350 M parameters NExT-GPT never uses). bf16 on
+CUDA, fp32 on CPU unless told otherwise; results always come back as float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from nextgpt.modalities import get as get_modality
+
+from . import preprocess
+from .model import load_imagebind, resolve_config
+
+# NExT-GPT modality -> preprocessing of one file (the ImageBind tower comes from the modality table).
+LOADERS: dict[str, Callable[[str | Path], torch.Tensor]] = {
+    "image": preprocess.load_image,        # (3, 224, 224)
+    "video": preprocess.load_video,        # (15, 3, 2, 224, 224)
+    "audio": preprocess.load_audio,        # (3, 1, 128, 204)
+}
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def preprocessed_batches(paths: Sequence[str | Path], modality: str, batch_size: int, workers: int = 2
+                         ) -> Iterator[torch.Tensor]:
+    """Stacked preprocessed batches (B, ...) in order; files are decoded by `workers` threads, one batch ahead
+    of the model (PIL, PyAV and torch release the GIL while decoding / resizing)."""
+    load = LOADERS[modality]
+    chunks = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    if workers <= 0:
+        for chunk in chunks:
+            yield torch.stack([load(p) for p in chunk])
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(load, p) for p in chunks[0]] if chunks else []
+        for index in range(len(chunks)):
+            current = pending
+            pending = [pool.submit(load, p) for p in chunks[index + 1]] if index + 1 < len(chunks) else []
+            try:
+                yield torch.stack([future.result() for future in current])
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+
+class Encoder:
+    """A loaded, frozen ImageBind (vision + audio) that turns media files into (N, out_dim) float32 vectors."""
+
+    def __init__(self, checkpoint: str | Path, preset: str = "huge", device=None, dtype=None):
+        self.device, self.dtype = default_device_dtype(device, dtype)
+        self.checkpoint, self.preset = str(checkpoint), preset
+        self.out_dim = int(resolve_config(preset)["out_embed_dim"])
+        self.model = load_imagebind(checkpoint, preset, device=self.device, dtype=self.dtype,
+                                    modalities=("vision", "audio"))
+
+    @torch.no_grad()
+    def encode_tensors(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, ...) -> (B, out_dim) float32 on the CPU."""
+        tower = get_modality(modality).imagebind_key
+        batch = batch.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return self.model.encode(tower, batch).float().cpu()
+
+    def iter_encode(self, paths: Sequence[str | Path], modality: str, batch_size: int = 8, workers: int = 2
+                    ) -> Iterator[torch.Tensor]:
+        """(b, out_dim) per batch of `paths`, in order; lets callers save progress batch by batch."""
+        get_modality(modality)
+        for batch in preprocessed_batches(paths, modality, batch_size, workers):
+            yield self.encode_tensors(modality, batch)
+
+    def encode(self, paths: Sequence[str | Path], modality: str, batch_size: int = 8, workers: int = 2
+               ) -> torch.Tensor:
+        """Media files of one modality -> (N, out_dim) float32. An unusable file raises MediaError naming it."""
+        if not paths:
+            return torch.zeros(0, self.out_dim)
+        return torch.cat(list(self.iter_encode(paths, modality, batch_size, workers)))
