@@ -308,15 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     parts = args.only or ["llm", "imagebind", "pipelines"]
-    if "llm" in parts:
-        write_llm(out / "vicuna")
-        print(f"[tiny] LLM + tokenizer -> {out / 'vicuna'}")
-    if "imagebind" in parts:
-        write_imagebind(out / "imagebind" / "imagebind_tiny.pth")
-        print(f"[tiny] ImageBind -> {out / 'imagebind' / 'imagebind_tiny.pth'}")
-    if "pipelines" in parts:
-        write_pipelines(out)
-        print(f"[tiny] diffusion pipelines -> {out}/{{stable-diffusion,zeroscope,audioldm}}")
+    writers = {"llm": (write_llm, out / "vicuna", "LLM + tokenizer"),
+               "imagebind": (write_imagebind, out / "imagebind" / "imagebind_tiny.pth", "ImageBind"),
+               "pipelines": (write_pipelines, out, "diffusion pipelines (stable-diffusion, zeroscope, audioldm)")}
+    for part in parts:
+        writer, path, what = writers[part]
+        try:
+            writer(path)
+        except ImportError as e:        # e.g. nextgpt.imagebind.model before the ImageBind module lands
+            print(f"error: {what}: {e} (build the other parts with --only)", file=sys.stderr)
+            return 1
+        except (OSError, ValueError) as e:
+            print(f"error: {what}: {e}", file=sys.stderr)
+            return 1
+        print(f"[tiny] {what} -> {path}")
     if args.only is None:
         atomic_write_text(out / ".complete", "ok\n")
     return 0
