@@ -23,16 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
 from nextgpt.embed_cache import item_path, load_item, read_manifest
-from nextgpt.modalities import MODALITIES
-
-
-def stored_shape(modality: str, shape: tuple[int, int]) -> tuple[int, ...]:
-    """On-disk shape of a caption embedding for a decoder whose conditioning is `shape` = (T, D): pooled
-    decoders store one vector (D,), the others (T, D)."""
-    tokens, dim = shape
-    return (dim,) if MODALITIES[modality].pooled and tokens == 1 else (tokens, dim)
 
 
 class Collator:
@@ -114,7 +107,7 @@ class Collator:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e} (caption embedding of {sample.where})") from None
         if expected is not None:
-            want = stored_shape(target.modality, expected)
+            want = storage_shape(target.modality, expected)
             if tuple(array.shape) not in (want, tuple(expected)):
                 raise ValueError(f"{target.embed_path}: shape {tuple(array.shape)}, the {target.modality} decoder "
                                  f"needs {want} (caption embedding of {sample.where})")

@@ -1,0 +1,181 @@
+"""Caption embeddings: what each diffusion decoder consumes, computed with the decoder's OWN text encoder.
+
+    encoder = CaptionEncoder("image", "ckpt/pretrained_ckpt/stable-diffusion-v1-5")
+    encoder.encode(["a red circle"])         # image/video: (B, 77, D) CLIP last_hidden_state; audio: (B, D)
+
+Only the text encoder and tokenizer of the diffusers folder are loaded (the classes model_index.json names, from
+the `text_encoder/` and `tokenizer/` subfolders), never the UNet or VAE. The computation is the pipeline's own
+prompt encoding in diffusers 0.42, step for step:
+  StableDiffusionPipeline.encode_prompt / TextToVideoSDPipeline.encode_prompt: tokenizer(padding="max_length",
+    max_length=tokenizer.model_max_length, truncation=True); attention mask only if the text encoder's config sets
+    use_attention_mask; prompt_embeds = text_encoder(ids)[0]  (last_hidden_state after the final LayerNorm)
+  AudioLDMPipeline._encode_prompt: the same tokenisation (model_max_length), attention mask always;
+    prompt_embeds = F.normalize(text_encoder(ids, attention_mask).text_embeds, dim=-1)
+so tests compare the stored vectors with `pipeline.encode_prompt` directly.
+
+Storage: `<embed_dir>/<media file name>.npy`, (77, D) or (D,) for pooled decoders, float32 or float16.
+One folder holds all three modalities (as the original's data/embed/), so its manifest.json has a section per
+modality: {"kind": "caption_embeddings", "modalities": {"image": {"encoder", "shape", "dtype", "count"}, ...}}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextgpt.io import atomic_write_text
+from nextgpt.modalities import MODALITIES, conditioning_shape
+
+MANIFEST = "manifest.json"
+KIND = "caption_embeddings"
+
+
+@dataclass
+class Section:
+    encoder: str              # decoder folder the vectors came from
+    shape: list[int]          # per item: [77, D] or [D]
+    dtype: str                # float32 | float16
+    count: int = 0            # items of this modality in the folder when written
+
+
+def read_manifest(embed_dir: str | Path) -> dict[str, Section]:
+    """modality -> Section of a caption-embedding folder ({} when there is no manifest yet)."""
+    path = Path(embed_dir) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("kind") != KIND:
+            raise ValueError(f"kind {data.get('kind')!r}, expected {KIND!r}")
+        return {m: Section(**s) for m, s in data["modalities"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a caption-embedding manifest ({e})") from None
+
+
+def write_manifest(embed_dir: str | Path, sections: dict[str, Section]) -> None:
+    data = {"kind": KIND, "modalities": {m: asdict(s) for m, s in sorted(sections.items())}}
+    atomic_write_text(Path(embed_dir) / MANIFEST, json.dumps(data, indent=2) + "\n")
+
+
+def count_items(embed_dir: str | Path, modality: str) -> int:
+    """.npy files in the folder whose media name has one of the modality's extensions."""
+    exts = MODALITIES[modality].extensions
+    return sum(1 for p in Path(embed_dir).glob("*.npy")
+               if not p.name.startswith(".") and Path(p.name[:-len(".npy")]).suffix.lower() in exts)
+
+
+def storage_shape(modality: str, conditioning: tuple[int, int]) -> tuple[int, ...]:
+    """On-disk shape of one caption embedding for a decoder conditioned on (T, D): (T, D), or (D,) for a pooled
+    decoder (AudioLDM's CLAP text_embeds, as the original's data/embed/*.wav.npy)."""
+    tokens, dim = conditioning
+    return (dim,) if MODALITIES[modality].pooled and tokens == 1 else (tokens, dim)
+
+
+def stored_shape(modality: str, decoder_dir: str | Path) -> tuple[int, ...]:
+    """storage_shape of the decoder in `decoder_dir` (reads only its JSON configs)."""
+    return storage_shape(modality, conditioning_shape(modality, decoder_dir))
+
+
+def check_npy(path: str | Path, shape: tuple[int, ...] | None = None) -> str | None:
+    """None when `path` is a complete .npy (of `shape`), else the reason. Reads only the header and compares the
+    file size with what the header promises, so a truncated file (a killed non-atomic writer) is caught without
+    loading the array: cheap enough to check millions of files before training."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                found, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                found, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return f"unsupported .npy version {version}"
+            offset = f.tell()
+    except FileNotFoundError:
+        return "missing"
+    except (ValueError, OSError, EOFError) as e:
+        return f"unreadable .npy ({e})"
+    if dtype.hasobject:
+        return "object array (not a plain .npy)"
+    expected = offset + int(np.prod(found, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        return f"truncated or padded .npy ({size} bytes, header promises {expected})"
+    if shape is not None and tuple(found) != tuple(shape):
+        return f"shape {tuple(found)}, expected {tuple(shape)}"
+    return None
+
+
+def _component_class(decoder_dir: Path, component: str):
+    """The transformers class model_index.json names for `component` (what the pipeline itself would load)."""
+    import transformers
+
+    index_path = decoder_dir / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index_path}: missing (not a diffusers pipeline folder)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
+    entry = index.get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers"):
+        raise ValueError(f"{index_path}: no transformers class for {component!r} (found {entry!r})")
+    cls = getattr(transformers, entry[1], None)
+    if cls is None:
+        raise ValueError(f"{index_path}: transformers has no class {entry[1]!r} for {component!r}")
+    return cls
+
+
+class CaptionEncoder:
+    """The decoder's text encoder + tokenizer; `encode(captions)` -> float32 array (B, *shape)."""
+
+    def __init__(self, modality: str, decoder_dir: str | Path, device: str | None = None, dtype=None):
+        import torch
+
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        self.modality, self.pooled = modality, MODALITIES[modality].pooled
+        self.decoder_dir = Path(decoder_dir)
+        if not self.decoder_dir.is_dir():
+            raise FileNotFoundError(f"{self.decoder_dir}: decoder folder not found (model.decoders.{modality})")
+        self.shape = stored_shape(modality, self.decoder_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer_cls = _component_class(self.decoder_dir, "tokenizer")
+        encoder_cls = _component_class(self.decoder_dir, "text_encoder")
+        try:
+            self.tokenizer = tokenizer_cls.from_pretrained(str(self.decoder_dir), subfolder="tokenizer")
+            self.text_encoder = encoder_cls.from_pretrained(str(self.decoder_dir), subfolder="text_encoder",
+                                                            dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.decoder_dir}: cannot load the text encoder / tokenizer ({e})") from None
+        self.text_encoder.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def encoder_id(self) -> str:
+        return str(self.decoder_dir.resolve())
+
+    def encode(self, captions: list[str]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)
+        with torch.inference_mode():
+            if self.pooled:
+                # (B, L) -> CLAP text_embeds (B, D), L2-normalised as AudioLDM's _encode_prompt
+                out = self.text_encoder(ids, attention_mask=tokens.attention_mask.to(self.device)).text_embeds
+                out = F.normalize(out, dim=-1)
+            else:
+                # (B, 77) -> last_hidden_state (B, 77, D), as encode_prompt with clip_skip=None
+                use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+                mask = tokens.attention_mask.to(self.device) if use_mask else None
+                out = self.text_encoder(ids, attention_mask=mask)[0]
+        array = out.float().cpu().numpy()
+        if tuple(array.shape[1:]) != self.shape:
+            raise ValueError(f"{self.decoder_dir}: text encoder produced {tuple(array.shape[1:])}, but its config "
+                             f"says {self.shape}")
+        return array

@@ -1,0 +1,255 @@
+"""Check a stage's data before spending GPU hours on it.
+
+    report = validate(cfg, names=None, decode=True)   # names default: cfg.data.datasets
+    print(report.format()); report.ok                 # or report.raise_if_bad() (train.py, cheap mode)
+
+Per record: it parses (readers); every input medium exists and decodes — or the ImageBind feature cache
+(cfg.data.feature_dir) holds a complete feature for it; every caption embedding exists and has the shape the
+configured decoder needs (nextgpt.modalities.conditioning_shape; pooled decoders store (D,)). A record is counted
+once: corrupt (unparseable record, undecodable medium, truncated / wrong-shaped / non-finite embedding) before
+missing (absent file), else ok.
+
+decode=False is the cheap mode train.py runs before training: file existence plus .npy header/size checks (a
+truncated or wrong-shaped .npy is still caught), no media decoding, no array loading.
+Media decoding uses nextgpt.imagebind.preprocess's loaders (the exact code training runs) when importable, else
+header checks with PIL / soundfile / PyAV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nextgpt.data.embeddings import check_npy, read_manifest as read_caption_manifest, storage_shape
+from nextgpt.embed_cache import item_path, read_manifest as read_feature_manifest
+from nextgpt.modalities import MODALITIES, conditioning_shape
+
+MISSING, CORRUPT = "missing", "corrupt"
+
+
+@dataclass
+class Problem:
+    dataset: str
+    source: str
+    index: int | None               # record index, None for a file- or dataset-level problem
+    kind: str                       # missing | corrupt
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.source} record {self.index}" if self.index is not None else self.source
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    file: str
+    records: int = 0
+    ok: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    datasets: list[DatasetReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # things not checked, and why
+    errors: list[str] = field(default_factory=list)     # config-level problems (unknown name, no file, ...)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(d.missing == 0 and d.corrupt == 0 and not d.problems for d in self.datasets)
+
+    def format(self, max_problems: int | None = None) -> str:
+        width = max([len(d.name) for d in self.datasets] + [7])
+        lines = [f"{'dataset':<{width}}  {'records':>8} {'ok':>8} {'missing':>8} {'corrupt':>8}  file"]
+        for d in self.datasets:
+            lines.append(f"{d.name:<{width}}  {d.records:>8} {d.ok:>8} {d.missing:>8} {d.corrupt:>8}  {d.file}")
+        problems = [p for d in self.datasets for p in d.problems]
+        shown = problems if max_problems is None else problems[:max_problems]
+        if problems:
+            lines.append(f"{len(problems)} problem(s):")
+            lines += [f"  [{p.kind}] {p}" for p in shown]
+            if len(shown) < len(problems):
+                lines.append(f"  ... {len(problems) - len(shown)} more")
+        lines += [f"error: {e}" for e in self.errors]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def raise_if_bad(self, max_problems: int = 20) -> None:
+        if not self.ok:
+            raise ValueError("data validation failed (run code/validate_data.py for the full list)\n"
+                             + self.format(max_problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single files
+
+def _preprocess_module():
+    try:
+        from nextgpt.imagebind import preprocess
+    except ImportError:
+        return None
+    return preprocess
+
+
+def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[str, str] | None:
+    """None when the medium is usable, else (kind, reason). decode=False: existence only."""
+    path = Path(path)
+    if not path.is_file():
+        return MISSING, f"{path}: media file missing"
+    if path.stat().st_size == 0:
+        return CORRUPT, f"{path}: empty file"
+    if not decode:
+        return None
+    preprocess = _preprocess_module()
+    loader = getattr(preprocess, f"load_{modality}", None) if preprocess is not None else None
+    try:
+        if loader is not None:
+            loader(str(path))               # the exact decoding + transforms training uses
+        else:
+            _header_check(path, modality)
+    except (ValueError, OSError, RuntimeError, EOFError, StopIteration, IndexError, MemoryError) as e:
+        # what PIL / soundfile / PyAV / MediaError raise on a bad file: this file cannot be trained on
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CORRUPT, reason if reason.startswith(str(path)) else f"{path}: cannot decode ({reason})"
+    return None
+
+
+def _header_check(path: Path, modality: str) -> None:
+    """Fallback decoding without the ImageBind preprocessing module: open and decode the first unit."""
+    if modality == "image":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+    elif modality == "audio":
+        import soundfile
+
+        with soundfile.SoundFile(str(path)) as f:
+            if f.frames == 0:
+                raise ValueError("no audio frames")
+            f.read(min(f.frames, 1024))
+    else:
+        import av
+
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            next(container.decode(video=0))
+
+
+def _check_embedding(path: str, shape: tuple[int, ...] | None, full: bool) -> tuple[str, str] | None:
+    reason = check_npy(path, shape)
+    if reason == "missing":
+        return MISSING, f"{path}: caption embedding missing"
+    if reason is not None:
+        return CORRUPT, f"{path}: {reason}"
+    if full:
+        array = np.load(path, allow_pickle=False)
+        if not np.isfinite(array).all():
+            return CORRUPT, f"{path}: non-finite values"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A config
+
+def _expected_shapes(cfg, report: Report) -> dict[str, tuple[int, ...] | None]:
+    """modality -> on-disk caption-embedding shape the configured decoder needs (None: unknown, not checked)."""
+    embed_dir = cfg.path(cfg.data.embed_dir)
+    try:
+        sections = read_caption_manifest(embed_dir)
+    except ValueError as e:
+        report.errors.append(str(e))
+        sections = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for m in MODALITIES:
+        decoder = cfg.model.decoders.get(m)
+        try:
+            shapes[m] = storage_shape(m, conditioning_shape(m, cfg.path(decoder))) if decoder else None
+        except (FileNotFoundError, ValueError) as e:
+            shapes[m] = tuple(sections[m].shape) if m in sections else None
+            how = f"using the embedding manifest's {shapes[m]}" if shapes[m] else "shapes are not checked"
+            report.notes.append(f"{m} decoder: {e}; {how}")
+        section = sections.get(m)
+        if section is not None and shapes[m] is not None and tuple(section.shape) != shapes[m]:
+            report.errors.append(f"{embed_dir / 'manifest.json'}: {m} embeddings have shape {tuple(section.shape)} "
+                                 f"(from {section.encoder}) but the configured decoder needs {shapes[m]}; rerun "
+                                 "process_embeddings.py with this config")
+    return shapes
+
+
+def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None) -> Report:
+    """Check the catalog datasets `names` (default cfg.data.datasets) of cfg; see the module docstring."""
+    from nextgpt.data.catalog import resolve
+    from nextgpt.data.readers import read_entry
+
+    names = list(cfg.data.datasets if names is None else names)
+    report = Report()
+    if not names:
+        report.errors.append("no datasets to validate (data.datasets is empty)")
+        return report
+    shapes = _expected_shapes(cfg, report)
+    feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
+    feature_shape = None
+    if feature_dir is not None and feature_dir.is_dir():
+        try:
+            manifest = read_feature_manifest(feature_dir)
+            feature_shape = tuple(manifest.shape) if manifest else None
+        except ValueError as e:
+            report.errors.append(str(e))
+    media_cache: dict[tuple[str, str], tuple[str, str] | None] = {}
+    embed_cache: dict[str, tuple[str, str] | None] = {}
+
+    def medium_problem(medium) -> tuple[str, str] | None:
+        key = (medium.modality, medium.path)
+        if key not in media_cache:
+            if feature_dir is not None and check_npy(item_path(feature_dir, medium.name), feature_shape) is None:
+                media_cache[key] = None         # cached feature: the file itself is not needed
+            else:
+                media_cache[key] = check_media(medium.path, medium.modality, decode)
+        return media_cache[key]
+
+    def embedding_problem(target) -> tuple[str, str] | None:
+        if target.embed_path not in embed_cache:
+            embed_cache[target.embed_path] = _check_embedding(target.embed_path, shapes.get(target.modality), decode)
+        return embed_cache[target.embed_path]
+
+    for name in names:
+        try:
+            entry = resolve(cfg, name)
+        except (ValueError, FileNotFoundError) as e:
+            report.errors.append(str(e))
+            continue
+        root = cfg.path(cfg.data.root)
+        shown = str(entry.file.relative_to(root)) if entry.file.is_relative_to(root) else str(entry.file)
+        row = DatasetReport(name=name, file=shown)
+        report.datasets.append(row)
+        try:
+            result = read_entry(entry, prompt=cfg.train.prompt, skip_bad=True)
+        except (ValueError, FileNotFoundError) as e:
+            row.problems.append(Problem(name, str(entry.file), None, CORRUPT, str(e)))
+            continue
+        row.records = result.records
+        for error in result.errors:
+            row.problems.append(Problem(name, error.source, error.index, CORRUPT, error.reason))
+        row.corrupt += len(result.errors)
+        for sample in result.samples:
+            found = [p for p in (medium_problem(m) for m in sample.media) if p is not None]
+            found += [p for p in (embedding_problem(t) for t in sample.targets) if p is not None]
+            for kind, reason in found:
+                row.problems.append(Problem(name, sample.source, sample.index, kind, reason))
+            kinds = {kind for kind, _ in found}
+            if CORRUPT in kinds:
+                row.corrupt += 1
+            elif MISSING in kinds:
+                row.missing += 1
+            else:
+                row.ok += 1
+        if log is not None:
+            log(f"checked {name}: {row.ok}/{row.records} ok")
+    return report

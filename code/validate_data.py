@@ -1,0 +1,46 @@
+"""Validate a stage's data: every record parses, every medium exists and decodes (or has a cached ImageBind
+feature), every caption embedding exists with the shape the configured decoder needs.
+
+    python code/validate_data.py --config code/config/stage_2.yaml [--datasets cc3m_dec ...] [--no-decode]
+
+Prints a table per dataset (records, ok, missing, corrupt) and every bad record (file + record index + reason).
+Exit 0: all good; 1: problems found; 2: the check could not run (bad config, unknown dataset name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python code/validate_data.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nextgpt.config import ConfigError, add_config_args, from_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--datasets", nargs="+", metavar="NAME", help="catalog names (default: the config's data.datasets)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="cheap mode (as train.py): existence and .npy header checks only, no media decoding")
+    p.add_argument("--max-problems", type=int, default=None, help="print at most this many bad records")
+    args = p.parse_args(argv)
+    try:
+        from nextgpt.data.validate import validate
+
+        cfg = from_args(args)
+        report = validate(cfg, args.datasets, decode=not args.no_decode)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.format(args.max_problems))
+    if report.errors and not report.datasets:
+        return 2
+    print("data OK" if report.ok else "data has problems (see above)")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
