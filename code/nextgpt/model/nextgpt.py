@@ -1,0 +1,388 @@
+"""NExT-GPT: ImageBind features -> input_proj -> Vicuna (+ signal tokens) -> output projectors.
+
+    media feature (N, F) --input_proj--> (N, D) soft tokens, written at batch["media_positions"]
+    inputs_embeds (B, L, D) --LLM--> logits (B, L, V) -> LM loss, token accuracy
+                              \\--> hidden_states[cfg.model.hidden_layer] (B, L, D)
+    at every signal block (found by id in the labels): hidden (n, N, D) + input embeddings (n, N, D)
+        --output_proj[modality]--> (n, T, D_out) -- l2 / mse --> caption_embeds[modality] (n, T, D_out)
+
+A stage is configuration: which modules train (set_trainable), which loss terms count (cfg.train.loss_weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextgpt.data.conversation import IGNORE, prompt_for_generation, signal_blocks
+from nextgpt.data.types import Media, Turn
+from nextgpt.model import llm as llm_utils
+from nextgpt.model.projectors import build_input_proj, build_output_proj
+from nextgpt.modalities import MODALITIES, conditioning_shape
+
+logger = logging.getLogger("nextgpt")
+
+L2_EPS = 1e-6     # under the sqrt: the distance's gradient stays finite when a token is matched exactly
+
+
+@dataclass
+class Generation:
+    text: str                                                   # the answer, up to (not including) "###"
+    outputs: list[tuple[str, torch.Tensor]] = field(default_factory=list)   # (modality, (1, T, D) conditioning)
+    truncated: list[str] = field(default_factory=list)          # modalities whose block max_new_tokens cut off
+    malformed: list[str] = field(default_factory=list)          # modalities whose block came out of order
+    token_ids: list[int] = field(default_factory=list)          # generated ids up to and including the stop
+
+
+def imagebind_dim(preset_name: str) -> int:
+    """Output size of the configured ImageBind preset (huge: 1024)."""
+    from nextgpt.imagebind.model import preset
+
+    config = preset(preset_name)
+    for key in ("out_embed_dim", "out_dim"):
+        if key in config:
+            return int(config[key])
+    raise ValueError(f"ImageBind preset {preset_name!r} has no out_embed_dim")
+
+
+def alignment_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """l2: mean over tokens of the Euclidean distance (the original's l2_loss(...).mean()); mse: mean squared error.
+
+    Both in fp32; (n, T, D) each.
+    """
+    difference = prediction.float() - target.float()
+    if kind == "l2":
+        return torch.sqrt(difference.pow(2).sum(-1) + L2_EPS).mean()
+    if kind == "mse":
+        return difference.pow(2).mean()
+    raise ValueError(f"train.alignment_loss: {kind!r}; allowed: l2, mse")
+
+
+def lm_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted cross entropy (mean over supervised targets, fp32) and next-token accuracy on the same targets.
+
+    Accuracy = correct / supervised, i.e. the original's gen_acc without its +1 in the denominator (reference
+    §2.6; its skipped position-0 prediction always has label -100 here, so that part is the same).
+    """
+    shifted_logits = logits[:, :-1].float()                       # (B, L-1, V)
+    targets = labels[:, 1:]                                       # (B, L-1)
+    loss = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE)
+    with torch.no_grad():
+        valid = targets != IGNORE
+        correct = (shifted_logits.argmax(-1) == targets) & valid
+        accuracy = correct.sum().float() / valid.sum().clamp(min=1).float()
+    return loss, accuracy
+
+
+class NextGPT(nn.Module):
+    def __init__(self, cfg, llm, tokenizer, token_ids, imagebind_dim: int, conditioning_shapes: dict[str, tuple]):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm                                          # LlamaForCausalLM or a PeftModel around it
+        self.tokenizer = tokenizer
+        self.token_ids = token_ids
+        self.token_rows = cfg.train.token_rows                  # the PEFT structure was built for this
+        hidden = self.causal_lm.config.hidden_size
+        self.input_proj = build_input_proj(imagebind_dim, hidden)
+        self.conditioning_shapes = dict(conditioning_shapes)
+        self.output_proj = nn.ModuleDict({
+            m: build_output_proj(cfg.model.output_proj.mode, hidden, MODALITIES[m].num_signal_tokens,
+                                 tuple(conditioning_shapes[m]), cfg.model.output_proj)
+            for m in cfg.model.modalities})
+        # Whole embed_tokens / lm_head matrices belong in the delta (token_rows=all, or a whole matrix was loaded,
+        # e.g. from the original's checkpoint, so rows beyond the 38 differ from the base model).
+        self.full_token_matrices = self.token_rows == "all"
+        # Groups whose values a delta must carry: trained here (set_trainable) or loaded (checkpoint.load_*).
+        self.delta_groups: set[str] = set()
+        object.__setattr__(self, "_encoder", None)             # live ImageBind, created on first use, not a submodule
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def causal_lm(self):
+        return llm_utils.causal_lm(self.llm)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_proj.weight.device
+
+    def media_encoder(self):
+        """ImageBind (frozen, eval), loaded on first use when a batch has no cached features."""
+        if self._encoder is None:
+            from nextgpt.imagebind.encode import Encoder
+
+            encoder = Encoder(self.cfg.path(self.cfg.model.imagebind), self.cfg.model.imagebind_preset,
+                              device=self.device, dtype=self.input_proj.weight.dtype)
+            object.__setattr__(self, "_encoder", encoder)
+        return self._encoder
+
+    @torch.no_grad()
+    def encode_media(self, paths: Sequence[str], modalities: Sequence[str]) -> torch.Tensor:
+        """(N, F) ImageBind features of media files, in the given order (one encoder call per modality)."""
+        encoder = self.media_encoder()
+        features: list[torch.Tensor | None] = [None] * len(paths)
+        for modality in dict.fromkeys(modalities):
+            index = [i for i, m in enumerate(modalities) if m == modality]
+            encoded = encoder.encode([paths[i] for i in index], modality)
+            for row, i in enumerate(index):
+                features[i] = encoded[row]
+        return torch.stack(features)
+
+    def embed(self, input_ids: torch.Tensor, media_positions: torch.Tensor | None = None,
+              media_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (inputs_embeds with the soft tokens written in, token embeddings), both (B, L, D)."""
+        token_embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        if media_positions is None or media_positions.numel() == 0:
+            return token_embeds, token_embeds
+        if media_features is None or media_features.shape[0] != media_positions.shape[0]:
+            raise ValueError(f"{media_positions.shape[0]} media positions but "
+                             f"{None if media_features is None else media_features.shape[0]} media features")
+        soft = self.input_proj(media_features.to(self.device, self.input_proj.weight.dtype))    # (N, D)
+        positions = media_positions.to(input_ids.device)
+        inputs_embeds = token_embeds.index_put((positions[:, 0], positions[:, 1]), soft.to(token_embeds.dtype))
+        return inputs_embeds, token_embeds
+
+    def _batch_media(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        positions = batch.get("media_positions")
+        if positions is None or positions.numel() == 0:
+            return None, None
+        features = batch.get("media_features")
+        if features is None:
+            features = self.encode_media(batch["media_paths"], batch["media_modalities"])
+        return positions, features
+
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: the collate dict (input_ids, labels, attention_mask, media_*, caption_embeds, samples).
+
+        -> {"loss", "lm", <modality>: alignment term for each modality with signal blocks and a loss weight,
+            "token_acc"}
+        """
+        weights = self.cfg.train.loss_weights
+        device = self.device
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        positions, features = self._batch_media(batch)
+        inputs_embeds, token_embeds = self.embed(input_ids, positions, features)
+
+        # Signal blocks by id in the labels, per modality in (row, position) order = caption_embeds order.
+        samples = batch.get("samples") or [None] * input_ids.shape[0]
+        blocks: dict[str, list[tuple[int, int]]] = {}
+        label_rows = labels.tolist()
+        for row, row_labels in enumerate(label_rows):
+            where = samples[row].where if samples[row] is not None else f"batch row {row}"
+            for modality, start in signal_blocks(row_labels, self.token_ids, where):
+                blocks.setdefault(modality, []).append((row, start))
+        wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0]
+
+        out = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             output_hidden_states=bool(wanted), use_cache=False)
+        lm, accuracy = lm_loss_and_accuracy(out.logits, labels)
+        terms: dict[str, torch.Tensor] = {"lm": lm}
+        caption_embeds = batch.get("caption_embeds") or {}
+        for modality in wanted:
+            if modality not in self.output_proj:
+                raise ValueError(f"the batch has {modality} signal blocks but the model has no {modality} output "
+                                 f"projector (model.modalities: {list(self.output_proj)})")
+            if modality not in caption_embeds:
+                raise ValueError(f"the batch has {modality} signal blocks but no caption_embeds[{modality!r}]")
+            hidden_states = out.hidden_states[self.cfg.model.hidden_layer]
+            prediction = self.project(modality, hidden_states, token_embeds, blocks[modality])
+            target = caption_embeds[modality].to(device)
+            if target.shape[0] != prediction.shape[0]:
+                raise ValueError(f"{modality}: {prediction.shape[0]} signal blocks in the batch but "
+                                 f"{target.shape[0]} caption embeddings")
+            if target.numel() != prediction.numel():
+                raise ValueError(f"{modality}: caption embeddings of shape {tuple(target.shape[1:])} but the "
+                                 f"{modality} decoder needs {tuple(prediction.shape[1:])} (embeddings computed "
+                                 "with a different decoder?)")
+            terms[modality] = alignment_loss(prediction, target.view(prediction.shape), self.cfg.train.alignment_loss)
+        loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+        return {"loss": loss, **terms, "token_acc": accuracy}
+
+    def project(self, modality: str, hidden_states: torch.Tensor, token_embeds: torch.Tensor,
+                starts: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Output projector on signal blocks at (row, start): (n, N, D) hidden + input embeddings -> (n, T, D_out)."""
+        n = MODALITIES[modality].num_signal_tokens
+        rows = torch.tensor([r for r, _ in starts for _ in range(n)], device=hidden_states.device)
+        columns = torch.tensor([s + i for _, s in starts for i in range(n)], device=hidden_states.device)
+        hidden = hidden_states[rows, columns].view(len(starts), n, -1)
+        inputs = token_embeds[rows, columns].view(len(starts), n, -1)
+        projector = self.output_proj[modality]
+        dtype = next(projector.parameters()).dtype
+        return projector(hidden.to(dtype), inputs.to(dtype))
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str | Sequence[Turn], media: Sequence[Media] = (), max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 do_sample: bool | None = None) -> Generation:
+        """Answer a prompt (text or turns ending with a human turn) about optional input media.
+
+        Signal blocks are found by id in the generated ids; their conditioning comes from one forward over
+        prompt + answer, at the same positions as in training (the signal tokens as inputs), so the last token of
+        a block needs no extra generation step (reference §6.2 / §7 items 3 and 15). A block cut off by
+        max_new_tokens is reported in `truncated`.
+        """
+        settings = self.cfg.inference
+        max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = settings.temperature if temperature is None else temperature
+        top_p = settings.top_p if top_p is None else top_p
+        do_sample = settings.do_sample if do_sample is None else do_sample
+        if self.tokenizer is None:
+            raise ValueError("generate needs the model's tokenizer")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(prompt, media, max_new_tokens, temperature, top_p, do_sample)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompt, media, max_new_tokens, temperature, top_p, do_sample) -> Generation:
+        encoded = prompt_for_generation(prompt, media, self.tokenizer, self.token_ids)
+        device = self.device
+        input_ids = torch.tensor([encoded.input_ids], device=device)
+        positions = torch.tensor([[0, p] for p in encoded.media_positions], dtype=torch.long, device=device)
+        features = self.encode_media([m.path for m in media], [m.modality for m in media]) if media else None
+        inputs_embeds, _ = self.embed(input_ids, positions, features)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        result = self.causal_lm.generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens, stop_strings=["###"], tokenizer=self.tokenizer,
+            pad_token_id=self.token_ids.pad, eos_token_id=self.token_ids.eos, return_dict_in_generate=True,
+            **sampling)
+        sequence = result.sequences[0].tolist()
+        prompt_length = len(encoded.input_ids)
+        # With input_ids given, transformers returns prompt + new tokens; without, only the new ones.
+        generated = sequence[prompt_length:] if sequence[:prompt_length] == encoded.input_ids else sequence
+        generated = self._cut_at_stop(generated)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).split("###")[0].strip()
+
+        outputs, truncated, malformed = [], [], []
+        starts = []
+        first = self.token_ids.modality_of_signal_start()
+        signal_ids = {i: m for m, ids in self.token_ids.signal.items() for i in ids}
+        position = 0
+        while position < len(generated):
+            token = generated[position]
+            if token in first:
+                modality = first[token]
+                expected = self.token_ids.signal[modality]
+                got = generated[position:position + len(expected)]
+                if got == expected:
+                    starts.append((modality, prompt_length + position))
+                    position += len(expected)
+                    continue
+                if expected[:len(got)] == got:           # ran out of tokens inside the block
+                    truncated.append(modality)
+                    break
+                malformed.append(modality)
+            elif token in signal_ids and (not malformed or malformed[-1] != signal_ids[token]):
+                malformed.append(signal_ids[token])
+            position += 1
+        for modality in truncated + malformed:
+            logger.warning("generation: %s signal block %s; no %s output", modality,
+                           "cut by max_new_tokens" if modality in truncated else "malformed", modality)
+        if starts:
+            full = torch.tensor([encoded.input_ids + generated], device=device)
+            embeds, token_embeds = self.embed(full, positions, features)
+            out = self.causal_lm(inputs_embeds=embeds, attention_mask=torch.ones_like(full),
+                                 output_hidden_states=True, use_cache=False)
+            hidden_states = out.hidden_states[self.cfg.model.hidden_layer]
+            for modality, start in starts:
+                if modality not in self.output_proj:
+                    logger.warning("generation: %s signal block but no %s output projector", modality, modality)
+                    continue
+                outputs.append((modality, self.project(modality, hidden_states, token_embeds, [(0, start)])))
+        return Generation(text=text, outputs=outputs, truncated=truncated, malformed=malformed, token_ids=generated)
+
+    def _cut_at_stop(self, generated: list[int]) -> list[int]:
+        """Ids up to and including the token that completes "###" (and before any EOS)."""
+        for k in range(len(generated)):
+            if generated[k] == self.token_ids.eos:
+                return generated[:k]
+            if "###" in self.tokenizer.decode(generated[max(0, k - 3):k + 1]):
+                return generated[:k + 1]
+        return generated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def conditioning_shapes(cfg) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for modality in cfg.model.modalities:
+        if modality not in cfg.model.decoders:
+            raise ValueError(f"model.decoders has no entry for {modality} (needed for its conditioning shape)")
+        shapes[modality] = conditioning_shape(modality, cfg.path(cfg.model.decoders[modality]))
+    return shapes
+
+
+def build_model(cfg, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NextGPT:
+    """Vicuna + tokens + PEFT as configured, fresh projectors sized from ImageBind and the decoders."""
+    from nextgpt.tokens import load_tokenizer
+
+    llm_path = cfg.path(cfg.model.llm)
+    tokenizer, token_ids = load_tokenizer(llm_path)
+    shapes = conditioning_shapes(cfg)
+    feature_dim = imagebind_dim(cfg.model.imagebind_preset)
+    llm = llm_utils.load_llm(llm_path, dtype=dtype, device=device, quantization=cfg.model.quantization)
+    llm_utils.resize_for_tokens(llm, len(tokenizer))
+    llm = llm_utils.wrap_llm(llm, token_ids, cfg.train.token_rows, cfg.model.lora, cfg.model.quantization,
+                             cfg.model.gradient_checkpointing)
+    model = NextGPT(cfg, llm, tokenizer, token_ids, feature_dim, shapes)
+    model.input_proj.to(device=device, dtype=dtype or torch.float32)
+    model.output_proj.to(device=device, dtype=dtype or torch.float32)
+    return model
+
+
+def trainable_groups(model: NextGPT) -> dict[str, list[nn.Parameter]]:
+    """Parameters by group: input_proj, output_proj.<modality>, lora, token_rows."""
+    groups = {"input_proj": list(model.input_proj.parameters())}
+    for modality, projector in model.output_proj.items():
+        groups[f"output_proj.{modality}"] = list(projector.parameters())
+    groups["lora"] = [p for _, p in llm_utils.lora_parameters(model.llm)]
+    if model.token_rows == "new":
+        rows = [llm_utils.token_rows_parameter(model.llm, name) for name in llm_utils.TOKEN_MATRICES]
+        if any(p is None for p in rows):
+            raise ValueError("token_rows=new but the LLM has no PEFT trainable-token layers")
+        groups["token_rows"] = rows
+    elif model.token_rows == "all":
+        groups["token_rows"] = [llm_utils.base_token_weight(model.llm, name) for name in llm_utils.TOKEN_MATRICES]
+    else:
+        groups["token_rows"] = []
+    return groups
+
+
+def set_trainable(model: NextGPT, cfg=None) -> dict[str, int]:
+    """Freeze everything, then enable what cfg.train.trainable and cfg.train.token_rows name.
+
+    -> trainable parameter count per group (input_proj, output_proj.<m>, lora, token_rows) plus "total";
+    the counts (and the frozen rest) are logged.
+    """
+    cfg = cfg or model.cfg
+    if cfg.train.token_rows != model.token_rows:
+        raise ValueError(f"train.token_rows={cfg.train.token_rows} but the model was built for {model.token_rows}")
+    trainable = set(cfg.train.trainable)
+    if "lora" in trainable and not llm_utils.has_lora(model.llm):
+        raise ValueError("train.trainable lists lora but the model was built without LoRA (model.lora.enabled)")
+    groups = trainable_groups(model)
+    model.requires_grad_(False)
+    on = {"token_rows"} if cfg.train.token_rows != "none" else set()
+    on |= {g for g in groups if g.split(".")[0] in trainable}
+    counts = {}
+    for group, parameters in groups.items():
+        for p in parameters:
+            p.requires_grad_(group in on)
+        counts[group] = sum(p.numel() for p in parameters) if group in on else 0
+    counts["total"] = sum(counts.values())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    model.delta_groups |= {g for g in on if groups[g]}
+    for group, count in counts.items():
+        logger.info("trainable %-20s %14s", group, f"{count:,}")
+    logger.info("frozen    %-20s %14s", "everything else", f"{frozen:,}")
+    return counts
