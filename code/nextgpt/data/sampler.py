@@ -40,6 +40,8 @@ class MixtureSampler:
                  lengths: Sequence[Sequence[int]] | None = None, megabatch: int = 8):
         if mode not in MODES:
             raise ValueError(f"sampler mode {mode!r}; allowed: {', '.join(MODES)}")
+        if seed < 0:
+            raise ValueError(f"sampler seed must be >= 0, got {seed}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch layout: batch_size={batch_size}, rank={rank}, world_size={world_size}")
         self.sizes = [len(d) for d in datasets]
@@ -108,7 +110,7 @@ class MixtureSampler:
                 plan = np.stack(per_dataset, axis=1).reshape(rounds * len(self.sizes), g)   # round-major
             else:
                 total = sum(self.sizes)
-                order = self._rng(-1).permutation(total)
+                order = self._rng(len(self.sizes)).permutation(total)   # a key no dataset uses
                 order = np.concatenate([order, order[: (-total) % g]])       # wrap the tail to a full batch
                 if self.lengths is not None:
                     order = self._group(order, np.concatenate(self.lengths))
