@@ -15,7 +15,7 @@ import torch
 from nextgpt.modalities import get as get_modality
 
 from . import preprocess
-from .model import load_imagebind, resolve_config
+from .model import ImageBindModel, load_imagebind, resolve_config
 
 # NExT-GPT modality -> preprocessing of one file (the ImageBind tower comes from the modality table).
 LOADERS: dict[str, Callable[[str | Path], torch.Tensor]] = {
@@ -65,6 +65,15 @@ class Encoder:
         self.out_dim = int(resolve_config(preset)["out_embed_dim"])
         self.model = load_imagebind(checkpoint, preset, device=self.device, dtype=self.dtype,
                                     modalities=("vision", "audio"))
+
+    @classmethod
+    def from_model(cls, model: ImageBindModel, device=None, dtype=None, name: str = "in-memory") -> "Encoder":
+        """Wrap an already built model (benchmarks with random weights; tests)."""
+        encoder = cls.__new__(cls)
+        encoder.device, encoder.dtype = default_device_dtype(device, dtype)
+        encoder.checkpoint, encoder.preset, encoder.out_dim = name, name, model.out_dim
+        encoder.model = model.to(device=encoder.device, dtype=encoder.dtype).eval().requires_grad_(False)
+        return encoder
 
     @torch.no_grad()
     def encode_tensors(self, modality: str, batch: torch.Tensor) -> torch.Tensor:

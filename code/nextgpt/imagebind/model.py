@@ -402,17 +402,26 @@ def select_state_dict(model: ImageBindModel, state: Mapping[str, torch.Tensor], 
 
 
 def _torch_load(path: Path) -> dict:
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):   # legacy (pre-zip) files cannot be memory-mapped: read them normally
-            raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+        try:
+            state = load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = load(mmap=False)        # legacy (pre-zip) files cannot be memory-mapped: read them normally
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def load_imagebind(path: str | Path, preset: str | Mapping = "huge", device: str | torch.device | None = None,

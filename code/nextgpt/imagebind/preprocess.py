@@ -105,7 +105,7 @@ def load_image(path: str | Path) -> torch.Tensor:
             image.load()        # decode now: a truncated file fails here, not half-way through a batch
             image = image.convert("RGB")
     except UnidentifiedImageError:
-        raise MediaError(f"{path}: not an image PIL can read") from None
+        raise MediaError(f"{path}: not a readable image (truncated, or not an image file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
     return image_transform(image)
@@ -216,7 +216,7 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
         try:
             samples, sample_rate = _decode_audio_av(path)
         except MediaError:
-            raise MediaError(f"{path}: not audio soundfile or PyAV can read ({_first_line(sndfile_error)})") from None
+            raise MediaError(f"{path}: not readable audio ({_first_line(sndfile_error)})") from None
     if samples.shape[0] == 0:
         raise MediaError(f"{path}: no audio samples")
     return samples, int(sample_rate)
@@ -295,7 +295,7 @@ def _video_index(path: Path):
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(f"{path}: not a video PyAV can open ({_first_line(e)})") from None
+        raise MediaError(f"{path}: not a readable video (truncated, or not a video file: {_first_line(e)})") from None
     if not container.streams.video:
         container.close()
         raise MediaError(f"{path}: no video stream")
