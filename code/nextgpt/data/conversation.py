@@ -220,9 +220,10 @@ def prompt_for_generation(prompt: str | Sequence[Turn], media: Sequence[Media], 
     """
     turns = [Turn("human", prompt)] if isinstance(prompt, str) else list(prompt)
     sample = Sample(dataset="prompt", source="<prompt>", index=0, turns=turns, media=list(media))
-    input_ids, labels, media_positions, _ = _build(turns, len(sample.media), tokenizer, token_ids, sample.where,
-                                                   for_generation=True)
-    return Encoded(input_ids=input_ids, labels=labels, media_positions=media_positions, sample=sample)
+    input_ids, _, media_positions, _ = _build(turns, len(sample.media), tokenizer, token_ids, sample.where,
+                                              for_generation=True)
+    return Encoded(input_ids=input_ids, labels=[IGNORE] * len(input_ids), media_positions=media_positions,
+                   sample=sample)
 
 
 def signal_blocks(ids: Sequence[int], token_ids, where: str = "") -> list[tuple[str, int]]:

@@ -265,27 +265,26 @@ class NextGPT(nn.Module):
         text = self.tokenizer.decode(generated, skip_special_tokens=True).split("###")[0].strip()
 
         outputs, truncated, malformed = [], [], []
-        starts = []
-        first = self.token_ids.modality_of_signal_start()
-        signal_ids = {i: m for m, ids in self.token_ids.signal.items() for i in ids}
+        starts: list[tuple[str, int]] = []
+        signal_of = {i: m for m, ids in self.token_ids.signal.items() for i in ids}
         position = 0
         while position < len(generated):
-            token = generated[position]
-            if token in first:
-                modality = first[token]
-                expected = self.token_ids.signal[modality]
-                got = generated[position:position + len(expected)]
-                if got == expected:
-                    starts.append((modality, prompt_length + position))
-                    position += len(expected)
-                    continue
-                if expected[:len(got)] == got:           # ran out of tokens inside the block
-                    truncated.append(modality)
-                    break
-                malformed.append(modality)
-            elif token in signal_ids and (not malformed or malformed[-1] != signal_ids[token]):
-                malformed.append(signal_ids[token])
-            position += 1
+            modality = signal_of.get(generated[position])
+            if modality is None:
+                position += 1
+                continue
+            expected = self.token_ids.signal[modality]
+            got = generated[position:position + len(expected)]
+            if got == expected:
+                starts.append((modality, prompt_length + position))
+                position += len(expected)
+                continue
+            if got == expected[:len(got)]:             # the block starts right but the answer ends inside it
+                truncated.append(modality)
+                break
+            malformed.append(modality)                 # out of order: skip this run of signal tokens
+            while position < len(generated) and generated[position] in signal_of:
+                position += 1
         for modality in truncated + malformed:
             logger.warning("generation: %s signal block %s; no %s output", modality,
                            "cut by max_new_tokens" if modality in truncated else "malformed", modality)

@@ -15,6 +15,8 @@ Every mode maps (B, N, D_llm) hidden states + (B, N, D_llm) input embeddings of 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -33,9 +35,11 @@ class TransformerProjector(nn.Module):
         super().__init__()
         self.num_input_tokens, self.num_output_tokens, self.out_dim = num_input_tokens, num_output_tokens, out_dim
         self.fc = nn.Linear(in_dim, d_model)
-        self.tfm = nn.Transformer(d_model=d_model, nhead=num_heads, num_encoder_layers=num_encoder_layers,
-                                  num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-                                  dropout=dropout, batch_first=True, norm_first=True)
+        with warnings.catch_warnings():      # "enable_nested_tensor ... norm_first": a fast path we do not use
+            warnings.filterwarnings("ignore", message="enable_nested_tensor")
+            self.tfm = nn.Transformer(d_model=d_model, nhead=num_heads, num_encoder_layers=num_encoder_layers,
+                                      num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
+                                      dropout=dropout, batch_first=True, norm_first=True)
         self.model = nn.Linear(d_model, out_dim)
         self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, d_model))   # std-1 init, as the original
 
