@@ -1,0 +1,213 @@
+"""code/process_embeddings.py on the tiny pipelines: what the decoders' own encode_prompt computes, skip / resume,
+atomic writes, every JSON format, the seed's call from code/ and from the root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import process_embeddings
+from nextgpt.data import embeddings as emb
+from nextgpt.data.readers import normalize_caption
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO.parent / "shared" / "samples" / "nextgpt"
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_env):
+    return {"image": tiny_env.ckpt / "stable-diffusion", "video": tiny_env.ckpt / "zeroscope",
+            "audio": tiny_env.ckpt / "audioldm"}
+
+
+def _pipeline_embeds(modality: str, folder: Path, captions: list[str]) -> np.ndarray:
+    """What the diffusers pipeline itself computes for these prompts (no classifier-free guidance)."""
+    import diffusers
+
+    cls = getattr(diffusers, {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline",
+                              "audio": "AudioLDMPipeline"}[modality])
+    pipe = cls.from_pretrained(str(folder))
+    with torch.no_grad():
+        if modality == "audio":
+            out = pipe._encode_prompt(captions, "cpu", 1, False)                       # (B, D), normalised
+        else:
+            out, _ = pipe.encode_prompt(captions, "cpu", 1, False)                     # (B, 77, D)
+    return out.float().numpy()
+
+
+def _names_and_captions(json_path: Path, modality: str) -> dict[str, str]:
+    from nextgpt.data.readers import read_file
+
+    out = {}
+    for s in read_file(json_path, dataset="x", role="dec", embed_dir="/e").samples:
+        for t in s.targets:
+            if t.modality == modality:
+                out[Path(t.embed_path).name[:-4]] = t.caption
+    return out
+
+
+@pytest.mark.parametrize("modality,relative", [
+    ("image", "T_X_pair_data/cc3m/cc3m.json"),                         # raw pair file
+    ("video", "T_X_pair_data/webvid/webvid_generation.json"),          # generation file
+    ("audio", "IT_data/T-T+X_data/audio_instruction_tuning.json"),     # new instruction file
+    ("image", "IT_data/T-T+X_data/image_t2x.json"),                    # legacy t2x
+    ("video", "IT_data/MosIT_data/mosit_instruction_tuning.json"),     # MosIT
+])
+def test_embeddings_equal_the_pipelines_own_encode_prompt(tiny_env, pipelines, tmp_path, modality, relative):
+    json_path = tiny_env.data / relative
+    out = tmp_path / "embed"
+    assert process_embeddings.main([str(json_path), modality, str(out), "--decoder", str(pipelines[modality]),
+                                    "--batch-size", "5"]) == 0
+    items = _names_and_captions(json_path, modality)
+    assert items, relative
+    names = sorted(items)
+    stored = np.stack([np.load(out / f"{n}.npy") for n in names])
+    expected = _pipeline_embeds(modality, pipelines[modality], [items[n] for n in names])
+    shape = emb.stored_shape(modality, pipelines[modality])
+    assert stored.shape == (len(names), *shape) and stored.dtype == np.float32
+    assert len(shape) == (1 if modality == "audio" else 2) and (modality == "audio" or shape[0] == 77)
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=2e-5)
+    if modality == "audio":
+        np.testing.assert_allclose(np.linalg.norm(stored, axis=-1), 1.0, atol=1e-5)
+    manifest = emb.read_manifest(out)[modality]
+    assert manifest.shape == list(shape) and manifest.dtype == "float32" and manifest.count == len(names)
+    assert manifest.encoder == str(pipelines[modality].resolve())
+
+
+def test_captions_are_normalised_before_embedding(tiny_env, pipelines, tmp_path):
+    json_path = tmp_path / "cc3m.json"
+    json_path.write_text(json.dumps([{"caption": "A RED (circle): on; a ~blue~ background", "image_name": "q.jpg"}]))
+    out = tmp_path / "embed"
+    assert process_embeddings.main([str(json_path), "image", str(out), "--decoder", str(pipelines["image"])]) == 0
+    expected = _pipeline_embeds("image", pipelines["image"], [normalize_caption("A RED (circle): on; a ~blue~ "
+                                                                                "background")])
+    np.testing.assert_allclose(np.load(out / "q.jpg.npy")[None], expected, atol=2e-5)
+
+
+def test_rerun_does_nothing_and_killed_run_resumes(tiny_env, pipelines, tmp_path, monkeypatch, capsys):
+    json_path = tiny_env.data / "T_X_pair_data" / "audiocap" / "audiocap.json"
+    out = tmp_path / "embed"
+    args = [str(json_path), "audio", str(out), "--decoder", str(pipelines["audio"]), "--fp16"]
+    assert process_embeddings.main(args) == 0
+    files = sorted(out.glob("*.npy"))
+    assert len(files) == len(json.loads(json_path.read_text()))
+    assert all(np.load(f).dtype == np.float16 for f in files)
+    reference = {f.name: np.load(f) for f in files}
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+
+    # A rerun loads no model and rewrites nothing.
+    def refuse(*a, **k):
+        raise AssertionError("the text encoder was loaded on a rerun with nothing to do")
+
+    monkeypatch.setattr(emb, "CaptionEncoder", refuse)
+    capsys.readouterr()
+    assert process_embeddings.main(args) == 0
+    assert "audio: 0 written" in capsys.readouterr().out
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.npy")} == stamps
+    monkeypatch.undo()
+
+    # A killed run: one file truncated (a non-atomic writer), one missing, a temp file of an atomic write left.
+    truncated, removed = files[0], files[1]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    removed.unlink()
+    stale = out / f".{removed.name}.k1ll3d.tmp"
+    stale.write_bytes(b"partial")
+    assert process_embeddings.main(args) == 0
+    assert not stale.exists()
+    for f in files:
+        assert emb.check_npy(f, (16,)) is None
+        np.testing.assert_array_equal(np.load(f), reference[f.name])
+    assert {f.name for f in out.iterdir()} == {f.name for f in files} | {"manifest.json"}
+
+
+def test_write_error_stops_the_run_naming_the_file(tiny_env, pipelines, tmp_path, monkeypatch, capsys):
+    import nextgpt.io
+
+    def full_disk(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nextgpt.io, "atomic_save_npy", full_disk)
+    json_path = tiny_env.data / "T_X_pair_data" / "cc3m" / "cc3m.json"
+    first = json.loads(json_path.read_text())[0]["image_name"]
+    rc = process_embeddings.main([str(json_path), "image", str(tmp_path / "e"), "--decoder", str(pipelines["image"])])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # minus tqdm's bar
+    assert rc == 1 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("error: ") and f"{first}.npy" in err[0] and "No space left" in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["{json}", "smell", "{out}"], "modality 'smell'"),
+    (["{data}/nope.json", "image", "{out}"], "nope.json: data file not found"),
+    (["{json}", "video", "{out}"], "no video caption targets"),
+    (["{json}", "image"], "expected <json> <image|video|audio> <out_dir>"),
+])
+def test_errors_are_one_line(tiny_env, tmp_path, capsys, argv, message):
+    json_path = tiny_env.data / "T_X_pair_data" / "cc3m" / "cc3m.json"
+    argv = [a.format(json=json_path, out=tmp_path, data=tiny_env.data) for a in argv]
+    assert process_embeddings.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.skipif(not (SAMPLES / "T_X_pair_data").is_dir(), reason=f"real NExT-GPT samples not at {SAMPLES}")
+def test_seed_call_from_code_dir_on_real_samples_loads_only_the_text_encoder(pipelines, tmp_path):
+    """`cd code && python process_embeddings.py ../<json> image ../<out> <decoder>` (4th positional as the seed):
+    relative paths from code/, real sample JSON, and no diffusers import (so no UNet / VAE is ever loaded)."""
+    json_path = SAMPLES / "T_X_pair_data" / "cc3m" / "cc3m.json"
+    out = tmp_path / "embed"
+    code = REPO / "code"
+    rel = lambda p: os.path.relpath(p, code)  # noqa: E731 - "../../tmp/..." like the seed's ../data/...
+    # -X importtime lists every module imported: diffusers (hence UNet / VAE classes) must not be among them
+    proc = subprocess.run([sys.executable, "-X", "importtime", "process_embeddings.py", rel(json_path), "image",
+                           rel(out), rel(pipelines["image"])], cwd=code, capture_output=True, text=True, timeout=300)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")]
+    assert "transformers" in imported and not any(m.split(".")[0] == "diffusers" for m in imported)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raw = json.loads(json_path.read_text())
+    shape = emb.stored_shape("image", pipelines["image"])
+    for record in raw:
+        assert emb.check_npy(out / f"{record['image_name']}.npy", shape) is None
+    assert emb.read_manifest(out)["image"].count == len(raw)
+
+
+def test_all_covers_every_target_of_stage_2_and_3(tiny_env, pipelines):
+    from nextgpt.data.validate import validate
+
+    embed_dir = tiny_env.embeddings()          # process_embeddings --config tiny/stage_2 --all (+ stage_3)
+    sections = emb.read_manifest(embed_dir)
+    assert set(sections) == {"image", "video", "audio"}
+    for modality, folder in pipelines.items():
+        assert sections[modality].shape == list(emb.stored_shape(modality, folder))
+    for stage in ("stage_2", "stage_3"):
+        cfg = tiny_env.config(stage)
+        report = validate(cfg, decode=False)
+        assert report.ok, report.format()
+    cfg = tiny_env.config("stage_3")
+    from nextgpt.data.catalog import names
+    report = validate(cfg, names(cfg), decode=False)        # MosIT and the new-layout files too
+    assert report.ok, report.format()
+
+
+def test_features_mode_writes_the_imagebind_cache(tiny_env):
+    pytest.importorskip("nextgpt.imagebind.features")
+    from nextgpt.data.validate import validate
+
+    feature_dir = tiny_env.features()          # --config tiny/stage_1 --all --features (+ stage_3)
+    manifest = json.loads((feature_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "imagebind_features"
+    cfg = tiny_env.config("stage_1")
+    for name in ("cc3m_enc", "webvid_enc", "audiocap_enc"):
+        from nextgpt.data.catalog import resolve
+        from nextgpt.data.readers import read_entry
+
+        for sample in read_entry(resolve(cfg, name), prompt="p").samples:
+            for medium in sample.media:
+                assert emb.check_npy(feature_dir / f"{medium.name}.npy", tuple(manifest["shape"])) is None
+    assert validate(cfg, decode=False).ok
