@@ -305,6 +305,29 @@ def test_generated_media_shapes(media):
     assert not torch.allclose(short[:, :, :, 97], torch.tensor((0 + 4.268) / 9.138))
 
 
+def test_audio_soundfile_cannot_read_is_decoded_with_pyav(tmp_path):
+    import av
+
+    path = tmp_path / "tone.m4a"          # AAC: not a libsndfile format
+    seconds = np.arange(44100 * 3) / 44100
+    tone = np.stack([0.3 * np.sin(2 * np.pi * 440 * seconds)] * 2).astype(np.float32)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        stream.layout = "stereo"
+        for start in range(0, tone.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start:start + 1024]), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate = 44100
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    samples, rate = preprocess.decode_audio(path)
+    assert rate == 44100 and samples.shape[1] == 2 and abs(samples.shape[0] - tone.shape[1]) < 4096
+    assert 0.25 < np.abs(samples).max() < 0.35
+    assert preprocess.load_audio(path).shape == (3, 1, 128, 204)
+
+
 def _bad_files(folder: Path, media: dict[str, list[Path]]) -> list[tuple[str, Path]]:
     cases = []
     for modality, extension in (("image", ".jpg"), ("audio", ".wav"), ("video", ".mp4")):

@@ -230,7 +230,11 @@ def _decode_audio_av(path: Path) -> tuple[np.ndarray, int]:
             if not container.streams.audio:
                 raise MediaError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
-            chunks = [frame.to_ndarray(format="fltp") for frame in container.decode(stream)]   # (channels, n)
+            # Planar float keeps every channel as its own row: (channels, n) per frame.
+            to_planar = av.AudioResampler(format="fltp")
+            chunks = [planar.to_ndarray() for frame in container.decode(stream)
+                      for planar in to_planar.resample(frame)]
+            chunks += [planar.to_ndarray() for planar in to_planar.resample(None)]
             sample_rate = stream.rate
     except (av.FFmpegError, OSError, ValueError) as e:
         if isinstance(e, MediaError):
