@@ -9,7 +9,6 @@ else runs on media generated here.
 from __future__ import annotations
 
 import json
-import os
 import re
 from fractions import Fraction
 from pathlib import Path
