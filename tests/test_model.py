@@ -1,0 +1,310 @@
+"""NextGPT on the tiny checkpoints: losses per stage, trainable sets, soft tokens, projector modes, 8-bit, generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nextgpt.data.conversation import encode, signal_blocks
+from nextgpt.data.types import Media, Sample, Target, Turn
+from nextgpt.model import llm as llm_utils
+from nextgpt.model.nextgpt import build_model, set_trainable
+from nextgpt.modalities import MODALITIES
+
+HIDDEN, VOCAB_BASE, NEW = 64, 700, 38            # scripts/make_tiny_ckpt.py: hidden 64, sentencepiece vocab 700
+
+
+def make_batch(model, samples, seed=0, max_length=256):
+    """The collate contract (input_ids, labels, attention_mask, media_*, caption_embeds, samples) with random
+    ImageBind features and caption embeddings of the decoders' shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    encoded = [encode(s, model.tokenizer, model.token_ids, max_length, prompt="generate a caption") for s in samples]
+    length = max(len(e.input_ids) for e in encoded)
+    batch_size = len(encoded)
+    input_ids = torch.full((batch_size, length), model.token_ids.pad)
+    labels = torch.full((batch_size, length), -100)
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+    positions, media, embeds = [], [], {}
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = torch.tensor(e.input_ids), \
+            torch.tensor(e.labels), 1
+        positions += [(row, p) for p in e.media_positions]
+        media += e.sample.media
+        for target in e.sample.targets:
+            shape = model.conditioning_shapes[target.modality]
+            embeds.setdefault(target.modality, []).append(torch.randn(shape, generator=generator))
+    return {
+        "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+        "media_positions": torch.tensor(positions, dtype=torch.long).reshape(-1, 2),
+        "media_modalities": [m.modality for m in media], "media_names": [m.name for m in media],
+        "media_paths": [m.path for m in media],
+        "media_features": torch.randn(len(media), 16, generator=generator) if media else None,
+        "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
+        "samples": list(samples),
+    }
+
+
+def sample(turns, media=(), targets=(), index=0):
+    return Sample("test", "test.json", index, list(turns), list(media), list(targets))
+
+
+STAGE_SAMPLES = {
+    1: lambda: [sample([Turn("human", ""), Turn("gpt", "a red circle on a black background")],
+                       [Media("image", "/none/1.jpg", "1.jpg")]),
+                sample([Turn("human", ""), Turn("gpt", "a low steady tone")], [Media("audio", "/none/2.wav", "2.wav")],
+                       index=1)],
+    2: lambda: [sample([Turn("human", c), Turn("gpt", c, m)], targets=[Target(m, "unused.npy")], index=i)
+                for i, (c, m) in enumerate([("a red circle", "image"), ("a blue square moving left", "video"),
+                                            ("a high beeping tone", "audio")])],
+    3: lambda: [sample([Turn("human", "What do you hear?"), Turn("gpt", "A tone. Here is a sound:", "audio")],
+                       [Media("audio", "/none/2.wav", "2.wav")], [Target("audio", "a.npy")]),
+                sample([Turn("human", "Show me a picture of a red circle"), Turn("gpt", "Sure thing!", "image"),
+                        Turn("human", "And a video?"), Turn("gpt", "Here is a video.", "video")],
+                       targets=[Target("image", "i.npy"), Target("video", "v.npy")], index=1),
+                sample([Turn("human", "Tell me a joke."), Turn("gpt", "Hello, how are you?")], index=2)],
+}
+EXPECTED_TERMS = {1: set(), 2: {"image", "video", "audio"}, 3: {"image", "video", "audio"}}
+TRAINED = {1: {"input_proj", "token_rows"}, 2: {"output_proj", "token_rows"},
+           3: {"lora", "input_proj", "output_proj", "token_rows"}}
+
+
+@pytest.fixture(scope="module")
+def stage_models(tiny_env):
+    models = {}
+    for stage in (1, 2, 3):
+        torch.manual_seed(stage)
+        cfg = tiny_env.config(stage)
+        model = build_model(cfg)
+        models[stage] = (model, set_trainable(model, cfg))
+    return models
+
+
+def group_of(name: str) -> str:
+    if name.startswith("input_proj."):
+        return "input_proj"
+    if name.startswith("output_proj."):
+        return "output_proj"
+    if "lora_" in name:
+        return "lora"
+    if "trainable_tokens_delta" in name:
+        return "token_rows"
+    return "other"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_forward_terms_weights_and_gradients(stage_models, stage):
+    model, _ = stage_models[stage]
+    model.zero_grad(set_to_none=True)
+    batch = make_batch(model, STAGE_SAMPLES[stage]())
+    out = model(batch)
+    assert set(out) == {"loss", "lm", "token_acc"} | EXPECTED_TERMS[stage]
+    assert all(torch.isfinite(v).all() for v in out.values())
+    weights = model.cfg.train.loss_weights
+    expected = sum(weights[k] * out[k] for k in ["lm", *EXPECTED_TERMS[stage]])
+    torch.testing.assert_close(out["loss"], expected)
+    if stage == 3:
+        assert weights["video"] == 2.0
+    out["loss"].backward()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+    got = {group_of(n) for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # LoRA B starts at zero, so only lora_B gets a gradient on the first step; the group still shows up
+    assert got == TRAINED[stage]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainable_sets_per_stage(stage_models, stage):
+    model, counts = stage_models[stage]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {group_of(n) for n in trainable} == TRAINED[stage]
+    token_params = sorted(n for n in trainable if group_of(n) == "token_rows")
+    assert len(token_params) == 2 and any("embed_tokens" in n for n in token_params) and \
+        any("lm_head" in n for n in token_params)
+    assert counts["token_rows"] == 2 * NEW * HIDDEN
+    assert counts["input_proj"] == (16 * HIDDEN + HIDDEN if stage != 2 else 0)
+    lora = 2 * 4 * (4 * HIDDEN + HIDDEN * 4)            # 2 layers x q/k/v/o x (A r x D + B D x r), r = 4
+    assert counts["lora"] == (lora if stage == 3 else 0)
+    for modality in MODALITIES:
+        n = sum(p.numel() for p in model.output_proj[modality].parameters())
+        assert counts[f"output_proj.{modality}"] == (n if stage != 1 else 0)
+    assert counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("rows", ["all", "none"])
+def test_token_rows_all_and_none(tiny_env, rows):
+    cfg = tiny_env.config(1, f"train.token_rows={rows}")
+    model = build_model(cfg)
+    counts = set_trainable(model, cfg)
+    vocab = VOCAB_BASE + NEW
+    assert counts["token_rows"] == (2 * vocab * HIDDEN if rows == "all" else 0)
+    assert not llm_utils.is_peft(model.llm)
+    embed = llm_utils.base_token_weight(model.llm, "embed_tokens")
+    assert embed.shape == (vocab, HIDDEN) and embed.requires_grad == (rows == "all")
+    out = model(make_batch(model, STAGE_SAMPLES[1]()))
+    assert torch.isfinite(out["loss"])
+
+
+def test_only_the_new_rows_change(stage_models):
+    model, _ = stage_models[1]
+    before = {n: llm_utils.effective_token_matrix(model.llm, n).detach().clone() for n in llm_utils.TOKEN_MATRICES}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    batch = make_batch(model, STAGE_SAMPLES[1]())
+    optimizer.zero_grad()
+    model(batch)["loss"].backward()
+    optimizer.step()
+    new = torch.tensor(model.token_ids.new_token_ids)
+    old = torch.ones(VOCAB_BASE + NEW, dtype=torch.bool)
+    old[new] = False
+    for name in llm_utils.TOKEN_MATRICES:
+        after = llm_utils.effective_token_matrix(model.llm, name).detach()
+        assert torch.equal(after[old], before[name][old]), name
+        assert not torch.equal(after[new], before[name][new]), name
+
+
+def test_loss_definitions(stage_models):
+    model, _ = stage_models[2]
+    batch = make_batch(model, STAGE_SAMPLES[2]())
+    with torch.no_grad():
+        out = model(batch)
+        embeds, token_embeds = model.embed(batch["input_ids"])
+        result = model.causal_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True)
+        hidden = result.hidden_states[-1]
+        # next-token accuracy over supervised targets, no +1 in the denominator
+        targets = batch["labels"][:, 1:]
+        valid = targets != -100
+        accuracy = ((result.logits[:, :-1].argmax(-1) == targets) & valid).sum() / valid.sum()
+        torch.testing.assert_close(out["token_acc"], accuracy.float())
+        torch.testing.assert_close(out["lm"], F.cross_entropy(result.logits[:, :-1].flatten(0, 1), targets.flatten()))
+        for modality in ("image", "video", "audio"):
+            starts = [(r, s) for r in range(3) for m, s in signal_blocks(batch["labels"][r].tolist(), model.token_ids)
+                      if m == modality]
+            n = MODALITIES[modality].num_signal_tokens
+            h = torch.stack([hidden[r, s:s + n] for r, s in starts])
+            e = torch.stack([token_embeds[r, s:s + n] for r, s in starts])
+            prediction = model.output_proj[modality](h, e)
+            assert prediction.shape[1:] == model.conditioning_shapes[modality]
+            target = batch["caption_embeds"][modality]
+            l2 = (prediction - target).pow(2).sum(-1).sqrt().mean()          # the original's l2_loss(...).mean()
+            torch.testing.assert_close(out[modality], l2, rtol=1e-5, atol=1e-5)
+        model.cfg.train.alignment_loss = "mse"
+        try:
+            mse = model(batch)
+        finally:
+            model.cfg.train.alignment_loss = "l2"
+        torch.testing.assert_close(mse["audio"], F.mse_loss(prediction, target))
+
+
+def test_soft_token_is_the_projected_feature(stage_models):
+    model, _ = stage_models[1]
+    batch = make_batch(model, STAGE_SAMPLES[1]())
+    with torch.no_grad():
+        embeds, token_embeds = model.embed(batch["input_ids"], batch["media_positions"], batch["media_features"])
+        for (row, position), feature in zip(batch["media_positions"].tolist(), batch["media_features"]):
+            torch.testing.assert_close(embeds[row, position], model.input_proj(feature))
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
+        mask[batch["media_positions"][:, 0], batch["media_positions"][:, 1]] = False
+        assert torch.equal(embeds[mask], token_embeds[mask])
+        other = dict(batch, media_features=batch["media_features"] + 1.0)
+        assert model(other)["lm"] != model(batch)["lm"]
+
+
+def test_live_imagebind_matches_cached_features(stage_models, tiny_env):
+    from nextgpt.imagebind.encode import Encoder
+
+    model, _ = stage_models[1]
+    image = next((tiny_env.data / "T_X_pair_data" / "cc3m" / "images").glob("*.jpg"))
+    audio = next((tiny_env.data / "T_X_pair_data" / "audiocap" / "audios").glob("*.wav"))
+    samples = STAGE_SAMPLES[1]()
+    samples[0].media = [Media("image", str(image), image.name)]
+    samples[1].media = [Media("audio", str(audio), audio.name)]
+    model.cfg.model.imagebind = str(tiny_env.imagebind)
+    batch = make_batch(model, samples)
+    encoder = Encoder(tiny_env.imagebind, "tiny")
+    cached = torch.cat([encoder.encode([str(image)], "image"), encoder.encode([str(audio)], "audio")])
+    with torch.no_grad():
+        live = model(dict(batch, media_features=None))
+        from_cache = model(dict(batch, media_features=cached))
+    torch.testing.assert_close(live["lm"], from_cache["lm"])
+    assert model._encoder is not None and "_encoder" not in dict(model.named_children())
+
+
+def test_broken_signal_block_in_labels_names_the_sample(stage_models):
+    model, _ = stage_models[2]
+    batch = make_batch(model, STAGE_SAMPLES[2]())
+    row = 1
+    start = signal_blocks(batch["labels"][row].tolist(), model.token_ids)[0][1]
+    batch["labels"][row, start + 2] = -100
+    with pytest.raises(ValueError, match=r"test\.json record 1"):
+        model(batch)
+
+
+@pytest.mark.parametrize("mode", ["linear", "qformer"])
+def test_other_projector_modes(tiny_env, mode):
+    cfg = tiny_env.config(2, f"model.output_proj.mode={mode}")
+    model = build_model(cfg)
+    set_trainable(model, cfg)
+    out = model(make_batch(model, STAGE_SAMPLES[2]()))
+    assert set(out) == {"loss", "lm", "token_acc", "image", "video", "audio"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.output_proj["image"].parameters())
+
+
+def test_quantized_8bit_llm(tiny_env):
+    import bitsandbytes as bnb
+
+    cfg = tiny_env.config("fine_tuning")
+    assert cfg.model.quantization == "8bit"
+    model = build_model(cfg)
+    counts = set_trainable(model, cfg)
+    assert counts["lora"] > 0 and counts["token_rows"] == 2 * NEW * HIDDEN
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.causal_lm.modules())
+    out = model(make_batch(model, STAGE_SAMPLES[3]()))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_generate_signal_blocks(tiny_env):
+    """Overfit one answer, then generate it: conditioning from the signal tokens as inputs (the training
+    positions), a block ending exactly at max_new_tokens still decodes, a cut block is reported."""
+    torch.manual_seed(0)
+    cfg = tiny_env.config(3, "train.loss_weights={lm: 1.0}")
+    model = build_model(cfg)
+    model.requires_grad_(True)
+    question = "show me a red circle"
+    train = sample([Turn("human", question), Turn("gpt", "here", "image")], targets=[Target("image", "i.npy")])
+    batch = make_batch(model, [train])
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(300):
+        out = model(batch)
+        if out["token_acc"] == 1.0 and out["lm"] < 0.05:
+            break
+        optimizer.zero_grad()
+        out["lm"].backward()
+        optimizer.step()
+    assert out["token_acc"] == 1.0, "the tiny model did not memorise the answer"
+    answer_ids = [t for t in batch["labels"][0].tolist() if t != -100]      # here [IMG0..3] ###
+    generation = model.generate(question, max_new_tokens=20, do_sample=False)
+    assert generation.token_ids == answer_ids
+    assert generation.text == "here[IMG0][IMG1][IMG2][IMG3]"
+    assert [m for m, _ in generation.outputs] == ["image"] and not generation.truncated
+    conditioning = generation.outputs[0][1]
+    assert conditioning.shape == (1, *model.conditioning_shapes["image"])
+    with torch.no_grad():         # the same tensor training regresses at these positions
+        embeds, token_embeds = model.embed(batch["input_ids"])
+        hidden = model.causal_lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
+        start = signal_blocks(batch["labels"][0].tolist(), model.token_ids)[0][1]
+        expected = model.project("image", hidden, token_embeds, [(0, start)])
+    torch.testing.assert_close(conditioning, expected)
+    n_text = len(answer_ids) - 5                        # tokens before [IMG0]
+    exact = model.generate(question, max_new_tokens=n_text + 4, do_sample=False)      # ends with [IMG3]
+    assert [m for m, _ in exact.outputs] == ["image"] and not exact.truncated
+    torch.testing.assert_close(exact.outputs[0][1], expected)
+    cut = model.generate(question, max_new_tokens=n_text + 2, do_sample=False)
+    assert cut.outputs == [] and cut.truncated == ["image"]
+    assert model.training                               # generate restores the mode it found
