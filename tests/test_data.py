@@ -225,7 +225,9 @@ def test_alpaca_legacy_and_new(tmp_path):
 # Bad records: one clear error naming file and record
 
 @pytest.mark.parametrize("record,role,expected", [
-    ({"image_name": "a.jpg"}, "enc", "unknown record format"),
+    ({"image_name": "a.jpg"}, "enc", "missing field 'caption'"),
+    ({"id": 3}, "dec", "unknown record format"),
+    ({"image_name": "a.jpg"}, "instruction", "missing field 'conversations' (new layout) or 'conversation'"),
     ({"image_name": "a.jpg", "caption": 3}, "enc", "caption: expected a string"),
     ({"image_name": "", "caption": "x"}, "dec", "image_name: empty"),
     ({"image_name": "a.jpg", "caption": "x"}, "instruction", "cannot be used as instruction data"),

@@ -95,16 +95,22 @@ def load_records(path: str | Path) -> list[Any]:
     return data
 
 
-def record_format(record: Any) -> str:
-    """'pair' | 'conversations' | 'conversation' (see the module docstring); ValueError when none fits."""
+def record_format(record: Any, role: str | None = None) -> str:
+    """'pair' | 'conversations' | 'conversation' (see the module docstring); ValueError when none fits.
+
+    A record naming a medium (image_name ...) without a conversation is a pair record in the enc / dec roles, so
+    a missing caption is reported as exactly that."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     if "conversations" in record:
         return "conversations"
     if "conversation" in record:
         return "conversation"
-    if "caption" in record and any(m.pair_key in record for m in MODALITIES.values()):
+    named = any(m.pair_key in record for m in MODALITIES.values())
+    if named and ("caption" in record or role in ("enc", "dec")):
         return "pair"
+    if role == "instruction":
+        raise ValueError(f"missing field 'conversations' (new layout) or 'conversation' (legacy); keys {sorted(record)}")
     pair_keys = "/".join(m.pair_key for m in MODALITIES.values())
     raise ValueError(f"unknown record format (keys {sorted(record)}); expected 'conversations', 'conversation' "
                      f"or {pair_keys} + 'caption'")
@@ -162,7 +168,7 @@ def read_dataset(cfg, name: str, skip_bad: bool | None = None, log=print) -> lis
 
 def parse_record(record: Any, index: int, ctx: Context) -> Sample:
     try:
-        kind = record_format(record)
+        kind = record_format(record, ctx.role)
     except ValueError as e:
         raise RecordError(ctx.source, index, str(e)) from None
     parse = {"pair": _parse_pair, "conversations": _parse_conversations, "conversation": _parse_legacy}[kind]
