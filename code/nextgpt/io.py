@@ -12,6 +12,9 @@ from typing import Iterator
 
 import numpy as np
 
+# mkstemp/mkdtemp create owner-only files; give finished files the permissions a plain open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -35,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
