@@ -23,21 +23,6 @@ def decoders(decoder_cfg):
     return Decoders(decoder_cfg, seed=7)
 
 
-# TEMPORARY until tests/conftest.py provides the session fixture: only the pipelines are needed here.
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    from types import SimpleNamespace
-
-    import make_tiny_ckpt
-    from nextgpt import config
-
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    make_tiny_ckpt.write_pipelines(ckpt)
-    overrides = [f"model.decoders.{m}={ckpt / folder}" for m, (folder, _) in make_tiny_ckpt.PIPELINE_WRITERS.items()]
-    return SimpleNamespace(ckpt=ckpt, config=lambda stage, *extra: config.load(
-        f"code/config/tiny/{stage}.yaml", [*overrides, *extra]))
-
-
 def conditioning(decoders, modality, seed=0):
     tokens, dim = decoders.conditioning_shape(modality)
     return torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed))
