@@ -519,3 +519,21 @@ def test_loader_batches_a_stage_2_mixture(tiny_env):
         if MODALITIES[modality].pooled:
             assert embeds.shape[1] == 1
         assert (batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1])     # padded to the longest
+
+
+def test_loader_mixed_mixture_collates_several_modalities(tiny_env):
+    pytest.importorskip("nextgpt.data.conversation")
+    from nextgpt.data.dataset import build_loader
+    from nextgpt.tokens import load_tokenizer
+
+    tiny_env.embeddings()
+    cfg = tiny_env.config("stage_2", "train.micro_batch_size=8", "data.mixture=mixed", "data.group_by_length=true")
+    tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))
+    loader, sampler = build_loader(cfg, tokenizer, token_ids)
+    total = sum(len(d) for d in loader.dataset.datasets)
+    assert sampler.mode == "mixed" and sampler.group_by_length and len(loader) == -(-total // 8)
+    batches = list(loader)
+    assert sum(b["input_ids"].shape[0] for b in batches) == len(loader) * 8
+    assert any(len(b["caption_embeds"]) > 1 for b in batches)      # modalities mixed within a micro-batch
+    for b in batches:
+        assert sum(v.shape[0] for v in b["caption_embeds"].values()) == 8

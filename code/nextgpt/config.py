@@ -78,6 +78,8 @@ class DataConfig:
     eval_datasets: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0              # held out of `datasets` when eval_datasets is empty
     group_by_length: bool = False
+    # round_robin: every micro-batch from one dataset, datasets in turn (the original) | mixed: one shuffled mixture
+    mixture: str = "round_robin"
     num_workers: int = 0
     skip_bad_records: bool = False          # count and skip instead of failing on a bad record
     validate: bool = True                   # cheap validation before training
@@ -336,6 +338,8 @@ def _check(cfg: Config) -> None:
     if cfg.model.output_proj.mode not in ("transformer", "linear", "qformer"):
         raise ConfigError(f"model.output_proj.mode: {cfg.model.output_proj.mode!r}; "
                           "allowed: transformer, linear, qformer")
+    if cfg.data.mixture not in ("round_robin", "mixed"):
+        raise ConfigError(f"data.mixture: {cfg.data.mixture!r}; allowed: round_robin, mixed")
     if cfg.model.quantization not in ("none", "8bit", "4bit"):
         raise ConfigError(f"model.quantization: {cfg.model.quantization!r}; allowed: none, 8bit, 4bit")
     bad_w = set(cfg.train.loss_weights) - {"lm", *MODALITIES}

@@ -125,7 +125,7 @@ def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, 
     parts = list(datasets.values())
     sampler = MixtureSampler(parts, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank,
                              world_size=world_size, group_by_length=cfg.data.group_by_length,
-                             mode=getattr(cfg.data, "mixture", "round_robin"))
+                             mode=cfg.data.mixture)
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
     collator = Collator(token_ids, feature_dir=feature_dir, caption_shapes=caption_shapes(cfg))
     loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=collator,
