@@ -214,8 +214,8 @@ class Checker:
         index = self.json_file(f"{label} model_index.json", folder / "model_index.json", source)
         if index is not None:
             if index.get("_class_name") != spec.pipeline:
-                self.items[-1].problem = f"_class_name {index.get('_class_name')!r}; the {modality} decoder must " \
-                                         f"be a {spec.pipeline}"
+                self.items[-1].problem = (f"_class_name {index.get('_class_name')!r}; the {modality} decoder needs "
+                                          f"{spec.pipeline}")
                 self.items[-1].source = source
             else:
                 self.items[-1].note = spec.pipeline

@@ -47,13 +47,27 @@ def write_tokenizer(out: Path, vocab_size: int = 700) -> None:
     (out / "tokenizer.model").write_bytes(model.getvalue())
 
 
+def _quiet() -> None:
+    """Per-shard progress bars of a few-MB save are noise in `make tiny` and test logs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import diffusers
+    except ImportError:
+        return
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def write_llm(out: Path, seed: int = 0) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
+    _quiet()
     with atomic_dir(out) as tmp:
         write_tokenizer(tmp)
-        tokenizer = LlamaTokenizer.from_pretrained(str(tmp))
+        # LLaMA / Vicuna tokenizers prepend <s> (add_bos_token in the released tokenizer_config.json)
+        tokenizer = LlamaTokenizer.from_pretrained(str(tmp), add_bos_token=True)
         tokenizer.save_pretrained(str(tmp))
         torch.manual_seed(seed)
         cfg = LlamaConfig(**{**LLM, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -290,12 +304,7 @@ PIPELINE_WRITERS = {"image": ("stable-diffusion", write_stable_diffusion),
 
 def write_pipelines(out: Path, seed: int = 0) -> None:
     """Tiny diffusers pipelines: out/stable-diffusion, out/zeroscope, out/audioldm (save_pretrained folders)."""
-    import diffusers
-    import transformers
-
-    # per-shard progress bars of a few-MB save are noise in `make tiny` and test logs
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet()
     for folder, writer in PIPELINE_WRITERS.values():
         writer(out / folder, seed)
 

@@ -2,7 +2,7 @@
 
     T_X_pair_data/cc3m/      cc3m.json (caption, id, image_name), cc3m_comprehension.json, cc3m_generation.json,
                              images/*.jpg       coloured shapes on backgrounds    "a red circle on a blue background"
-    T_X_pair_data/webvid/    webvid.json (caption, id, video_name) + the two derived files, videos/*.mp4 (h264)
+    T_X_pair_data/webvid/    webvid.json (caption, id, video_name) + the two derived files, videos/*.mp4 (mpeg4)
                                                 a shape crossing the frame        "a green square moving left"
     T_X_pair_data/audiocap/  audiocap.json (audio_id, audio_name, caption) + derived files, audios/*.wav
                                                 48 kHz stereo tones               "a high rising tone"
@@ -65,19 +65,17 @@ def write_wav(path: Path, wave, rate: int) -> None:
 
 
 def write_mp4(path: Path, frames, fps: int) -> None:
-    """(F, H, W, 3) uint8 -> H.264 mp4 (MPEG-4 part 2 where this PyAV build lacks libx264); one encoder thread so
-    the bytes are the same on every run."""
+    """(F, H, W, 3) uint8 -> mp4 (MPEG-4 Part 2, yuv420p). FFmpeg's own mpeg4 encoder gives the same bytes on every
+    run; libx264 (what WebVid uses) was seen to vary between runs here, which would break the determinism."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 1_000_000         # more than 64x64 frames need: the quantiser stays at its finest
         stream.thread_count = 1
-        if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

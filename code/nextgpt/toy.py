@@ -202,8 +202,10 @@ def render_tone(pitch: str, pattern: str, rate: int = AUDIO_RATE, seconds: float
     else:
         angle = 2 * np.pi * base * t
     wave = 0.5 * np.sin(angle + 2 * np.pi * phase)
-    if pattern == "beeping":       # 4 beeps per second, half on
-        wave *= (np.floor(t * 8) % 2 == 0)
+    if pattern == "beeping":       # 4 beeps per second, half on; 5 ms ramps so the beeps do not click
+        gate = (np.floor(t * 8) % 2 == 0).astype(np.float64)
+        ramp = max(1, int(0.005 * rate))
+        wave *= np.convolve(gate, np.full(ramp, 1.0 / ramp), mode="same")
     fade = np.minimum(1.0, np.minimum(t, seconds - t) / 0.01)    # 10 ms fades: no clicks at the ends
     wave = (wave * fade).astype(np.float32)
     return np.repeat(wave[:, None], channels, axis=1)
