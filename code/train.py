@@ -101,36 +101,45 @@ class RunLog:
 
 
 def build_data(cfg, model, rt, log):
-    """Datasets -> MixtureSampler -> Collator -> DataLoader, for training and (if the config names one) eval."""
-    from torch.utils.data import DataLoader
+    """(train loader, its MixtureSampler, eval loader or None, eval sampler or None).
 
-    from nextgpt.data import collate, dataset, sampler as sampler_lib, validate
+    The held-out split is data.eval_datasets, else data.eval_fraction of every training dataset."""
+    from nextgpt.data import dataset, validate
 
-    if cfg.data.validate:
-        validate.quick_check(cfg)  # the cheap part: records parse, files and caches exist (full check: validate_data.py)
-    train_set, eval_set = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
-    collator = collate.Collator.from_config(cfg, model.token_ids)
-    train_sampler = sampler_lib.MixtureSampler(train_set, cfg.train.micro_batch_size, cfg.train.seed, rt.rank,
-                                               rt.world_size, cfg.data.group_by_length)
-    train_loader = DataLoader(train_set, batch_sampler=train_sampler, collate_fn=collator,
-                              num_workers=cfg.data.num_workers)
-    eval_loader = None
-    if eval_set is not None:
-        eval_sampler = sampler_lib.MixtureSampler(eval_set, cfg.train.micro_batch_size, cfg.train.seed, rt.rank,
-                                                  rt.world_size, False, shuffle=False)
-        eval_loader = DataLoader(eval_set, batch_sampler=eval_sampler, collate_fn=collator,
-                                 num_workers=cfg.data.num_workers)
-    log(f"data: {len(train_sampler)} micro-batches per epoch per rank"
-        + (f", eval {len(eval_loader)} micro-batches" if eval_loader is not None else ", no eval split"))
-    return train_sampler, train_loader, eval_loader
+    if cfg.data.validate:  # the cheap part (files exist, .npy headers); validate_data.py does the full check
+        validate.validate(cfg, decode=False).raise_if_bad()
+    datasets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
+    eval_sets = None
+    if cfg.data.eval_datasets:
+        eval_sets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.eval_datasets)
+    elif cfg.data.eval_fraction > 0:
+        pairs = {name: d.split(cfg.data.eval_fraction, cfg.train.seed) for name, d in datasets.items()}
+        datasets = {name: train for name, (train, _) in pairs.items()}
+        eval_sets = {held.name: held for _, held in pairs.values()}
+
+    def loader(sets):
+        data_loader, sampler = dataset.build_loader(cfg, model.tokenizer, model.token_ids, rt.rank, rt.world_size,
+                                                    datasets=sets)
+        # A private generator: iter(loader) would otherwise draw a worker seed from the global torch RNG, and a
+        # resumed run (which calls iter() at a different point of that stream) would see other dropout masks.
+        data_loader.generator = torch.Generator().manual_seed(cfg.train.seed)
+        return data_loader, sampler
+
+    train_loader, train_sampler = loader(datasets)
+    eval_loader, eval_sampler = loader(eval_sets) if eval_sets else (None, None)
+    log(f"data: {', '.join(f'{n} {len(d)}' for n, d in datasets.items())} samples; {len(train_sampler)} "
+        f"micro-batches per epoch per rank" + (f"; eval {', '.join(f'{n} {len(d)}' for n, d in eval_sets.items())}"
+                                               if eval_sets else "; no eval split"))
+    return train_loader, train_sampler, eval_loader, eval_sampler
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device) -> dict[str, float]:
+def evaluate(engine, loader, sampler, device) -> dict[str, float]:
     """Mean loss, token accuracy and alignment (l2) terms over the held-out split, averaged over ranks."""
     from nextgpt.modalities import MODALITIES
 
     engine.eval()
+    sampler.set_epoch(0)  # the same held-out batches at every evaluation
     totals: dict[str, float] = {}
     counts: dict[str, float] = {}
     for batch in loader:
@@ -181,17 +190,13 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     # Model: the same seed on every rank so the randomly initialised projectors agree before DeepSpeed starts.
     runtime.seed_everything(cfg.train.seed)
     model = build_model(cfg, device=rt.device, dtype=rt.dtype)
-    if cfg.train.init_from:
-        source = cfg.path(cfg.train.init_from)
-        if source.suffix == ".pt":
-            checkpoint.import_legacy(model, source)
-        else:
-            checkpoint.load_delta(model, checkpoint.resolve_checkpoint(source))
-        log(f"init_from: {source}")
+    if cfg.train.init_from:  # a delta folder, a run folder (its `latest`) or an original pytorch_model.pt
+        loaded = checkpoint.init_from(model, cfg)
+        log(f"init_from {cfg.path(cfg.train.init_from)}: {', '.join(sorted(loaded))}")
     counts = set_trainable(model, cfg)
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
 
-    train_sampler, train_loader, eval_loader = build_data(cfg, model, rt, log)
+    train_loader, train_sampler, eval_loader, eval_sampler = build_data(cfg, model, rt, log)
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_sampler) // accum
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -213,14 +218,19 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         ds_config["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            config=ds_config)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the ZeRO wrapper holds the real one
+    log(f"optimizer: {type(base).__module__.split('.')[0]} {type(base).__name__}, ZeRO stage "
+        f"{engine.zero_optimization_stage()}, model quantization {cfg.model.quantization}")
 
     # Resume: trainable weights, optimizer, scheduler, RNGs, sampler position.
     step, bad_steps, saved_at = 0, 0, -1
+    consumed = 0  # micro-batches of the current epoch taken from the loader (workers fetch ahead of this)
     start = resume.find_resume(output_dir, args.resume)
     if start is not None:
         state = resume.load(engine, start, rt.rank)
         step, bad_steps, saved_at = state["step"], state["bad_steps"], state["step"]
         train_sampler.load_state_dict(state["sampler"])
+        consumed = train_sampler.position
         log(f"resumed from {start} at step {step}")
     else:
         runtime.seed_everything(cfg.train.seed + rt.rank)  # per-rank dropout streams
@@ -228,7 +238,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     def save(step: int) -> Path:
         meta = {"stage": cfg.train.stage, "step": step}
         path = resume.save(engine, output_dir, step, rt.rank,
-                           {"bad_steps": bad_steps, "sampler": train_sampler.state_dict()},
+                           {"bad_steps": bad_steps, "sampler": train_sampler.state_dict(consumed=consumed)},
                            lambda folder: checkpoint.save_delta(engine.module, folder, cfg, meta), cfg.train.keep_last)
         log(f"saved {path}")
         return path
@@ -244,10 +254,10 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     while step < max_steps:
         try:
             batch = next(batches)
-        except StopIteration:  # next epoch: MixtureSampler reshuffles with seed + epoch
-            train_sampler.set_epoch(train_sampler.epoch + 1)
-            batches = iter(train_loader)
+        except StopIteration:  # the sampler moved to the next epoch by itself (new plan from seed + epoch)
+            batches, consumed = iter(train_loader), 0
             continue
+        consumed += 1
         batch = to_device(batch, rt.device)
         out = engine(batch)
         loss = out["loss"]
@@ -265,7 +275,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
         engine.step()
         for name, value in out.items():
-            terms[name] = terms.get(name, 0.0) + float(value) / accum
+            terms[name] = terms.get(name, 0.0) + float(value.detach()) / accum
         window["samples"] += batch["input_ids"].shape[0] * rt.world_size
         window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size
         if not boundary:
@@ -284,7 +294,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         terms = {}
         window = {"time": time.time(), "samples": 0, "tokens": 0}
         if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            result = evaluate(engine, eval_loader, rt.device)
+            result = evaluate(engine, eval_loader, eval_sampler, rt.device)
             log.scalars("eval", step, result)
             log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:

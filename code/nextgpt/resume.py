@@ -3,7 +3,8 @@
     <output_dir>/checkpoint-<step>/   delta.safetensors (+ adapter/, tokenizer files, config.yaml, meta.json) from
                                       nextgpt.checkpoint.save_delta: what the next stage's init_from loads
         state/deepspeed/              engine.save_checkpoint(exclude_frozen_parameters=True): optimizer, scheduler
-        state/rank_<r>.pt             step, sampler position and every RNG (python, numpy, torch) of rank r
+        state/rank_<r>.pt             step, sampler position, every RNG (python, numpy, torch) of rank r and a
+                                      sha256 of its trainable weights (all ranks must agree; checked at save)
     <output_dir>/latest               text: the name of the newest complete checkpoint
     <output_dir>/done.json            written once the run has finished (the Makefile's prerequisite)
 
@@ -14,6 +15,7 @@ folder (a fixed name, not mkdtemp, so all ranks agree on it); rank 0 renames aft
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -77,6 +79,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of the trainable parameters (ZeRO-2 keeps full copies on every rank)."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ranks_agree(module: torch.nn.Module, step: int) -> str:
+    """Every rank must hold the same trainable weights; a divergence is a bug worth stopping for."""
+    digest = weights_digest(module)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        digests: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"step {step}: ranks hold different trainable weights "
+                               f"({', '.join(f'rank {r} {d[:12]}' for r, d in enumerate(digests))})")
+    return digest
+
+
 def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train_state: dict[str, Any],
          write_delta: Callable[[Path], None], keep_last: int) -> Path:
     """Write checkpoint-<step> atomically (collective: every rank calls it). `write_delta(folder)` runs on rank 0
@@ -91,7 +115,9 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
     barrier()
     engine.save_checkpoint(str(tmp / "state"), tag=DS_TAG, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save({**train_state, "step": step, "rng": rng_state()}, tmp / "state" / f"rank_{rank}.pt")
+    digest = check_ranks_agree(engine.module, step)
+    torch.save({**train_state, "step": step, "weights_sha256": digest, "rng": rng_state()},
+               tmp / "state" / f"rank_{rank}.pt")
     barrier()
     if rank == 0:
         for f in tmp.rglob("*"):

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,17 @@ def shutdown(runtime: Runtime | None) -> None:
     """Destroy the process group (a 2-rank gloo run crashed at exit without it) and undo our env defaults."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        # DeepSpeed caches process groups it derived from the world group (a clone of it, ZeRO/expert groups);
+        # they die with it, and a later run in this process (tests, notebooks) must not be handed them.
+        groups._WORLD_GROUP = None
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+        groups.mesh_device = None
+        for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                      groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                      groups._ALL_TO_ALL_GROUP):
+            cache.clear()
     for name in (runtime.env_we_set if runtime else []):
         os.environ.pop(name, None)
 
