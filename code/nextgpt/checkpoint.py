@@ -167,11 +167,7 @@ def apply_delta_state(model, state: dict[str, torch.Tensor], where: str, allow_m
                     model.full_token_matrices = True
         lora_state = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         if lora_state:
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(model.llm, lora_state)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{where}: PEFT did not take LoRA keys {result.unexpected_keys[:10]}")
+            llm_utils.load_lora_state_dict(model.llm, lora_state)
     model.delta_groups |= present_groups
     return present_groups
 

@@ -184,3 +184,15 @@ def lora_state_dict(llm) -> dict[str, torch.Tensor]:
 
 def lora_parameters(llm) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in llm.named_parameters() if "lora_" in n]
+
+
+@torch.no_grad()
+def load_lora_state_dict(llm, state: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """Inverse of lora_state_dict: PEFT's saved names (no adapter name) -> the live LoRA parameters."""
+    parameters = dict(llm.named_parameters())
+    for key, value in state.items():
+        stem, _, leaf = key.rpartition(".")                 # ...q_proj.lora_A . weight
+        name = f"{stem}.{adapter}.{leaf}"
+        if name not in parameters:
+            raise KeyError(f"LoRA key {key!r} has no parameter {name!r} in the model")
+        parameters[name].copy_(value.to(parameters[name]))
