@@ -128,13 +128,13 @@ class TinyEnv:
 
     def embeddings(self) -> Path:
         """Caption embeddings of every stage-2/3 target, as `make embeddings` (once per session)."""
-        self._process("embeddings", ("stage_2", "stage_3"), ())
+        self._process("embeddings", ("stage_3",), ())      # --all: every catalog dataset, stage 2's included
         return self.data / "embed"
 
     def features(self) -> Path:
         """ImageBind features of every stage-1/3 input medium, as `make features` (once per session)."""
         _ = self.imagebind
-        self._process("features", ("stage_1", "stage_3"), ("--features",))
+        self._process("features", ("stage_1",), ("--features",))     # --all: stage 3's inputs too
         return self.data / "features"
 
 

@@ -328,6 +328,18 @@ def test_tiny_env_config_points_into_the_session_folders(tiny_env):
         tiny_env.config("stage_9")
 
 
+def test_tiny_env_builds_embeddings_and_features(tiny_env):
+    pytest.importorskip("process_embeddings")
+    embed_dir, feature_dir = tiny_env.embeddings(), tiny_env.features()
+    for (modality, spec), folder in zip(MODALITIES.items(), PAIR_FIELDS):
+        tokens, dim = EXPECTED_CONDITIONING[modality]
+        expected = (dim,) if spec.pooled else (tokens, dim)
+        for record in _load(tiny_env.data / "T_X_pair_data" / folder / f"{folder}.json"):
+            name = record[spec.pair_key]
+            assert np.load(embed_dir / f"{name}.npy").shape == expected, name
+            assert np.load(feature_dir / f"{name}.npy").shape == (16,), name       # tiny ImageBind out_embed_dim
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # check_ckpt
 
