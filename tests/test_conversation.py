@@ -105,6 +105,11 @@ def test_stage_2_matches_the_original(tok):
     start = blocks[0][1]
     assert enc.input_ids[start:start + 4] == token_ids.signal["image"]          # contiguous ids, no "▁" between
     assert tokenizer.decode([t for t in enc.labels if t != -100]).startswith(CAPTION + "[IMG0][IMG1][IMG2][IMG3]")
+    # The reference template `### Human: {caption}\n### Assistant: {caption}[IMG0]..[IMG3]\n###` as the original's
+    # tokens read back: the trailing space of one chunk and the leading "▁" of the next make two spaces, and its
+    # tokenizer ate the whitespace (the newline) right after the added token [IMG3].
+    assert tokenizer.decode(enc.input_ids) == (f"<s> ### Human:  {CAPTION}\n### Assistant:  {CAPTION}"
+                                               "[IMG0][IMG1][IMG2][IMG3] ###")
 
 
 def test_stage_3_multi_turn_with_media_and_two_blocks(tok):

@@ -308,3 +308,27 @@ def test_generate_signal_blocks(tiny_env):
     cut = model.generate(question, max_new_tokens=n_text + 2, do_sample=False)
     assert cut.outputs == [] and cut.truncated == ["image"]
     assert model.training                               # generate restores the mode it found
+
+
+def test_load_llm_from_sharded_bin(tiny_env, tmp_path):
+    """Vicuna v0 ships as pytorch_model-0000N-of-00002.bin + index; load_llm reads it like safetensors."""
+    import json
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    source = LlamaForCausalLM.from_pretrained(str(tiny_env.ckpt / "vicuna"))
+    state = source.state_dict()
+    keys = list(state)
+    weight_map = {}
+    for index, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:]), start=1):
+        name = f"pytorch_model-0000{index}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, tmp_path / name)
+        weight_map |= {k: name for k in part}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(tiny_env.ckpt / "vicuna" / "config.json", tmp_path)
+    loaded = llm_utils.load_llm(tmp_path, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(state[k].bfloat16(), v) for k, v in loaded.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llm_utils.load_llm(tmp_path / "nowhere")
