@@ -52,15 +52,13 @@ def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: str | t
                 bnb_4bit_compute_dtype=dtype or torch.float32)
         else:
             raise ValueError(f"model.quantization: {quantization!r}; allowed: none, 8bit, 4bit")
-        # bitsandbytes quantizes while loading onto the target device
+    if device is not None or quantization != "none":
+        # straight onto the target device (bitsandbytes quantizes while loading there)
         kwargs["device_map"] = {"": str(device or "cpu")}
     try:
-        llm = LlamaForCausalLM.from_pretrained(str(path), **kwargs)
+        return LlamaForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load the LLM ({e})") from None
-    if quantization == "none" and device is not None:
-        llm = llm.to(device)
-    return llm
 
 
 def resize_for_tokens(llm, vocab_size: int) -> None:
