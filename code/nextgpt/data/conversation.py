@@ -31,7 +31,6 @@ this fixes the original's train/inference mismatches (reference §7 items 12 and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence, Union
 
 from nextgpt.data.types import Encoded, Media, Sample, Turn
@@ -52,17 +51,9 @@ class TruncatedSignalError(EncodeError):
     """max_length would cut (or drop) a signal block or an input medium's soft token."""
 
 
-# A chunk is what the original passed to one tokenizer call: text pieces and added-token ids.
-_Ids = tuple  # tuple[int, ...] of added-token ids (never tokenised from text)
-
-
-@dataclass
-class _Soft:
-    """The soft-token slot of one input medium (between chunks, like the original's inserted embedding)."""
-    index: int
-
-
-_Piece = Union[str, _Ids]
+# A chunk is what the original passed to one tokenizer call: text pieces (str) and added-token ids (a tuple,
+# never tokenised from text). The soft token sits between chunks, as the original's inserted embedding did.
+_Piece = Union[str, tuple]
 
 
 def _encode_text(text: str, tokenizer, reserved: set[int], where: str) -> list[int]:
