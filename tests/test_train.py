@@ -99,12 +99,15 @@ def stage_1(env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_2(env, stage_1, tmp_path_factory):
-    return run(env, "stage_2", tmp_path_factory.mktemp("stage_2"), *repeated("stage_2", stage_1))
+    # 3 of the 12 samples held out (eval every 4 steps); the other 9 form the repeated batch
+    return run(env, "stage_2", tmp_path_factory.mktemp("stage_2"), *repeated("stage_2", stage_1),
+               "data.eval_fraction=0.25", "train.eval_every=4", "train.micro_batch_size=9")
 
 
 @pytest.fixture(scope="module")
 def stage_3(env, stage_2, tmp_path_factory):
-    return run(env, "stage_3", tmp_path_factory.mktemp("stage_3"), *repeated("stage_3", stage_2))
+    return run(env, "stage_3", tmp_path_factory.mktemp("stage_3"), *repeated("stage_3", stage_2),
+               extra=["--export-legacy"])
 
 
 def test_stage_1_trains_input_proj(stage_1):
@@ -136,13 +139,27 @@ def test_stage_2_loads_stage_1_and_trains_output_proj(stage_1, stage_2):
         assert torch.equal(first[name], second[name]), name
     assert any(k.startswith("output_proj.audio.") for k in second)
     assert "init_from" in (stage_2 / "train.log").read_text()
+    evals = metrics(stage_2, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:
+        assert {"loss", "lm", "token_acc", "audio", "l2"} <= set(r) and r["l2"] == r["audio"]
+    assert "audiocap_dec/eval 3" in (stage_2 / "train.log").read_text()
 
 
-def test_stage_3_lora_from_stage_2(stage_2, stage_3):
+def test_stage_3_lora_from_stage_2(env, stage_2, stage_3):
     assert_falls([r["loss"] for r in metrics(stage_3)], "stage 3")
     checkpoint = assert_run_folder(stage_3, STEPS)
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert json.loads((checkpoint / "meta.json").read_text())["stage"] == 3
+    # --export-legacy: the original's pytorch_model.pt layout, which imports back into a stage-3 model
+    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.model.nextgpt import build_model
+
+    legacy = torch.load(checkpoint / "pytorch_model.pt", weights_only=True)
+    assert any(k.startswith("llama_model.base_model.model.") and "lora_A" in k for k in legacy)
+    assert "llama_proj.weight" in legacy
+    model = build_model(env.config("stage_3"))
+    assert {"lora", "input_proj", "token_rows"} <= checkpoint_lib.import_legacy(model, checkpoint / "pytorch_model.pt")
 
 
 def test_finetune_8bit_from_stage_3(env, stage_3, tmp_path):
