@@ -166,7 +166,7 @@ def train(args: argparse.Namespace) -> dict:
     ds_path = Path(args.ds_config) if args.ds_config else default_ds_config(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
-    rt = runtime.setup(ds_config, ds_path, args.local_rank)
+    rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False)  # the reason goes to the run log
     output_dir = cfg.path(cfg.train.output_dir)
     log = RunLog(output_dir, rt.is_main, cfg.train.tensorboard)
     try:
@@ -191,8 +191,11 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     runtime.seed_everything(cfg.train.seed)
     model = build_model(cfg, device=rt.device, dtype=rt.dtype)
     if cfg.train.init_from:  # a delta folder, a run folder (its `latest`) or an original pytorch_model.pt
+        source = cfg.path(cfg.train.init_from)
         loaded = checkpoint.init_from(model, cfg)
-        log(f"init_from {cfg.path(cfg.train.init_from)}: {', '.join(sorted(loaded))}")
+        log(f"init_from {source}: {', '.join(sorted(loaded))}")
+        if (source / "latest").is_file() and not (source / "done.json").is_file():
+            log(f"warning: {source} has no done.json: starting from an unfinished run's latest checkpoint")
     counts = set_trainable(model, cfg)
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
 
@@ -277,7 +280,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         for name, value in out.items():
             terms[name] = terms.get(name, 0.0) + float(value.detach()) / accum
         window["samples"] += batch["input_ids"].shape[0] * rt.world_size
-        window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size
+        window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
         if not boundary:
             continue
 
@@ -292,7 +295,6 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         if step % cfg.train.log_every == 0 or step == 1:
             log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         terms = {}
-        window = {"time": time.time(), "samples": 0, "tokens": 0}
         if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             result = evaluate(engine, eval_loader, eval_sampler, rt.device)
             log.scalars("eval", step, result)
@@ -300,6 +302,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
             save(step)
             saved_at = step
+        window = {"time": time.time(), "samples": 0, "tokens": 0}  # rates exclude eval and save time
     progress.close()
 
     final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
