@@ -129,6 +129,8 @@ class Session:
         for modality in generation.truncated:
             print(f"  note: the {modality} signal block was cut off at max_new_tokens="
                   f"{settings.max_new_tokens}; no {modality} written (raise inference.max_new_tokens)", flush=True)
+        for modality in getattr(generation, "malformed", []):
+            print(f"  note: the {modality} signal tokens came out of order; no {modality} written", flush=True)
         for path in files:
             print(f"  wrote {path}", flush=True)
         print(f"  ({time.time() - start:.1f} s)", flush=True)
