@@ -25,6 +25,11 @@ import torch  # noqa: E402
 
 from nextgpt import config as config_lib  # noqa: E402
 from nextgpt import resume, runtime  # noqa: E402
+from nextgpt.modalities import MODALITIES  # noqa: E402
+
+
+# What NextGPT.forward may return: the weighted sum, its terms (one alignment term per modality) and accuracy.
+TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
 
 
 class TrainingAborted(RuntimeError):
@@ -136,23 +141,16 @@ def build_data(cfg, model, rt, log):
 @torch.no_grad()
 def evaluate(engine, loader, sampler, device) -> dict[str, float]:
     """Mean loss, token accuracy and alignment (l2) terms over the held-out split, averaged over ranks."""
-    from nextgpt.modalities import MODALITIES
-
     engine.eval()
     sampler.set_epoch(0)  # the same held-out batches at every evaluation
-    totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for batch in loader:
-        out = engine(to_device(batch, device))
-        for name, value in out.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
+        for name, value in engine(to_device(batch, device)).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
             counts[name] = counts.get(name, 0.0) + 1.0
     engine.train()
-    names = sorted(totals)
-    packed = torch.tensor([[totals[n], counts[n]] for n in names], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(packed)  # every rank sees the same key set: same modalities in the split
-    result = {n: (packed[i, 0] / packed[i, 1]).item() for i, n in enumerate(names)}
+    result = runtime.mean_over_ranks(sums, counts, TERMS, device)
     l2 = [result[m] for m in MODALITIES if m in result]
     if l2:
         result["l2"] = sum(l2) / len(l2)
@@ -253,7 +251,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     progress = tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     batches = iter(train_loader)
     window = {"time": time.time(), "samples": 0, "tokens": 0}
-    terms: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
     while step < max_steps:
         try:
             batch = next(batches)
@@ -277,8 +276,9 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         boundary = engine.is_gradient_accumulation_boundary()
         lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
         engine.step()
-        for name, value in out.items():
-            terms[name] = terms.get(name, 0.0) + float(value.detach()) / accum
+        for name, value in out.items():  # a term may be missing from a micro-batch (no such modality in it)
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            counts[name] = counts.get(name, 0.0) + 1.0
         window["samples"] += batch["input_ids"].shape[0] * rt.world_size
         window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
         if not boundary:
@@ -287,6 +287,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         step += 1
         elapsed = max(time.time() - window["time"], 1e-9)
         grad_norm = engine.get_global_grad_norm()
+        terms = runtime.mean_over_ranks(sums, counts, TERMS, rt.device)  # the global batch, not rank 0's share
         scalars = {**terms, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
         log.scalars("train", step, scalars)
@@ -294,7 +295,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         progress.set_postfix(loss=f"{terms['loss']:.4f}", acc=f"{terms.get('token_acc', 0.0):.3f}")
         if step % cfg.train.log_every == 0 or step == 1:
             log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        terms = {}
+        sums, counts = {}, {}
         if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             result = evaluate(engine, eval_loader, eval_sampler, rt.device)
             log.scalars("eval", step, result)

@@ -143,6 +143,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def mean_over_ranks(sums: dict[str, float], counts: dict[str, float], names: list[str],
+                    device: torch.device) -> dict[str, float]:
+    """{name: sum / count} over all ranks, for the `names` seen at least once on some rank. Every rank calls this
+    with the same `names` (a rank may lack some terms, e.g. a modality absent from its micro-batches)."""
+    packed = torch.tensor([[sums.get(n, 0.0), counts.get(n, 0.0)] for n in names], dtype=torch.float64,
+                          device=device).reshape(-1, 2)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(packed)
+    return {n: total / count for n, (total, count) in zip(names, packed.tolist()) if count > 0}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
