@@ -1,0 +1,139 @@
+"""Every benchmark, one summary table, runs/bench/results.json (`make bench`).
+
+    python scripts/bench_all.py              # a few minutes on 2 CPU cores
+    python scripts/bench_all.py --quick      # fewer repetitions / steps
+    python scripts/bench_all.py --only pipeline embeddings
+
+Runs, each in its own process (each prints its own table):
+  pipeline     scripts/bench_pipeline.py      NExT-GPT step / bare Llama fwd+bwd (target <= 1.10); padding efficiency
+                                              with length grouping (target >= 0.90)
+  embeddings   scripts/bench_embeddings.py    process_embeddings / bare text-encoder forward (target >= 0.90)
+  stage1       scripts/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
+  encoder      scripts/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
+and, when a CUDA device is present, the GPU variants: bench_pipeline --device cuda --model 7b (tokens/s, MFU) and
+bench_embeddings --device cuda --encoder clip-l. Without a GPU they are listed as not run.
+Exit status 1 when a benchmark failed to run (a missed target is reported, not an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import REPO, machine, machine_line, print_table, verdict, write_json  # noqa: E402
+
+OUT = REPO / "runs" / "bench"
+
+
+def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
+    q = ["--quick"] if quick else []
+    out = [
+        ("pipeline", ["scripts/bench_pipeline.py", *q, "--json", str(OUT / "pipeline.json")], OUT / "pipeline.json"),
+        ("embeddings", ["scripts/bench_embeddings.py", *q, "--json", str(OUT / "embeddings.json")],
+         OUT / "embeddings.json"),
+        ("stage1", ["scripts/bench_stage1_cache.py", *q, "--json", str(OUT / "stage1_cache.json")],
+         OUT / "stage1_cache.json"),
+        ("encoder", ["scripts/bench_encoder.py", "--count", "2" if quick else "4", "--device", "cpu",
+                     "--json", str(OUT / "encoder.json")], OUT / "encoder.json"),
+    ]
+    if cuda:
+        out += [
+            ("pipeline_cuda", ["scripts/bench_pipeline.py", "--device", "cuda", "--model", "7b", "--skip-padding",
+                               "--json", str(OUT / "pipeline_cuda.json")], OUT / "pipeline_cuda.json"),
+            ("embeddings_cuda", ["scripts/bench_embeddings.py", "--device", "cuda", "--encoder", "clip-l",
+                                 "--count", "2048", "--batch-size", "128", "--json", str(OUT / "embeddings_cuda.json")],
+             OUT / "embeddings_cuda.json"),
+            ("encoder_cuda", ["scripts/bench_encoder.py", "--device", "cuda", "--preset", "huge", "--count", "8",
+                              "--json", str(OUT / "encoder_cuda.json")], OUT / "encoder_cuda.json"),
+        ]
+    return out
+
+
+def summary_rows(results: dict) -> list[list]:
+    rows = []
+    pipeline = results.get("pipeline")
+    if pipeline:
+        for r in pipeline["overhead"]:
+            rows.append([f"pipeline overhead, stage {r['stage']} ({r['data']}, B {r['batch_size']})", r["overhead"],
+                         f"<= {pipeline['overhead_target']}", verdict(r["overhead"], pipeline["overhead_target"], False)])
+        for r in pipeline["padding"]:
+            if "resampled" in r["data"] or r["data"] == "toy":
+                rows.append([f"padding efficiency, stage {r['stage']} grouped ({r['data']}, B {r['batch_size']})",
+                             r["group_by_length"], f">= {pipeline['padding_target']}",
+                             verdict(r["group_by_length"], pipeline["padding_target"], True)])
+    for key, label in (("pipeline_cuda", "7B cuda"),):
+        cuda = results.get(key)
+        if cuda:
+            for r in cuda["overhead"]:
+                rows.append([f"{label} stage {r['stage']}: overhead", r["overhead"], f"<= {cuda['overhead_target']}",
+                             verdict(r["overhead"], cuda["overhead_target"], False)])
+                rows.append([f"{label} stage {r['stage']}: tokens/s", r["tokens_per_s"], "", ""])
+                if r.get("mfu") is not None:
+                    rows.append([f"{label} stage {r['stage']}: MFU (4·N·tokens)", r["mfu"], "", ""])
+    for key in ("embeddings", "embeddings_cuda"):
+        e = results.get(key)
+        if e:
+            rows.append([f"process_embeddings / bare forward ({e['encoder']}, {e['device']}, B {e['batch_size']})",
+                         e["ratio"], f">= {e['target']}", verdict(e["ratio"], e["target"], True)])
+    stage1 = results.get("stage1")
+    if stage1:
+        by = {(r["preset"], r["mode"]): r for r in stage1["runs"]}
+        for preset in dict.fromkeys(r["preset"] for r in stage1["runs"]):
+            cache, live = by.get((preset, "cache")), by.get((preset, "live"))
+            if cache and live:
+                rows.append([f"stage 1 {preset} ImageBind: cache / live samples/s", cache["samples_per_s"] /
+                             live["samples_per_s"], "", ""])
+                rows.append([f"stage 1 {preset} ImageBind: peak RSS cache / live MiB",
+                             f"{cache['peak_rss_bytes'] / 2**20:.0f} / {live['peak_rss_bytes'] / 2**20:.0f}", "", ""])
+    encoder = results.get("encoder")
+    if encoder:
+        for modality, row in encoder["throughput"].items():
+            rows.append([f"ImageBind {encoder['preset']} {modality} end to end /s (cpu)", row["end_to_end_per_s"], "",
+                         ""])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="pipeline embeddings stage1 encoder (+ *_cuda)")
+    args = p.parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    selected = [j for j in jobs(args.quick, cuda) if not args.only or j[0] in args.only]
+    print(machine_line(), flush=True)
+    results, failed, seconds = {}, [], {}
+    for name, command, json_path in selected:
+        print(f"\n=== {name}: python {' '.join(command)}", flush=True)
+        start = time.time()
+        rc = subprocess.call([sys.executable, *command], cwd=REPO)
+        seconds[name] = time.time() - start
+        if rc != 0 or not json_path.is_file():
+            failed.append(f"{name} (exit {rc})")
+            continue
+        results[name] = json.loads(json_path.read_text())
+    rows = summary_rows(results)
+    if not cuda:
+        rows.append(["CUDA variants (7B tokens/s + MFU, CLIP-L embeddings, ImageBind-huge)", "not run", "",
+                     "no GPU here"])
+    print_table(f"Benchmarks ({'quick, ' if args.quick else ''}{time.strftime('%Y-%m-%d %H:%M')}, "
+                f"{sum(seconds.values()):.0f} s)", ["measure", "value", "target", ""], rows)
+    if failed:
+        print(f"\nfailed to run: {', '.join(failed)}")
+    write_json(OUT / "results.json", {"machine": machine(), "quick": args.quick, "seconds": seconds,
+                                       "summary": [dict(zip(("measure", "value", "target", "verdict"), r))
+                                                   for r in rows],
+                                       "failed": failed, "results": results})
+    print(f"wrote {OUT / 'results.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
