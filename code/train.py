@@ -227,6 +227,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     step, bad_steps, saved_at = 0, 0, -1
     consumed = 0  # micro-batches of the current epoch taken from the loader (workers fetch ahead of this)
     start = resume.find_resume(output_dir, args.resume)
+    if rt.is_main and (partial := resume.remove_partial(output_dir)):
+        log(f"removed {len(partial)} partial file(s) of an interrupted save: {', '.join(p.name for p in partial)}")
     if start is not None:
         state = resume.load(engine, start, rt.rank)
         step, bad_steps, saved_at = state["step"], state["bad_steps"], state["step"]

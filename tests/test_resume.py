@@ -153,3 +153,15 @@ def test_rotation_keeps_newest(tmp_path):
     removed = resume.rotate(tmp_path, 2, tmp_path / "checkpoint-20")
     assert sorted(p.name for p in removed) == ["checkpoint-10", "checkpoint-5"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-15", "checkpoint-20", "other"]
+
+
+def test_remove_partial_leaves_complete_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / ".checkpoint-6.tmp" / "state").mkdir(parents=True)
+    (tmp_path / ".checkpoint-2.old").mkdir()
+    (tmp_path / ".latest.abc123.tmp").write_text("checkpoint-6")
+    (tmp_path / "latest").write_text("checkpoint-4\n")
+    removed = resume.remove_partial(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint-2.old", ".checkpoint-6.tmp", ".latest.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "latest"]
+    assert resume.remove_partial(tmp_path / "absent") == []

@@ -139,6 +139,21 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
     return final
 
 
+def remove_partial(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a run killed while saving left behind (temporary checkpoint folders and pointer files)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    patterns = (".checkpoint-*.tmp", ".checkpoint-*.old", ".latest.*.tmp", ".done.json.*.tmp")
+    found = [p for pattern in patterns for p in output_dir.glob(pattern)]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return found
+
+
 def rotate(output_dir: Path, keep_last: int, current: Path) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints (never `current`); keep_last <= 0 keeps all."""
     if keep_last <= 0:
