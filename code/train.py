@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -53,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_ds_config(cfg: config_lib.Config) -> Path:
     has_gpu = torch.cuda.is_available()
-    name = (f"fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json") \
+    name = ("fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json") \
         if has_gpu else "cpu.json"
     return config_lib.REPO_ROOT / "code" / "dsconfig" / name
 
@@ -73,16 +72,27 @@ class RunLog:
     """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl and TensorBoard scalars."""
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+        self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
         self.text = self.metrics = self.writer = None
+        self.purge_step: int | None = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.text = open(output_dir / "train.log", "a", buffering=1)
         self.metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def resume_at(self, step: int) -> None:
+        """Forget the scalars an interrupted run logged after the checkpoint it resumes from (they are redone)."""
+        if not self.enabled:
+            return
+        from nextgpt.io import atomic_write_text
+
+        self.metrics.close()
+        path = self.output_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.metrics = open(path, "a", buffering=1)
+        self.purge_step = step + 1  # TensorBoard drops events at or after this step
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
@@ -95,6 +105,9 @@ class RunLog:
         if not self.enabled:
             return
         self.metrics.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
+        if self.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.purge_step)
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
@@ -235,6 +248,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         train_sampler.load_state_dict(state["sampler"])
         consumed = train_sampler.position
         log(f"resumed from {start} at step {step}")
+        log.resume_at(step)
     else:
         runtime.seed_everything(cfg.train.seed + rt.rank)  # per-rank dropout streams
 
