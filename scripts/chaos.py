@@ -249,21 +249,24 @@ def section_resume(env, root: Path, refs: References, kills: int, rng: random.Ra
         stage = 1 + trial % 3
         reference = refs.tensors(stage)
         out = root / f"resume_{trial}_stage_{stage}"
-        shutil.rmtree(out, ignore_errors=True)
-        kill_after = rng.randint(1, STEPS - 1)                    # logged steps before the kill
-        delay = rng.uniform(0.0, 0.15)
         command = train_command(env, stage, out, refs.init_from(stage))
-        process = start(command, root / f"resume_{trial}.kill.log")
-        while process.poll() is None and logged_steps(out) < kill_after:
-            time.sleep(0.005)
-        time.sleep(delay)
-        finished = process.poll() is not None
-        kill(process)
+        for attempt in range(3):                                 # a kill after the run finished tests nothing
+            shutil.rmtree(out, ignore_errors=True)
+            kill_after = rng.randint(1, STEPS - 1)                # logged steps before the kill
+            delay = rng.uniform(0.0, 0.08)                        # within a step (steps take ~50-150 ms here)
+            process = start(command, root / f"resume_{trial}.kill.log")
+            while process.poll() is None and logged_steps(out) < kill_after:
+                time.sleep(0.002)
+            time.sleep(delay)
+            finished = process.poll() is not None or (out / "done.json").exists()
+            kill(process)
+            if not finished:
+                break
         latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else "none"
         where = f"stage {stage}: killed after step {logged_steps(out)} (+{delay * 1000:.0f} ms), latest={latest}"
         if finished:
             checks.append(Check("resume", f"kill {trial + 1}", False, f"{where}: the run ended before the kill "
-                                f"(exit {process.returncode}); nothing was tested",
+                                f"(exit {process.returncode}) in 3 attempts; nothing was tested",
                                 tail((root / f"resume_{trial}.kill.log").read_text())))
             continue
         rc, stdout, stderr = run(command, root / f"resume_{trial}.resume.log")
@@ -284,26 +287,53 @@ def section_resume(env, root: Path, refs: References, kills: int, rng: random.Ra
 # ----------------------------------------------------------------------------------------------------------------
 # Section: kill while a checkpoint is being written
 
+def write_phase(written: list[str]) -> str:
+    """Which parts of a checkpoint folder were on disk at the kill."""
+    parts = [("delta.safetensors", "delta"), ("meta.json", "meta.json"),
+             ("state/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", "optimizer state"),
+             ("state/rank_0.pt", "rank_0.pt")]
+    have = [label for name, label in parts if name in written]
+    return f"{len(written)} files on disk: {', '.join(have) if have else 'none of delta/meta/state'}"
+
+
+def write_window(env, root: Path, log) -> float:
+    """Seconds checkpoint-4's temporary folder exists in an undisturbed stage-1 run (the kill window)."""
+    out = root / "write_calibration"
+    shutil.rmtree(out, ignore_errors=True)
+    temporary = out / f".checkpoint-{2 * SAVE_EVERY}.tmp"
+    process = start(train_command(env, 1, out, None), root / "write_calibration.log")
+    while process.poll() is None and not temporary.exists():
+        time.sleep(0.0005)
+    appeared = time.perf_counter()
+    while process.poll() is None and temporary.exists():
+        time.sleep(0.0005)
+    window = time.perf_counter() - appeared
+    kill(process)
+    log(f"  a checkpoint write takes {window * 1000:.0f} ms here (temporary folder to rename)")
+    return max(window, 0.002)
+
+
 def section_write(env, root: Path, refs: References, trials: int, rng: random.Random, log) -> list[Check]:
     checks = []
     reference = refs.tensors(1)
     previous, target = f"checkpoint-{SAVE_EVERY}", f"checkpoint-{2 * SAVE_EVERY}"
+    window = write_window(env, root, log)
     for trial in range(trials):
         out = root / f"write_{trial}"
         result = None
         for attempt in range(4):                                 # the write window is short: retry a missed one
             shutil.rmtree(out, ignore_errors=True)
-            delay = rng.uniform(0.0, 0.06) / (attempt + 1)
+            delay = rng.uniform(0.0, 0.9 * window) / (attempt + 1)
             command = train_command(env, 1, out, None)
             process = start(command, root / f"write_{trial}.kill.log")
             temporary = out / f".{target}.tmp"
             while process.poll() is None and not temporary.exists():
-                time.sleep(0.001)
+                time.sleep(0.0005)
             time.sleep(delay)
             kill(process)
             inside = temporary.exists() and not (out / target).exists()
             if inside:
-                result = (delay, sorted(p.name for p in temporary.rglob("*") if p.is_file()))
+                result = (delay, sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file()))
                 break
         if result is None:
             checks.append(Check("write", f"kill in write {trial + 1}", False,
@@ -332,8 +362,8 @@ def section_write(env, root: Path, refs: References, trials: int, rng: random.Ra
             difference = compare(trained_tensors(final_checkpoint(out)), reference)
             if difference:
                 problems.append(f"after resuming: {difference}")
-        detail = (f"killed {delay * 1000:.1f} ms into writing {target} ({len(written)} files of it on disk: "
-                  f"{', '.join(written[:3])}{'...' if len(written) > 3 else ''}); latest={latest}")
+        detail = (f"killed {delay * 1000:.1f} ms into the {window * 1000:.0f} ms write of {target} "
+                  f"({write_phase(written)}); latest={latest}")
         ok = not problems
         checks.append(Check("write", f"kill in write {trial + 1}", ok,
                             detail + ("; previous checkpoint complete and chosen; resumed bit-identical" if ok else
