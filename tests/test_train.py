@@ -76,18 +76,19 @@ def assert_run_folder(out, steps):
 
 # -- the stage chain --------------------------------------------------------------------------------------------
 
-REPEATED = {  # stage -> (dataset, size): micro_batch_size = size, so every step is the same batch
-    "stage_1": ("audiocap_enc", 12),
-    "stage_2": ("audiocap_dec", 12),
-    "stage_3": ("audio_instruction", 12),
-    "fine_tuning": ("audio_instruction", 12),
+REPEATED = {  # stage -> (dataset, size, lr, warm-up): micro_batch_size = size, so every step is the same batch
+    "stage_1": ("audiocap_enc", 12, 0.01, 2),
+    "stage_2": ("audiocap_dec", 12, 0.01, 2),
+    "stage_3": ("audio_instruction", 12, 0.005, 4),     # LoRA + projectors + rows: a gentler start
+    "fine_tuning": ("audio_instruction", 12, 0.005, 4),
 }
 STEPS = 8
 
 
 def repeated(stage, init_from=None):
-    dataset, size = REPEATED[stage]
-    sets = [f"data.datasets=[{dataset}]", f"train.micro_batch_size={size}", "train.lr=0.01",
+    dataset, size, lr, warmup = REPEATED[stage]
+    sets = [f"data.datasets=[{dataset}]", f"train.micro_batch_size={size}", f"train.lr={lr}",
+            f"train.warmup_steps={warmup}",
             f"train.max_steps={STEPS}", "train.save_every=4", "train.keep_last=1"]
     return sets + ([f"train.init_from={init_from}"] if init_from is not None else ["train.init_from="])
 
