@@ -98,12 +98,24 @@ def resolve_device(name: str | None):
     return device
 
 
+def set_threads(threads: int) -> None:
+    """torch intra-op threads for a CPU benchmark (and OMP_NUM_THREADS for the processes it starts).
+
+    Default 1: on a shared machine whose other processes keep the cores busy, every small OpenMP region of a
+    2-thread torch waits for a descheduled thread; a 4-layer Llama step measured 6.5 s with 2 threads under a load
+    of ~4 and 0.18 s with 1 thread. One thread gives stable figures; --threads N measures N."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": platform.processor() or platform.machine(), "load_average_1min": os.getloadavg()[0]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -112,8 +124,8 @@ def machine() -> dict[str, Any]:
 def machine_line() -> str:
     m = machine()
     gpu = m.get("gpu", "no GPU (CUDA variants not run)")
-    return (f"machine: {m['cpu_count']} CPU cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
-            f"python {m['python']}, {gpu}")
+    return (f"machine: {m['cpu_count']} CPU cores (load average {m['load_average_1min']:.1f} from other "
+            f"processes at start), {m['torch_threads']} torch thread(s), torch {m['torch']}, python {m['python']}, {gpu}")
 
 
 def sync(device) -> None:

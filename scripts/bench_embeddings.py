@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (REPO, SAMPLES, BenchError, machine, machine_line, median, print_table,  # noqa: E402
-                          quiet, resolve_device, sync, verdict, write_json, workspace)
+                          quiet, resolve_device, set_threads, sync, verdict, write_json, workspace)
 
 TARGET = 0.90
 ENCODERS = {
@@ -99,6 +99,8 @@ def run(args) -> dict:
     if args.quick:
         args.count, args.reps = min(args.count, 128), min(args.reps, 2)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        set_threads(args.threads)
     work = Path(args.workdir).resolve()
     env = workspace(work / "tiny")
     decoder = write_decoder(work / f"text_encoder_{args.encoder}", env.ckpt / "stable-diffusion",
@@ -179,6 +181,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="the same for both sides (default 32)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="128 captions, 2 repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
     p.add_argument("--json", default=str(REPO / "runs" / "bench" / "embeddings.json"))
     return p

@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (REPO, SAMPLES, BenchError, machine, machine_line, median, print_table,  # noqa: E402
-                          quiet, resolve_device, timed, verdict, write_json, workspace)
+                          quiet, resolve_device, set_threads, timed, verdict, write_json, workspace)
 
 OVERHEAD_TARGET = 1.10
 PADDING_TARGET = 0.90
@@ -334,6 +334,8 @@ def run(args) -> dict:
     if args.quick:
         args.batches, args.reps, args.warmup = min(args.batches, 3), min(args.reps, 3), 1
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        set_threads(args.threads)
     if args.model == "7b" and device.type != "cuda":
         raise BenchError("--model 7b needs --device cuda (a 7B model does not train on this CPU)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
@@ -405,6 +407,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-padding", action="store_true")
     p.add_argument("--quick", action="store_true", help="3 batches, 3 repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
     p.add_argument("--json", default=str(REPO / "runs" / "bench" / "pipeline.json"))
     return p

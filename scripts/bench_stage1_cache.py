@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (REPO, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,  # noqa: E402
-                          write_json, workspace)
+                          set_threads, write_json, workspace)
 
 MID_PRESET_NAME = "bench_mid"
 
@@ -99,6 +99,7 @@ def step_rates(metrics: Path, first: int) -> tuple[float, int, int]:
 def run(args) -> dict:
     if args.quick:
         args.steps = min(args.steps, 4)
+    set_threads(args.threads)                  # also OMP_NUM_THREADS of the training processes
     work = Path(args.workdir).resolve()
     env = workspace(work / "tiny")
     data_root = SAMPLES if SAMPLES.is_dir() and not args.toy else env.data
@@ -133,7 +134,7 @@ def run(args) -> dict:
             measured = peak_rss_of(child_command(preset_name, config, "code/train.py",
                                                  [*env.argv("stage_1", *overrides), "--max-steps", str(args.steps),
                                                   "--resume", "none"]),
-                                   env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}, log_path=log_path)
+                                   log_path=log_path)
             if measured["returncode"] != 0:
                 raise BenchError(f"train.py stage 1 ({preset_label}, {mode}) exited {measured['returncode']}; see "
                                  f"{log_path}")
@@ -148,7 +149,7 @@ def run(args) -> dict:
         rows.append([r["preset"], r["mode"], r["samples_per_s"], speedup, r["peak_rss_bytes"] / 2**20,
                      r["process_seconds"]])
     print_table(f"Stage 1: ImageBind feature cache vs live encoding (train.py, tiny Vicuna, batch {args.batch_size}, "
-                f"steps 2..{args.steps}, data {'samples' if data_root == SAMPLES else 'toy'})",
+                f"steps 2..{args.steps}, data {'samples' if data_root == SAMPLES else 'toy'}, {args.threads} torch thread(s))",
                 ["preset", "mode", "samples/s", "x live", "peak RSS MiB", "process s"], rows)
     result = dict(machine=machine(), data=str(data_root), batch_size=args.batch_size, steps=args.steps,
                   presets={"mid": mid_preset()} if "mid" in args.presets else {}, runs=results,
@@ -166,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--toy", action="store_true", help="toy data instead of the NExT-GPT samples")
     p.add_argument("--quick", action="store_true", help="4 steps (one round timed)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
     p.add_argument("--json", default=str(REPO / "runs" / "bench" / "stage1_cache.json"))
     return p

@@ -73,6 +73,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RANK", None)              # each child is its own single-process run
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")       # see bench_common.set_threads: 2 threads crawl on a busy 2-core machine
     return env
 
 
