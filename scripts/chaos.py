@@ -227,13 +227,13 @@ class References:
             return self.runs[stage]
         init_from = self.init_from(stage)
         out = self.root / f"reference_stage_{stage}"
-        if not (out / "done.json").is_file():
-            shutil.rmtree(out, ignore_errors=True)
-            self.log(f"  reference: stage {stage}, {STEPS} steps, uninterrupted")
-            rc, out_text, err = run(train_command(self.env, stage, out, init_from), self.root / f"reference_{stage}.log")
-            if rc != 0:
-                raise RuntimeError(f"the uninterrupted stage-{stage} run failed (exit {rc}): {last_line(err)}; "
-                                   f"see {self.root / f'reference_{stage}.log'}")
+        # Rebuilt at every invocation: the code under test (and the thread count) may have changed since.
+        shutil.rmtree(out, ignore_errors=True)
+        self.log(f"  reference: stage {stage}, {STEPS} steps, uninterrupted")
+        rc, out_text, err = run(train_command(self.env, stage, out, init_from), self.root / f"reference_{stage}.log")
+        if rc != 0:
+            raise RuntimeError(f"the uninterrupted stage-{stage} run failed (exit {rc}): {last_line(err)}; "
+                               f"see {self.root / f'reference_{stage}.log'}")
         self.runs[stage] = out
         return out
 
@@ -315,6 +315,8 @@ def write_window(env, root: Path, log) -> float:
 
 
 def section_write(env, root: Path, refs: References, trials: int, rng: random.Random, log) -> list[Check]:
+    from nextgpt import resume as resume_lib
+
     checks = []
     reference = refs.tensors(1)
     previous, target = f"checkpoint-{SAVE_EVERY}", f"checkpoint-{2 * SAVE_EVERY}"
@@ -348,8 +350,6 @@ def section_write(env, root: Path, refs: References, trials: int, rng: random.Ra
         if (out / target).exists():
             problems.append(f"{target} exists after a kill inside its write")
         problems += checkpoint_problems(out / previous)
-        from nextgpt import resume as resume_lib
-
         try:
             chosen = resume_lib.find_resume(out, "auto")
             if chosen is None or chosen.name != previous:
@@ -421,8 +421,11 @@ def section_embeddings(env, root: Path, rng: random.Random, log) -> list[Check]:
             problems.append(f"{len(found)} items, expected {len(expected)} "
                             f"(missing {sorted(set(expected) - set(found))[:3]})")
         bad = [f"{name}: {why}" for name, p in found.items() if (why := check_npy(p)) is not None]
-        unequal = [name for name, p in found.items() if name in expected and not np.array_equal(np.load(p),
-                                                                                                  expected[name])]
+        # Bit-identical is not expected everywhere: the rerun batches the remaining items differently, and a
+        # batched forward may round differently (seen: 6e-8 on ImageBind features); 1e-5 relative is the bar.
+        arrays = {name: np.load(p) for name, p in found.items() if name in expected}
+        identical = sum(np.array_equal(a, expected[name]) for name, a in arrays.items())
+        unequal = [name for name, a in arrays.items() if not np.allclose(a, expected[name], rtol=1e-5, atol=1e-6)]
         leftovers = sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
         problems += bad[:3] + ([f"{len(unequal)} items differ from the uninterrupted run: {unequal[:3]}"]
                                if unequal else [])
@@ -435,7 +438,8 @@ def section_embeddings(env, root: Path, rng: random.Random, log) -> list[Check]:
         ok = not problems
         checks.append(Check("embeddings", label, ok,
                             f"killed with {at_kill}/{len(expected)} items written; rerun: " +
-                            ("every item present, valid, equal to the uninterrupted run; manifest complete" if ok
+                            (f"every item present and valid, manifest complete; {identical}/{len(arrays)} "
+                             "bit-identical to the uninterrupted run, all within 1e-5" if ok
                              else "; ".join(problems))))
         log(f"  {'ok  ' if ok else 'FAIL'} {label}: {checks[-1].detail}")
     return checks
