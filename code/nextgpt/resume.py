@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nextgpt.io import _fsync_dir, atomic_write_text
+from nextgpt.io import atomic_write_text, publish_dir
 from nextgpt.runtime import barrier
 
 DS_TAG = "deepspeed"
@@ -120,19 +120,7 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
                tmp / "state" / f"rank_{rank}.pt")
     barrier()
     if rank == 0:
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():  # an earlier run reached the same step; replace it
-            old = output_dir / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        publish_dir(tmp, final)  # an earlier run that reached the same step is replaced
         atomic_write_text(output_dir / "latest", final.name + "\n")
         rotate(output_dir, keep_last, final)
     barrier()
