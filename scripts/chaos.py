@@ -778,7 +778,7 @@ def run_case(case_def: Case, env, root: Path) -> Check:
     problems += output_problems(case, case_def.skip)
     detail = f"exit {rc}: {summary[:300]}"
     return Check("inputs", case_def.name, not problems, detail if not problems else f"{'; '.join(problems)} | {detail}",
-                 output=tail(text, 12) if problems else "", extra=dict(problem=case_def.problem, exit=rc))
+                 output=tail(text, 6) if problems else "", extra=dict(problem=case_def.problem, exit=rc))
 
 
 def section_inputs(env, root: Path, names: list[str] | None, quick: bool, log) -> list[Check]:
