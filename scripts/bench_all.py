@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -60,8 +61,9 @@ def summary_rows(results: dict) -> list[list]:
     pipeline = results.get("pipeline")
     if pipeline:
         for r in pipeline["overhead"]:
+            target = pipeline["overhead_target"]
             rows.append([f"pipeline overhead, stage {r['stage']} ({r['data']}, B {r['batch_size']})", r["overhead"],
-                         f"<= {pipeline['overhead_target']}", verdict(r["overhead"], pipeline["overhead_target"], False)])
+                         f"<= {target}", verdict(r["overhead"], target, False)])
         for r in pipeline["padding"]:
             if "resampled" in r["data"] or r["data"] == "toy":
                 rows.append([f"padding efficiency, stage {r['stage']} grouped ({r['data']}, B {r['batch_size']})",
@@ -103,16 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="+", metavar="NAME", help="pipeline embeddings stage1 encoder (+ *_cuda)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the CPU benchmarks (default 1)")
     args = p.parse_args(argv)
     import torch
 
+    # CPU thread count for every benchmark process (bench_encoder reads OMP_NUM_THREADS): see bench_common.set_threads
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cuda = torch.cuda.is_available()
     selected = [j for j in jobs(args.quick, cuda) if not args.only or j[0] in args.only]
-    print(machine_line(), flush=True)
+    print(machine_line().replace(f"{torch.get_num_threads()} torch thread(s)", f"{args.threads} torch thread(s) per "
+                                 "benchmark"), flush=True)
     results, failed, seconds = {}, [], {}
     for name, command, json_path in selected:
         print(f"\n=== {name}: python {' '.join(command)}", flush=True)
         start = time.time()
+        if name in ("pipeline", "embeddings", "stage1"):
+            command = [*command, "--threads", str(args.threads)]
         rc = subprocess.call([sys.executable, *command], cwd=REPO)
         seconds[name] = time.time() - start
         if rc != 0 or not json_path.is_file():

@@ -125,7 +125,8 @@ def machine_line() -> str:
     m = machine()
     gpu = m.get("gpu", "no GPU (CUDA variants not run)")
     return (f"machine: {m['cpu_count']} CPU cores (load average {m['load_average_1min']:.1f} from other "
-            f"processes at start), {m['torch_threads']} torch thread(s), torch {m['torch']}, python {m['python']}, {gpu}")
+            f"processes at start), {m['torch_threads']} torch thread(s), torch {m['torch']}, python {m['python']}, "
+            f"{gpu}")
 
 
 def sync(device) -> None:

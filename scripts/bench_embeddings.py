@@ -152,7 +152,8 @@ def run(args) -> dict:
     result = dict(encoder=args.encoder, shape=ENCODERS[args.encoder], device=str(device), count=args.count,
                   batch_size=args.batch_size, reps=args.reps, bare_captions_per_s=bare_rate,
                   pipeline_captions_per_s=pipeline_rate, ratio=pipeline_rate / bare_rate,
-                  encoder_load_seconds=load_seconds, atomic_npy_write_ms=write_ms, conditioning=list(encoder.shape), target=TARGET,
+                  encoder_load_seconds=load_seconds, atomic_npy_write_ms=write_ms, conditioning=list(encoder.shape),
+                  target=TARGET,
                   machine=machine(), command="python scripts/bench_embeddings.py " + " ".join(args.argv))
     width = ENCODERS[args.encoder]["hidden_size"]
     print_table(f"process_embeddings vs bare text-encoder forward ({args.encoder}: CLIP text {width} wide, "

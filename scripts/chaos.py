@@ -73,7 +73,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RANK", None)              # each child is its own single-process run
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")       # see bench_common.set_threads: 2 threads crawl on a busy 2-core machine
+    env.setdefault("OMP_NUM_THREADS", "1")       # bench_common.set_threads: 2 threads crawl on a busy 2-core machine
     return env
 
 
@@ -580,7 +580,8 @@ def cases() -> list[Case]:
 
     def yaml_typo(case: Path) -> Path:
         path = case / "typo.yaml"
-        path.write_text(f"base: {REPO / 'code' / 'config' / 'tiny' / 'stage_1.yaml'}\ntrain:\n  learning_rate: 1.0e-4\n")
+        base = REPO / "code" / "config" / "tiny" / "stage_1.yaml"
+        path.write_text(f"base: {base}\ntrain:\n  learning_rate: 1.0e-4\n")
         return path
 
     def with_file(make, stage: int, flag: str):
@@ -680,8 +681,8 @@ def cases() -> list[Case]:
              train_case(1, data_fn=edit_pairs("image", drop_caption)), ("caption",), quick=True),
         Case("skip_missing_field", "record without its caption, data.skip_bad_records=true: counted skip",
              train_case(1, "data.skip_bad_records=true", data_fn=edit_pairs("image", drop_caption)), (), skip=True),
-        Case("unknown_dataset", "data.datasets names an unknown dataset", train_case(1, "data.datasets=[cc3m_enc,nope]"),
-             ("nope",), quick=True),
+        Case("unknown_dataset", "data.datasets names an unknown dataset",
+             train_case(1, "data.datasets=[cc3m_enc,nope]"), ("nope",), quick=True),
         Case("wrong_shape_embedding", "caption embedding (77, 7) where the decoder needs (77, 32) (stage 2)",
              train_case(2, data_fn=wrong_shape), (".jpg.npy", "shape")),
         Case("missing_embedding", "caption embedding file missing (stage 2)", train_case(2, data_fn=delete_embedding),
@@ -754,7 +755,7 @@ def run_case(case_def: Case, env, root: Path) -> Check:
             problems.append("no counted skip in the output")
         elif match.groups() and match.group(1) == "0":
             problems.append(f"skip count is 0 ({match.group(0)!r})")
-        summary = match.group(0) if match else last_line(text)
+        summary = match.group(0) if match else (error_line(stderr)[0] or last_line(text))
     else:
         if rc == 0:
             problems.append("exit 0")
