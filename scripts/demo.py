@@ -1,15 +1,21 @@
 """`make demo`: the whole NExT-GPT pipeline on a CPU in minutes, with tiny models and toy data it builds itself.
 
-    tiny checkpoints -> toy data -> caption embeddings + ImageBind features -> stage 1 -> 2 -> 3 (DeepSpeed, CPU)
+    tiny checkpoints -> the tiny Vicuna learns the toy language -> toy data -> caption embeddings + ImageBind
+    features -> stage 1 (+ its token accuracy before / after) -> stage 2 -> stage 3 (DeepSpeed on the CPU)
     -> inference: a question about a toy image, then requests for an image, a video and a sound
 
-Every step prints its progress and keeps a log in runs/demo/logs/. A finished step leaves a stamp (the same files
-the Makefile chains on: ckpt/tiny/.complete, data/toy/.complete, the embedding manifests, each stage's done.json)
-and is skipped when the demo runs again; --fresh starts over. At the end it prints a report (per-stage loss and
-token accuracy at start and end, stage-1 accuracy of the untrained vs the trained model on the same toy captions,
-where every checkpoint and output is) and writes runs/demo/loss_curves.png.
+The tiny Vicuna of make_tiny_ckpt is random; the real one has read the web. So that stage 1 can show what it is
+for (a frozen LLM that already speaks learns to describe media through input_proj), the demo first trains the
+tiny LLM on the toy world's text in the chat template, a few hundred plain PyTorch steps, and writes it back into
+ckpt/tiny/vicuna (with pretrained.json). The three stages then run exactly as on real checkpoints.
 
-    python scripts/demo.py [--fresh] [--workdir DIR] [--stage1-steps N --stage2-steps N --stage3-steps N]
+Every step prints its progress and keeps a log in runs/demo/logs/. A finished step leaves a stamp (the files the
+Makefile chains on: ckpt/tiny/.complete, data/toy/.complete, each stage's done.json; runs/demo/stamps/ for the
+rest) and is skipped when the demo runs again; --fresh starts over. At the end it prints a report (loss and token
+accuracy of every stage at start and end, stage-1 accuracy of the untrained vs the trained model on the same
+held-out toy captions, where every checkpoint and output is) and writes runs/demo/loss_curves.png.
+
+    python scripts/demo.py [--fresh] [--workdir DIR] [--pretrain-steps N] [--stage1-steps N ...]
 
 --workdir DIR builds everything under DIR (DIR/ckpt/tiny, DIR/data/toy, DIR/runs/demo) instead of the repository,
 by pointing every tiny-config path there with --set overrides.
@@ -38,7 +44,17 @@ TINY = ROOT / "code" / "config" / "tiny"
 CPU_DS_CONFIG = ROOT / "code" / "dsconfig" / "cpu.json"
 # Generated folders of the tiny configs (relative to the repository root); --workdir moves them.
 GENERATED_PREFIXES = ("ckpt/tiny", "data/toy", "runs/demo")
-DEFAULT_STEPS = {1: 150, 2: 100, 3: 150}
+DEFAULT_STEPS = {1: 600, 2: 100, 3: 2000}
+PRETRAIN_STEPS = 200
+# More toy media than make_toy_data's defaults (48 / 24 / 12): the held-out stage-1 captions then number ~50,
+# and input_proj sees enough media to generalise. Seconds to render and encode.
+TOY_COUNTS = {"images": 192, "videos": 48, "audios": 24}
+# Demo settings on top of the tiny configs, printed with each command. Stage 1 holds out 20% of the toy media
+# (train.py's data.eval_fraction split, evaluated every 100 steps) so its accuracy is measured on unseen media.
+# The learning rates are what the tiny models need to learn within the step budget (measured on 2 CPU cores).
+STAGE_SETTINGS = {1: ["data.eval_fraction=0.2", "train.eval_every=100", "train.lr=3.0e-2", "train.log_every=100"],
+                  2: ["train.log_every=50"],
+                  3: ["train.lr=5.0e-3", "train.log_every=250"]}
 
 
 class DemoError(RuntimeError):
@@ -133,85 +149,184 @@ class Steps:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The tiny Vicuna learns the toy language (what pre-training + chat tuning gave the real Vicuna)
+
+def toy_chat_corpus() -> list[str]:
+    """The toy world's text in the conversation template: captions, captions after caption requests, requests for
+    media answered in words ("Here is a video for you."), and the text-only questions. No media and no signal
+    tokens: describing media and producing them are what the three stages teach."""
+    from nextgpt import toy
+    from nextgpt.data.conversation import ASSISTANT, HUMAN_PREFIX, TURN_END
+
+    def chat(question: str, answer: str) -> str:
+        return f"{HUMAN_PREFIX}{question}{ASSISTANT}{answer}{TURN_END}"
+
+    lines = []
+    for modality, captions in (("image", toy.image_captions()), ("video", toy.video_captions()),
+                               ("audio", toy.audio_captions())):
+        noun = toy.GENERATION_NOUNS[modality][0]
+        for k, (caption, *_) in enumerate(captions):
+            lines += [caption, chat("generate a caption", caption), chat(toy.comprehension_prompt(modality, k), caption),
+                      chat(toy.generation_prompt(modality, caption, k), f"Here is {noun} for you.")]
+    lines += [chat(q, a) for q, a in [*toy.text_qa(), *toy.CHAT_OPENERS, *toy.image_questions("red", "circle", "blue")]]
+    return lines
+
+
+def pretrain_tiny_llm(folder: Path, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> dict:
+    """Next-token training of the LLM in `folder` on toy_chat_corpus(); the folder is replaced atomically, its
+    tokenizer files kept as they are, and pretrained.json (steps, losses) written inside."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from nextgpt.io import atomic_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    lines = toy_chat_corpus()
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    history: list[tuple[int, float]] = []
+    model.train()
+    start = time.time()
+    for step in range(1, steps + 1):
+        batch = tokenizer(rng.sample(lines, batch_size), return_tensors="pt", padding=True)
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)       # (B, L), no loss on padding
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append((step, float(loss)))
+        if step == 1 or step % 25 == 0 or step == steps:
+            print(f"  step {step}/{steps} loss {float(loss):.3f} ({time.time() - start:.0f} s)", flush=True)
+    record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "lines": len(lines),
+              "loss_start": history[0][1], "loss_end": sum(v for _, v in history[-10:]) / len(history[-10:]),
+              "history": history}
+    with atomic_dir(folder) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)      # tokenizer files as make_tiny_ckpt wrote them
+        model.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "pretrained.json", json.dumps(record) + "\n")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Stage-1 token accuracy of a model on the toy captions (the same captions for the untrained and trained model)
 
-def stage1_accuracy(cfg, checkpoint: Path | None, limit: int = 256) -> dict:
-    """Mean LM loss and token accuracy over the first `limit` stage-1 samples, teacher-forced, batch by batch."""
+def stage1_accuracy(cfg, checkpoint: Path | None) -> dict:
+    """Teacher-forced LM loss and token accuracy of a model on the stage-1 toy captions.
+
+    The captions are the held-out part of the stage-1 datasets (data.eval_fraction, the split train.py holds out
+    with the same seed) when there is one, else the training captions; token-weighted means over all of them.
+    """
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import ConcatDataset, DataLoader
 
     from nextgpt import checkpoint as checkpoint_lib
-    from nextgpt.data import collate, dataset
+    from nextgpt.data import dataset
+    from nextgpt.data.collate import Collator
     from nextgpt.model.nextgpt import build_model
 
-    torch.manual_seed(cfg.train.seed)        # the untrained projector is the one stage 1 starts from
+    torch.manual_seed(cfg.train.seed)        # the same fresh projector train.py starts stage 1 from
     model = build_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
     if checkpoint is not None:
-        checkpoint_lib.load_delta(model, checkpoint_lib.resolve_checkpoint(checkpoint))
+        # a stage-1 delta holds what stage 1 trained: the output projectors stay as built
+        checkpoint_lib.load_delta(model, checkpoint, allow_missing=("output_proj", "lora"))
     model.eval()
-    train_set, eval_set = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
-    samples = eval_set if eval_set is not None else train_set
-    indices = list(range(min(limit, len(samples))))
-    loader = DataLoader(torch.utils.data.Subset(samples, indices), batch_size=cfg.train.micro_batch_size,
-                        collate_fn=collate.Collator.from_config(cfg, model.token_ids))
-    totals = {"lm": 0.0, "token_acc": 0.0}
-    batches = 0
+    datasets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids)
+    held_out = cfg.data.eval_fraction > 0
+    parts = [d.split(cfg.data.eval_fraction, cfg.train.seed)[1] if held_out else d for d in datasets.values()]
+    collator = Collator(model.token_ids, feature_dir=cfg.path(cfg.data.feature_dir),
+                        caption_shapes=dataset.caption_shapes(cfg))
+    loader = DataLoader(ConcatDataset(parts), batch_size=cfg.train.micro_batch_size, collate_fn=collator)
+    totals, tokens = {"lm": 0.0, "token_acc": 0.0}, 0
     with torch.no_grad():
         for batch in loader:
             out = model(batch)
+            count = int((batch["labels"][:, 1:] != -100).sum())      # predicted (shifted) caption tokens
             for name in totals:
-                totals[name] += float(out[name])
-            batches += 1
-    return {"samples": len(indices), "split": "eval" if eval_set is not None else "train",
-            **{k: v / max(batches, 1) for k, v in totals.items()}}
+                totals[name] += float(out[name]) * count
+            tokens += count
+    return {"samples": sum(len(p) for p in parts), "split": "held-out" if held_out else "training",
+            **{k: v / max(tokens, 1) for k, v in totals.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
-def read_metrics(output_dir: Path) -> list[dict]:
+def read_metrics(output_dir: Path, split: str = "train") -> list[dict]:
+    """The records train.py appended to <output_dir>/metrics.jsonl for one split (train | eval)."""
     path = output_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("split") == "train"]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("split") == split]
 
 
 def start_end(records: list[dict], key: str, window: int = 5) -> tuple[float, float] | None:
-    """(first step's value, mean of the last `window` steps' values) of a logged scalar, or None."""
+    """(mean of the first `window` steps, mean of the last `window` steps) of a logged scalar, or None."""
     values = [r[key] for r in records if key in r]
     if not values:
         return None
-    tail = values[-window:]
-    return values[0], sum(tail) / len(tail)
+    head, tail = values[:window], values[-window:]
+    return sum(head) / len(head), sum(tail) / len(tail)
 
 
-def plot_curves(stages: dict[int, list[dict]], path: Path) -> None:
+def moving_average(values, window: int) -> list[float]:
+    """Trailing mean over up to `window` values (the first points average what exists so far)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    """One panel per training run: loss curves on the left axis, token accuracies (dashed) on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
-    for axis, (stage, records) in zip(axes[0], stages.items()):
-        steps = [r["step"] for r in records]
-        axis.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
-        if records and "lm" in records[0] and any(r["lm"] != r["loss"] for r in records):
-            axis.plot(steps, [r["lm"] for r in records], color="tab:cyan", label="lm", linewidth=0.8)
-        axis.set_title(f"stage {stage}")
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    for axis, (title, curves) in zip(axes[0], panels.items()):
+        accuracy_axis = None
+        for label, points in curves.items():
+            if not points:
+                continue
+            steps, values = zip(*points)
+            target = axis
+            style = {"linestyle": "-"}
+            if "acc" in label:
+                accuracy_axis = accuracy_axis or axis.twinx()
+                target, style = accuracy_axis, {"linestyle": "--"}
+            colour = next(colours)
+            if len(values) > 20:        # batches alternate between datasets: show the raw steps faintly, smoothed
+                target.plot(steps, values, color=colour, alpha=0.2, linewidth=0.6)
+                values = moving_average(values, 10)
+            target.plot(steps, values, color=colour, label=label, linewidth=1.2,
+                        marker="o" if len(values) < 10 else None, markersize=3, **style)
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
-        accuracy_axis = axis.twinx()
-        accuracy_axis.plot(steps, [r.get("token_acc", float("nan")) for r in records], color="tab:orange",
-                           label="token acc")
-        accuracy_axis.set_ylim(0, 1)
-        accuracy_axis.set_ylabel("token accuracy")
-        lines = axis.get_legend_handles_labels()
-        more = accuracy_axis.get_legend_handles_labels()
-        axis.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+        handles, labels = axis.get_legend_handles_labels()
+        if accuracy_axis is not None:
+            accuracy_axis.set_ylim(0, 1)
+            accuracy_axis.set_ylabel("token accuracy")
+            more = accuracy_axis.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        axis.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+                    frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(tmp, dpi=100)
     plt.close(figure)
     tmp.replace(path)
@@ -221,8 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo outputs and start over")
     parser.add_argument("--workdir", default=str(ROOT), help="where ckpt/tiny, data/toy, runs/demo go")
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
+                        help=f"toy-language steps of the tiny Vicuna (default {PRETRAIN_STEPS})")
     for stage, steps in DEFAULT_STEPS.items():
-        parser.add_argument(f"--stage{stage}-steps", type=int, default=steps, help=f"stage-{stage} optimizer steps")
+        parser.add_argument(f"--stage{stage}-steps", type=int, default=steps,
+                            help=f"stage-{stage} optimizer steps (default {steps})")
     parser.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed",
                         help="train through the deepspeed launcher (default) or a plain python process")
     args = parser.parse_args(argv)
@@ -243,26 +361,47 @@ def demo(args) -> int:
                 print(f"--fresh: removing {folder}", flush=True)
                 shutil.rmtree(folder)
     layout.runs.mkdir(parents=True, exist_ok=True)
-    cfg = {stage: layout.config(f"stage_{stage}") for stage in (1, 2, 3)}
-    steps = Steps(11, layout.runs / "logs")
+    stamps = layout.runs / "stamps"
+    settings = {stage: STAGE_SETTINGS[stage] for stage in (1, 2, 3)}
+    cfg = {stage: layout.config(f"stage_{stage}", *settings[stage]) for stage in (1, 2, 3)}
+    outputs = {stage: cfg[stage].path(cfg[stage].train.output_dir) for stage in (1, 2, 3)}
+    llm_folder = cfg[1].path(cfg[1].model.llm)
+    steps = Steps(12, layout.runs / "logs")
+
+    def with_config(stage: int | str, *extra: str) -> list[str]:
+        name = f"stage_{stage}" if isinstance(stage, int) else stage
+        arguments = ["--config", str(TINY / f"{name}.yaml")]
+        for text in [*layout.overrides(name), *extra]:
+            arguments += ["--set", text]
+        return arguments
 
     def tool(script: str, *arguments: str):
         return lambda log: run_command([python, str(ROOT / script), *arguments], log)
 
-    def with_config(stage: str) -> list[str]:
-        extra = []
-        for text in layout.overrides(stage):
-            extra += ["--set", text]
-        return ["--config", str(TINY / f"{stage}.yaml"), *extra]
-
+    # 1-2: tiny checkpoints of the real architectures; the tiny Vicuna learns the toy language
     steps("tiny checkpoints", layout.ckpt / ".complete",
           tool("scripts/make_tiny_ckpt.py", "--out", str(layout.ckpt), "--data", str(layout.data)))
-    steps("toy data", layout.data / ".complete", tool("scripts/make_toy_data.py", "--out", str(layout.data)))
-    steps("caption embeddings (decoders' text encoders)", cfg[3].path(cfg[3].data.embed_dir) / "manifest.json",
-          tool("code/process_embeddings.py", *with_config("stage_3"), "--all"))
-    steps("features (ImageBind, stage-1 cache)", cfg[1].path(cfg[1].data.feature_dir) / "manifest.json",
-          tool("code/process_embeddings.py", *with_config("stage_1"), "--all", "--features"))
+    steps("toy-language pre-training of the tiny Vicuna", llm_folder / "pretrained.json",
+          lambda log: pretrain_tiny_llm(llm_folder, args.pretrain_steps))
 
+    # 3-5: toy data; caption embeddings (stage 2/3 targets); ImageBind features (stage 1/3 inputs)
+    steps("toy data", layout.data / ".complete", tool("scripts/make_toy_data.py", "--out", str(layout.data),
+                                                       *[f"--{kind}={count}" for kind, count in TOY_COUNTS.items()]))
+
+    def process(what: str, stages: tuple[str, ...], *extra: str):
+        def action(log: Path) -> None:
+            for stage in stages:                 # process_embeddings skips what an earlier stage already wrote
+                run_command([python, str(ROOT / "code" / "process_embeddings.py"), *with_config(stage), "--all",
+                             *extra], log.with_name(f"{log.stem}_{stage}.log"))
+            atomic_write_text(stamps / f"{what}.done", "ok\n")
+        return action
+
+    steps("caption embeddings (the decoders' text encoders)", stamps / "embeddings.done",
+          process("embeddings", ("stage_2", "stage_3")))
+    steps("ImageBind features (stage 1 and 3 inputs)", stamps / "features.done",
+          process("features", ("stage_1", "stage_3"), "--features"))
+
+    # 6-8: stage-1 accuracy of the untrained model, stage 1, the same measurement after it
     accuracy_path = layout.runs / "stage1_accuracy.json"
     accuracy = json.loads(accuracy_path.read_text()) if accuracy_path.exists() else {}
 
@@ -271,80 +410,118 @@ def demo(args) -> int:
             result = stage1_accuracy(cfg[1], checkpoint)
             accuracy[which] = result
             atomic_write_text(accuracy_path, json.dumps(accuracy, indent=2) + "\n")
+            atomic_write_text(stamps / f"{which}.done", "ok\n")
             print(f"  {which}: token accuracy {result['token_acc']:.3f}, LM loss {result['lm']:.3f} "
-                  f"on {result['samples']} {result['split']} samples", flush=True)
+                  f"on {result['samples']} {result['split']} toy captions", flush=True)
         return action
 
-    # Stamp = the key in stage1_accuracy.json (an untrained model needs no file of its own)
-    steps("untrained stage-1 accuracy", accuracy_path if "untrained" in accuracy else None,
-          measure("untrained", None))
-
-    outputs = {stage: cfg[stage].path(cfg[stage].train.output_dir) for stage in (1, 2, 3)}
-    for stage in (1, 2, 3):
-        command = [str(ROOT / "code" / "train.py"), *with_config(f"stage_{stage}"),
+    def train(stage: int):
+        command = [str(ROOT / "code" / "train.py"), *with_config(stage, *settings[stage]),
                    "--ds_config", str(CPU_DS_CONFIG), "--max-steps", str(getattr(args, f"stage{stage}_steps"))]
         if args.launcher == "deepspeed":
             command = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
                        "--master_port", str(free_port()), *command]
         else:
             command = [python, *command]
-        steps(f"stage {stage} training", outputs[stage] / "done.json",
-              lambda log, command=command: run_command(command, log))
 
-    steps("trained stage-1 accuracy", accuracy_path if "trained" in accuracy else None,
-          measure("trained", outputs[1]))
+        def action(log: Path) -> None:
+            if settings[stage]:
+                print(f"  demo settings: {' '.join(settings[stage])}", flush=True)
+            run_command(command, log)
+        return action
 
+    steps("stage-1 accuracy, untrained", stamps / "untrained.done", measure("untrained", None))
+    steps("stage 1 training (encoder side: input_proj)", outputs[1] / "done.json", train(1))
+    steps("stage-1 accuracy, trained", stamps / "trained.done", measure("trained", outputs[1]))
+
+    # 9-10: stages 2 and 3
+    steps("stage 2 training (decoder side: output_proj)", outputs[2] / "done.json", train(2))
+    steps("stage 3 training (instructions: LoRA + both projections)", outputs[3] / "done.json", train(3))
+
+    # 11: inference through the interactive CLI, greedy
     inference_dir = layout.runs / "inference"
     image = first_toy_image(layout.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
-                "Can you show me a picture of a red circle on a black background?",
-                "Please generate a video of a blue square moving left.",
-                "I would like you to make a sound of a high beeping tone."]
+                # the toy instruction data's wording (nextgpt.toy.GENERATION_PROMPTS + a toy caption)
+                "Can you show me a picture of a red circle on a black background",
+                "Please generate a video of a blue square moving left",
+                "I would like you to make a sound of a high beeping tone"]
 
     def infer(log: Path) -> None:
         if inference_dir.exists():
             shutil.rmtree(inference_dir)
-        run_command([python, str(ROOT / "code" / "inference.py"), *with_config("stage_3"),
-                     "--ckpt", str(outputs[3]), "--out", str(inference_dir),
-                     "--set", "inference.do_sample=false"], log, stdin_text="\n".join(requests) + "\nexit\n")
-        atomic_write_text(inference_dir / "done.json", json.dumps({"requests": requests}, indent=2) + "\n")
+        run_command([python, str(ROOT / "code" / "inference.py"), *with_config(3, "inference.do_sample=false"),
+                     "--ckpt", str(outputs[3]), "--out", str(inference_dir)], log,
+                    stdin_text="\n".join(requests) + "\nexit\n")
+        atomic_write_text(inference_dir / "requests.json", json.dumps(requests, indent=2) + "\n")
 
-    steps("inference (image in; image, video, sound out)", inference_dir / "done.json", infer)
+    steps("inference (an image in; an image, a video and a sound out)", inference_dir / "requests.json", infer)
 
-    # -------------------------------------------------------------------------------------------------- report
-    metrics = {stage: read_metrics(outputs[stage]) for stage in (1, 2, 3)}
-    curves = layout.runs / "loss_curves.png"
-    plot_curves(metrics, curves)
-    print(f"[demo 11/11] report\n", flush=True)
-    report = ["NExT-GPT demo (tiny models, toy data, CPU)", ""]
+    # 12: report
+    print(f"\n[demo 12/12] report\n", flush=True)
+    pretrained = json.loads((llm_folder / "pretrained.json").read_text())
+    train_metrics = {stage: read_metrics(outputs[stage]) for stage in (1, 2, 3)}
+    panels = {f"tiny Vicuna, toy language ({pretrained['steps']} steps)": {"lm loss": pretrained["history"]}}
     for stage in (1, 2, 3):
-        loss, acc = start_end(metrics[stage], "loss"), start_end(metrics[stage], "token_acc")
-        line = f"  stage {stage}: {len(metrics[stage])} steps"
+        records = train_metrics[stage]
+        curves = {"loss": [(r["step"], r["loss"]) for r in records]}
+        curves.update({f"{m} l2": [(r["step"], r[m]) for r in records if m in r] for m in ("image", "video", "audio")
+                       if any(m in r for r in records)})
+        curves["token acc"] = [(r["step"], r["token_acc"]) for r in records if "token_acc" in r]
+        evaluations = read_metrics(outputs[stage], "eval")
+        if evaluations:
+            curves["held-out token acc"] = [(r["step"], r["token_acc"]) for r in evaluations]
+        if stage == 1 and "untrained" in accuracy and "trained" in accuracy and records:
+            curves["held-out acc, untrained / trained"] = [(0, accuracy["untrained"]["token_acc"]),
+                                                           (records[-1]["step"], accuracy["trained"]["token_acc"])]
+        panels[f"stage {stage}"] = curves
+    curves_path = layout.runs / "loss_curves.png"
+    plot_curves(panels, curves_path)
+
+    lines = ["NExT-GPT demo: tiny models, toy data, CPU", "",
+             f"  tiny Vicuna on the toy language: {pretrained['steps']} steps, LM loss "
+             f"{pretrained['loss_start']:.3f} -> {pretrained['loss_end']:.3f}"]
+    for stage in (1, 2, 3):
+        records = train_metrics[stage]
+        loss, acc = start_end(records, "loss"), start_end(records, "token_acc")
+        line = f"  stage {stage}: {len(records)} steps"
         if loss:
             line += f", loss {loss[0]:.3f} -> {loss[1]:.3f}"
         if acc:
             line += f", token accuracy {acc[0]:.3f} -> {acc[1]:.3f}"
-        report.append(line + " (first step -> mean of the last 5)")
+        lines.append(line + "   (mean of the first 5 steps -> of the last 5)")
     if "untrained" in accuracy and "trained" in accuracy:
         u, t = accuracy["untrained"], accuracy["trained"]
-        report.append(f"  stage-1 token accuracy on the same {t['samples']} toy {t['split']} captions: untrained "
-                      f"{u['token_acc']:.3f} -> trained {t['token_acc']:.3f} (LM loss {u['lm']:.3f} -> {t['lm']:.3f})")
-    report += ["", "  checkpoints:"]
+        lines.append(f"  stage-1 token accuracy on the same {t['samples']} {t['split']} toy captions: "
+                     f"untrained {u['token_acc']:.3f} -> trained {t['token_acc']:.3f}   "
+                     f"(LM loss {u['lm']:.3f} -> {t['lm']:.3f})")
+    lines += ["", "  checkpoints:", f"    tiny Vicuna (toy language): {llm_folder}"]
     for stage in (1, 2, 3):
         done = outputs[stage] / "done.json"
         name = json.loads(done.read_text()).get("checkpoint", "") if done.exists() else ""
-        report.append(f"    stage {stage}: {outputs[stage] / name}")
-    report += ["", f"  inference outputs ({inference_dir}):"]
-    for path in sorted(inference_dir.glob("*")):
-        if path.name != "done.json":
-            text = f"  \"{path.read_text().strip()}\"" if path.suffix == ".txt" else ""
-            report.append(f"    {path.name}{text}")
-    report += ["", f"  loss curves: {curves}", f"  logs: {layout.runs / 'logs'}",
-               f"  time: {time.time() - started:.0f} s this run"]
-    text = "\n".join(report)
+        lines.append(f"    stage {stage}: {outputs[stage] / name}")
+    lines += ["", f"  inference ({inference_dir}, log {steps.logs}):"]
+    asked = json.loads((inference_dir / "requests.json").read_text())
+    for n, request in enumerate(asked):
+        reply = inference_dir / f"reply_{n}.txt"
+        answer = reply.read_text().strip() if reply.exists() else "(no reply)"
+        lines.append(f"    > {request}\n      {short_signals(answer)!r}")
+    media = sorted(p.name for p in inference_dir.iterdir() if not p.name.endswith((".txt", ".json")))
+    lines.append(f"    media written: {', '.join(media) if media else 'none (no signal block in the replies)'}")
+    step_times = ", ".join(f"{name.split(' (')[0]} {seconds:.0f} s" for name, seconds in steps.times.items())
+    lines += ["", f"  loss curves: {curves_path}", f"  logs: {steps.logs}",
+              f"  time: {time.time() - started:.0f} s for this run" + (f" ({step_times})" if step_times else "")]
+    text = "\n".join(lines)
     print(text, flush=True)
     atomic_write_text(layout.runs / "report.txt", text + "\n")
     return 0
+
+
+def short_signals(text: str) -> str:
+    """"x[VID0][VID1]...[VID23]" -> "x[VID0..23]" for the report (the reply files keep every token)."""
+    import re
+
+    return re.sub(r"\[([A-Z]+)0\](?:\[\1\d+\])*\[\1(\d+)\]", r"[\g<1>0..\g<2>]", text)
 
 
 def first_toy_image(data: Path) -> Path:
