@@ -180,6 +180,8 @@ def interactive(session: Session, stream=None) -> int:
             print()
             return 0
         line = line.strip()
+        if not stream.isatty():          # piped requests: show them, so the transcript reads as a dialogue
+            print(line, flush=True)
         if not line:
             continue
         if line.lower() in ("exit", "quit"):

@@ -440,7 +440,7 @@ def demo(args) -> int:
 
     # 11: inference through the interactive CLI, greedy
     inference_dir = layout.runs / "inference"
-    image = first_toy_image(layout.data)
+    image, caption = first_toy_image(layout.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
                 # the toy instruction data's wording (nextgpt.toy.GENERATION_PROMPTS + a toy caption)
                 "Can you show me a picture of a red circle on a black background",
@@ -453,7 +453,8 @@ def demo(args) -> int:
         run_command([python, str(ROOT / "code" / "inference.py"), *with_config(3, "inference.do_sample=false"),
                      "--ckpt", str(outputs[3]), "--out", str(inference_dir)], log,
                     stdin_text="\n".join(requests) + "\nexit\n")
-        atomic_write_text(inference_dir / "requests.json", json.dumps(requests, indent=2) + "\n")
+        atomic_write_text(inference_dir / "requests.json",
+                          json.dumps({"requests": requests, "input_caption": caption}, indent=2) + "\n")
 
     steps("inference (an image in; an image, a video and a sound out)", inference_dir / "requests.json", infer)
 
@@ -502,10 +503,11 @@ def demo(args) -> int:
         lines.append(f"    stage {stage}: {outputs[stage] / name}")
     lines += ["", f"  inference ({inference_dir}, log {steps.logs}):"]
     asked = json.loads((inference_dir / "requests.json").read_text())
-    for n, request in enumerate(asked):
+    for n, request in enumerate(asked["requests"]):
         reply = inference_dir / f"reply_{n}.txt"
         answer = reply.read_text().strip() if reply.exists() else "(no reply)"
-        lines.append(f"    > {request}\n      {short_signals(answer)!r}")
+        truth = f"   (the image's caption: {asked['input_caption']!r})" if "<Image>" in request else ""
+        lines.append(f"    > {request}\n      {short_signals(answer)!r}{truth}")
     media = sorted(p.name for p in inference_dir.iterdir() if not p.name.endswith((".txt", ".json")))
     lines.append(f"    media written: {', '.join(media) if media else 'none (no signal block in the replies)'}")
     step_times = ", ".join(f"{name.split(' (')[0]} {seconds:.0f} s" for name, seconds in steps.times.items())
@@ -524,11 +526,14 @@ def short_signals(text: str) -> str:
     return re.sub(r"\[([A-Z]+)0\](?:\[\1\d+\])*\[\1(\d+)\]", r"[\g<1>0..\g<2>]", text)
 
 
-def first_toy_image(data: Path) -> Path:
-    images = sorted((data / "T_X_pair_data" / "cc3m" / "images").glob("*"))
-    if not images:
-        raise FileNotFoundError(f"{data / 'T_X_pair_data' / 'cc3m' / 'images'}: no toy images (run the toy data step)")
-    return images[0]
+def first_toy_image(data: Path) -> tuple[Path, str]:
+    """(path, caption) of the first record of the toy cc3m.json."""
+    pairs = data / "T_X_pair_data" / "cc3m"
+    try:
+        record = json.loads((pairs / "cc3m.json").read_text())[0]
+    except (FileNotFoundError, IndexError, json.JSONDecodeError) as e:
+        raise FileNotFoundError(f"{pairs / 'cc3m.json'}: no toy image record ({e}); run the toy data step") from None
+    return pairs / "images" / record["image_name"], record["caption"]
 
 
 if __name__ == "__main__":
