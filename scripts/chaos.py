@@ -456,7 +456,7 @@ class Case:
     build: Callable[[Path, object], list[str]]
     keywords: tuple[str, ...]            # the error line must contain at least one (case-insensitive)
     skip: bool = False                   # the user asked for skipping: exit 0 + a counted skip
-    skip_pattern: str = r"skip\w*\D{0,40}\d+|\d+\D{0,40}skip"
+    skip_pattern: str = r"\bskipp(?:ing|ed)\b\D{0,40}\d+|\d+\D{0,40}\bskipped\b"   # "skipping 3 ...", "3 ... skipped"
     quick: bool = False                  # in the --quick subset
 
 
