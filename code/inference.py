@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                    # Ctrl-C in the interactive prompt: leave quietly
+        print()
+        return 130
 
 
 if __name__ == "__main__":
