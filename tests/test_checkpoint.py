@@ -321,3 +321,43 @@ def test_legacy_errors_list_the_keys(tiny_env):
         "llama_model.base_model.model.model.embed_tokens.weight"]}
     with pytest.raises(ValueError, match="several keys map onto token_rows.embed_tokens"):
         checkpoint.import_legacy(stage_3, both)
+
+
+def _drop_hashes(folder):
+    """meta.json without sha256s, so the load reaches the file itself (a hand-made or damaged folder)."""
+    meta = json.loads((folder / checkpoint.META_FILE).read_text())
+    meta.pop("files", None)
+    (folder / checkpoint.META_FILE).write_text(json.dumps(meta))
+
+
+def test_unreadable_files_are_one_line_errors_naming_the_file(tiny_env, stage_3_delta, tmp_path):
+    import shutil
+
+    _, out = stage_3_delta
+    fresh = built(tiny_env, 3, seed=5)
+    garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"bad\": json" + b"\0" * 64   # header length + broken JSON
+    for name in (checkpoint.DELTA_FILE, f"{checkpoint.ADAPTER_DIR}/adapter_model.safetensors"):
+        broken = tmp_path / name.replace("/", "_")
+        shutil.copytree(out, broken)
+        _drop_hashes(broken)
+        (broken / name).write_bytes(garbage)
+        with pytest.raises(ValueError) as caught:
+            checkpoint.load_delta(fresh, broken)
+        message = str(caught.value)
+        assert message.startswith(f"{broken / name}: unreadable safetensors file (") and "\n" not in message
+    # the adapter's JSON
+    broken = tmp_path / "adapter_config"
+    shutil.copytree(out, broken)
+    _drop_hashes(broken)
+    (broken / checkpoint.ADAPTER_DIR / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: unreadable"):
+        checkpoint.load_delta(fresh, broken)
+    # an original pytorch_model.pt: random bytes (unpickling error), a cut zip, a cut legacy pickle
+    for name, data in (("random.pt", b"garbage" * 20), ("cut.pt", b"PK\x03\x04" + b"x" * 100),
+                       ("short.pt", b"\x80\x02}q\x00")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as caught:
+            checkpoint.load_checkpoint(fresh, path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: not a readable torch checkpoint") and "\n" not in message

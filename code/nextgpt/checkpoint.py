@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -262,17 +263,44 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: neither a delta folder ({DELTA_FILE}) nor a run folder with '{LATEST_FILE}'")
 
 
+def _reason(error: BaseException) -> str:
+    """The first line of a library's message (torch's unpickling errors run to a dozen lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: unreadable ({_reason(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file with every failure as one line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # a bad header raises SafetensorError
+        raise ValueError(f"{path}: unreadable safetensors file ({_reason(e)})") from None
+
+
 def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
     """Strictly load a delta folder (or the one `<path>/latest` names) -> its meta.json (plus "path").
 
     allow_missing: groups that may be absent (input_proj, output_proj[.<modality>], token_rows, lora), e.g. the
     ones a new stage is about to train; anything else missing is an error, as is any unexpected key.
     """
-    from safetensors.torch import load_file
-
     folder = resolve_checkpoint(path)
     meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
     for name, digest in meta.get("files", {}).items():
         file = folder / name
         if not file.is_file():
@@ -283,10 +311,7 @@ def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
     if saved_ids is not None and list(saved_ids) != list(model.token_ids.new_token_ids):
         raise ValueError(f"{folder}: saved with new-token ids {saved_ids[:3]}..., the model's tokenizer gives "
                          f"{model.token_ids.new_token_ids[:3]}... (a different tokenizer)")
-    try:
-        state = load_file(str(folder / DELTA_FILE))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{folder / DELTA_FILE}: unreadable ({e})") from None
+    state = _load_safetensors(folder / DELTA_FILE)
     adapter = folder / ADAPTER_DIR
     if adapter.is_dir():
         state |= _read_adapter(model, adapter)
@@ -297,19 +322,17 @@ def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
 
 def _read_adapter(model, adapter: Path) -> dict[str, torch.Tensor]:
     """adapter/ -> {"lora.<key>": tensor}, after checking its LoRA settings match the model's."""
-    from safetensors.torch import load_file
-
     if not llm_utils.has_lora(model.llm):
         raise ValueError(f"{adapter}: the checkpoint has a LoRA adapter but the model has no LoRA "
                          "(set model.lora.enabled: true)")
-    saved = json.loads((adapter / "adapter_config.json").read_text())
+    saved = _read_json(adapter / "adapter_config.json")
     ours = model.llm.peft_config["default"]
     for field, theirs, mine in (("r", saved.get("r"), ours.r), ("lora_alpha", saved.get("lora_alpha"), ours.lora_alpha),
                                 ("target_modules", sorted(saved.get("target_modules") or []),
                                  sorted(ours.target_modules or []))):
         if theirs != mine:
             raise ValueError(f"{adapter}: LoRA {field}={theirs} but the model is configured with {mine}")
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    weights = _load_safetensors(adapter / "adapter_model.safetensors")
     return {f"lora.{k}": v for k, v in weights.items() if "lora_" in k}
 
 
@@ -345,8 +368,9 @@ def import_legacy(model, source: str | os.PathLike | dict, allow_missing=()) -> 
             legacy = torch.load(where, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"{where}: not found") from None
-        except (RuntimeError, OSError, EOFError) as e:
-            raise ValueError(f"{where}: not a readable torch checkpoint ({e})") from None
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            # a torn zip -> RuntimeError, a cut pickle -> EOFError, random bytes -> UnpicklingError
+            raise ValueError(f"{where}: not a readable torch checkpoint ({_reason(e)})") from None
         if not isinstance(legacy, dict):
             raise ValueError(f"{where}: expected a dict of tensors, got {type(legacy).__name__}")
     state = legacy_to_delta_state(legacy, where)
