@@ -46,13 +46,19 @@ ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
 LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune infer demo test bench chaos clean-tiny
+PHONY_INTERNAL := _demo _test
+.PHONY: $(PHONY_INTERNAL) help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune infer demo test bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
 
 env:
-	@bash scripts/make_env.sh
+	@bash scripts/make_env.sh && touch .env-ready
+
+# `make demo` / `make test` on a fresh clone set up the environment first (and again when requirements change),
+# then run in a sub-make so that PY points into the new environment.
+.env-ready: requirements.txt env.yml
+	@bash scripts/make_env.sh && touch .env-ready
 
 check-ckpt:
 	$(PY) scripts/check_ckpt.py --config $(CFG_DIR)/stage_3.yaml
@@ -97,10 +103,14 @@ finetune: $(CKPT_OUT)/stage_3/done.json
 infer:
 	$(PY) code/inference.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
 
-demo:
+demo: .env-ready
+	@$(MAKE) --no-print-directory _demo
+_demo:
 	$(PY) scripts/demo.py $(ARGS)
 
-test:
+test: .env-ready
+	@$(MAKE) --no-print-directory _test
+_test:
 	$(PY) -m pytest -q $(ARGS)
 
 bench:
