@@ -116,6 +116,32 @@ def test_cheap_mode_skips_decoding_but_catches_files_and_npy_headers(broken_copy
         report.raise_if_bad()
 
 
+
+def test_error_is_one_line_naming_the_first_record_and_skips_are_per_record(broken_copy):
+    data, decoders, expected = broken_copy
+    cfg = load(REPO / "code" / "config" / "base.yaml", _overrides(data, decoders))
+    report = validate(cfg, ENC + DEC, decode=False)
+    found = expected - {("cc3m_enc", 5, CORRUPT), ("audiocap_enc", 9, CORRUPT)}    # cheap mode decodes nothing
+    with pytest.raises(ValueError) as caught:
+        report.raise_if_bad("code/validate_data.py --config x.yaml")
+    cc3m = data / "T_X_pair_data" / "cc3m" / "cc3m.json"
+    assert str(caught.value) == (f"data validation failed: {cc3m} record 3: missing field 'caption' "
+                                 f"(+{len(found) - 1} more; run code/validate_data.py --config x.yaml for the full list)")
+    # every problem is confined to a record: data.skip_bad_records may leave exactly these records out
+    assert report.only_bad_records
+    bad = report.bad_records()
+    assert {(name, index) for name, records in bad.items() for _, index in records} == {(d, i) for d, i, _ in found}
+    assert all(source.endswith(".json") for records in bad.values() for source, _ in records)
+    # an unreadable data file is not a record problem: no skipping past it
+    webvid = data / "T_X_pair_data" / "webvid" / "webvid.json"
+    webvid.write_text(webvid.read_text()[:100])
+    report = validate(cfg, ["webvid_enc", "cc3m_enc"], decode=False)
+    assert not report.only_bad_records and "webvid_enc" not in report.bad_records()
+    message = report.error_line()
+    assert message.startswith(f"data validation failed: {webvid}: not valid JSON (") and "\n" not in message
+    assert f"{webvid}: {webvid}" not in message                                   # the path is named once
+
+
 def test_feature_cache_stands_in_for_media(broken_copy):
     data, decoders, _ = broken_copy
     features = data / "features"

@@ -1,7 +1,8 @@
 """Check a stage's data before spending GPU hours on it.
 
     report = validate(cfg, names=None, decode=True)   # names default: cfg.data.datasets
-    print(report.format()); report.ok                 # or report.raise_if_bad() (train.py, cheap mode)
+    print(report.format()); report.ok                 # or report.raise_if_bad() (one line; train.py, cheap mode)
+    report.bad_records()                              # per-record problems, which data.skip_bad_records skips
 
 Per record: it parses (readers); every input medium exists and decodes — or the ImageBind feature cache
 (cfg.data.feature_dir) holds a complete feature for it; every caption embedding exists and has the shape the
@@ -10,7 +11,10 @@ once: corrupt (unparseable record, undecodable medium, truncated / wrong-shaped 
 missing (absent file), else ok.
 
 decode=False is the cheap mode train.py runs before training: file existence plus .npy header/size checks (a
-truncated or wrong-shaped .npy is still caught), no media decoding, no array loading.
+truncated or wrong-shaped .npy is still caught), no media decoding, no array loading. With
+data.skip_bad_records, train.py leaves out exactly the records in report.bad_records() (parse errors are left
+out by the readers themselves, media / embedding problems by train.py) and still fails on anything that is not
+confined to one record (report.only_bad_records is False: an unreadable data file, an unknown dataset).
 Media decoding uses nextgpt.imagebind.preprocess's loaders (the exact code training runs) when importable, else
 header checks with PIL / soundfile / PyAV.
 """
@@ -38,8 +42,9 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        where = f"{self.source} record {self.index}" if self.index is not None else self.source
-        return f"{where}: {self.reason}"
+        if self.index is None:  # a file-level reason usually names the file already
+            return self.reason if self.reason.startswith(self.source) else f"{self.source}: {self.reason}"
+        return f"{self.source} record {self.index}: {self.reason}"
 
 
 @dataclass
@@ -79,10 +84,36 @@ class Report:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def raise_if_bad(self, max_problems: int = 20) -> None:
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for d in self.datasets for p in d.problems]
+
+    @property
+    def only_bad_records(self) -> bool:
+        """Every problem is confined to one record (so skipping those records leaves usable data): no config-level
+        error and no file-level problem (unreadable data file)."""
+        return not self.errors and all(p.index is not None for p in self.problems)
+
+    def bad_records(self) -> dict[str, dict[tuple[str, int], Problem]]:
+        """dataset name -> {(source file, record index): the record's first problem}, in file order."""
+        out: dict[str, dict[tuple[str, int], Problem]] = {}
+        for p in self.problems:
+            if p.index is not None:
+                out.setdefault(p.dataset, {}).setdefault((p.source, p.index), p)
+        return out
+
+    def error_line(self, full_check: str = "code/validate_data.py") -> str:
+        """One line: the first problem (file, record, reason) and how many more there are."""
+        found = [*self.errors, *(str(p) for p in self.problems)]
+        if not found:
+            return "data validation passed"
+        more = f"+{len(found) - 1} more; " if len(found) > 1 else ""
+        return f"data validation failed: {found[0]} ({more}run {full_check} for the full list)"
+
+    def raise_if_bad(self, full_check: str = "code/validate_data.py") -> None:
+        """ValueError with error_line() when anything is wrong (format() has the table and every problem)."""
         if not self.ok:
-            raise ValueError("data validation failed (run code/validate_data.py for the full list)\n"
-                             + self.format(max_problems))
+            raise ValueError(self.error_line(full_check))
 
 
 # ----------------------------------------------------------------------------------------------------------------
