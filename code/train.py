@@ -118,18 +118,65 @@ class RunLog:
                 f.close()
 
 
+def check_data(cfg, log) -> dict:
+    """The cheap validation of every dataset this run reads (files exist, .npy headers; code/validate_data.py
+    does the full check) -> {dataset: {(source, index): Problem}} of the records to leave out.
+
+    Anything wrong raises ValueError naming the first problem (the table goes to the log first), except with
+    data.skip_bad_records when every problem is confined to one record: then those records are counted (one line
+    per dataset) and returned, to be left out of training by drop_bad_records."""
+    from nextgpt.data import validate
+
+    names = list(dict.fromkeys([*cfg.data.datasets, *cfg.data.eval_datasets]))
+    report = validate.validate(cfg, names, decode=False)
+    if report.ok:
+        return {}
+    if not (cfg.data.skip_bad_records and report.only_bad_records):
+        log(report.format(max_problems=20))
+        report.raise_if_bad(f"code/validate_data.py --config {cfg.source or '<config>'} with this run's --set options")
+    bad = report.bad_records()
+    for row in report.datasets:
+        if records := bad.get(row.name):
+            log(f"skipping {len(records)} bad record(s) in {row.name} (data.skip_bad_records; {row.records} records): "
+                f"{next(iter(records.values()))}")
+    return bad
+
+
+def drop_bad_records(datasets: dict, bad: dict) -> dict:
+    """`datasets` without the samples check_data found bad. Records that did not parse are already absent (the
+    readers skip them under data.skip_bad_records); this leaves out the ones whose media or caption embedding is
+    missing or broken, so training reads exactly the records validation passed."""
+    from nextgpt.data.dataset import NextGPTDataset
+
+    out = {}
+    for name, data in datasets.items():
+        records = bad.get(name, {})
+        dropped = [records[(s.source, s.index)] for s in data.samples if (s.source, s.index) in records]
+        if not dropped:
+            out[name] = data
+            continue
+        keep = [s for s in data.samples if (s.source, s.index) not in records]
+        if not keep:
+            raise ValueError(f"dataset {name}: no usable records ({len(dropped)} parsed, all bad; first: "
+                             f"{dropped[0]})")
+        out[name] = NextGPTDataset(name, keep, data.tokenizer, data.token_ids, data.max_length, log=data.log,
+                                   skip_bad=data.skip_bad)
+    return out
+
+
 def build_data(cfg, model, rt, log):
     """(train loader, its MixtureSampler, eval loader or None, eval sampler or None).
 
     The held-out split is data.eval_datasets, else data.eval_fraction of every training dataset."""
-    from nextgpt.data import dataset, validate
+    from nextgpt.data import dataset
 
-    if cfg.data.validate:  # the cheap part (files exist, .npy headers); validate_data.py does the full check
-        validate.validate(cfg, decode=False).raise_if_bad()
+    bad = check_data(cfg, log) if cfg.data.validate else {}
     datasets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
+    datasets = drop_bad_records(datasets, bad)
     eval_sets = None
     if cfg.data.eval_datasets:
         eval_sets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.eval_datasets)
+        eval_sets = drop_bad_records(eval_sets, bad)
     elif cfg.data.eval_fraction > 0:
         pairs = {name: d.split(cfg.data.eval_fraction, cfg.train.seed) for name, d in datasets.items()}
         datasets = {name: train for name, (train, _) in pairs.items()}
@@ -264,63 +311,65 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     from tqdm import tqdm
 
     log(f"training {max_steps} steps ({steps_per_epoch} per epoch), global batch {ds_config['train_batch_size']}")
-    progress = tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
-    batches = iter(train_loader)
-    window = {"time": time.time(), "samples": 0, "tokens": 0}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    while step < max_steps:
-        try:
-            batch = next(batches)
-        except StopIteration:  # the sampler moved to the next epoch by itself (new plan from seed + epoch)
-            batches, consumed = iter(train_loader), 0
-            continue
-        consumed += 1
-        batch = to_device(batch, rt.device)
-        out = engine(batch)
-        loss = out["loss"]
-        if runtime.any_rank(not bool(torch.isfinite(loss)), rt.device):
-            # Skip the micro-batch on every rank (no backward: its gradients never reach the optimizer).
-            bad_steps += 1
-            log(f"step {step}: non-finite loss {loss.item()} ({bad_steps} so far) in "
-                f"{[s.where for s in batch['samples']][:4]}")
-            if bad_steps > cfg.train.max_bad_steps:
-                raise TrainingAborted(f"{bad_steps} non-finite losses, more than train.max_bad_steps "
-                                      f"({cfg.train.max_bad_steps}); last at step {step}: lower train.lr or check the data")
-            continue
-        engine.backward(loss)
-        boundary = engine.is_gradient_accumulation_boundary()
-        lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
-        engine.step()
-        for name, value in out.items():  # a term may be missing from a micro-batch (no such modality in it)
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-            counts[name] = counts.get(name, 0.0) + 1.0
-        window["samples"] += batch["input_ids"].shape[0] * rt.world_size
-        window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
-        if not boundary:
-            continue
+    # The bar is closed (its line finished) before any exception leaves the loop, so main's `error: ...` line
+    # starts on a fresh line and the bar is not redrawn after it.
+    with tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True) as progress:
+        batches = iter(train_loader)
+        window = {"time": time.time(), "samples": 0, "tokens": 0}
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        while step < max_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:  # the sampler moved to the next epoch by itself (new plan from seed + epoch)
+                batches, consumed = iter(train_loader), 0
+                continue
+            consumed += 1
+            batch = to_device(batch, rt.device)
+            out = engine(batch)
+            loss = out["loss"]
+            if runtime.any_rank(not bool(torch.isfinite(loss)), rt.device):
+                # Skip the micro-batch on every rank (no backward: its gradients never reach the optimizer).
+                bad_steps += 1
+                log(f"step {step}: non-finite loss {loss.item()} ({bad_steps} so far) in "
+                    f"{[s.where for s in batch['samples']][:4]}")
+                if bad_steps > cfg.train.max_bad_steps:
+                    raise TrainingAborted(f"{bad_steps} non-finite losses, more than train.max_bad_steps "
+                                          f"({cfg.train.max_bad_steps}); last at step {step}: lower train.lr or "
+                                          "check the data")
+                continue
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
+            engine.step()
+            for name, value in out.items():  # a term may be missing from a micro-batch (no such modality in it)
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+                counts[name] = counts.get(name, 0.0) + 1.0
+            window["samples"] += batch["input_ids"].shape[0] * rt.world_size
+            window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
+            if not boundary:
+                continue
 
-        step += 1
-        elapsed = max(time.time() - window["time"], 1e-9)
-        grad_norm = engine.get_global_grad_norm()
-        terms = runtime.mean_over_ranks(sums, counts, TERMS, rt.device)  # the global batch, not rank 0's share
-        scalars = {**terms, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
-        log.scalars("train", step, scalars)
-        progress.update(1)
-        progress.set_postfix(loss=f"{terms['loss']:.4f}", acc=f"{terms.get('token_acc', 0.0):.3f}")
-        if step % cfg.train.log_every == 0 or step == 1:
-            log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        sums, counts = {}, {}
-        if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            result = evaluate(engine, eval_loader, eval_sampler, rt.device)
-            log.scalars("eval", step, result)
-            log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
-            save(step)
-            saved_at = step
-        window = {"time": time.time(), "samples": 0, "tokens": 0}  # rates exclude eval and save time
-    progress.close()
+            step += 1
+            elapsed = max(time.time() - window["time"], 1e-9)
+            grad_norm = engine.get_global_grad_norm()
+            terms = runtime.mean_over_ranks(sums, counts, TERMS, rt.device)  # the global batch, not rank 0's share
+            scalars = {**terms, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+            log.scalars("train", step, scalars)
+            progress.update(1)
+            progress.set_postfix(loss=f"{terms['loss']:.4f}", acc=f"{terms.get('token_acc', 0.0):.3f}")
+            if step % cfg.train.log_every == 0 or step == 1:
+                log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+            sums, counts = {}, {}
+            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                result = evaluate(engine, eval_loader, eval_sampler, rt.device)
+                log.scalars("eval", step, result)
+                log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
+                save(step)
+                saved_at = step
+            window = {"time": time.time(), "samples": 0, "tokens": 0}  # rates exclude eval and save time
 
     final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
     if args.export_legacy and rt.is_main:

@@ -271,6 +271,61 @@ def test_too_many_nonfinite_losses_abort(env, tmp_path, monkeypatch, capsys):
     assert not torch.distributed.is_initialized()
 
 
+
+def test_error_inside_the_loop_comes_after_the_closed_progress_bar(env, tmp_path, monkeypatch, capsys):
+    nan_on_calls(monkeypatch, {1})
+    run(env, "stage_1", tmp_path / "abort", *repeated("stage_1"), "train.max_bad_steps=0", expect=1)
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if "error: " in line]
+    assert len(errors) == 1 and lines[errors[0]].startswith("error: 1 non-finite losses"), lines[-5:]
+    assert errors[0] == len(lines) - 1, f"printed after the error line: {lines[errors[0] + 1:]}"
+
+
+# -- bad records -------------------------------------------------------------------------------------------------
+
+def broken_audiocap(env, tmp_path):
+    """A hard-linked copy of the toy data whose audiocap.json record 1 has no caption and whose record 4's audio
+    (and its cached feature) is gone; files are replaced, never edited in place (the links share the originals)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env.data, data, copy_function=os.link)
+    path = data / "T_X_pair_data" / "audiocap" / "audiocap.json"
+    records = json.loads(path.read_text())
+    del records[1]["caption"]
+    path.unlink()
+    path.write_text(json.dumps(records))
+    (data / "T_X_pair_data" / "audiocap" / "audios" / records[4]["audio_name"]).unlink()
+    (data / "features" / f"{records[4]['audio_name']}.npy").unlink()
+    return data, path, [f"data.root={data}", f"data.embed_dir={data / 'embed'}",
+                        f"data.feature_dir={data / 'features'}"]
+
+
+def test_bad_records_fail_in_one_line_naming_the_first(env, tmp_path, capsys):
+    _, path, sets = broken_audiocap(env, tmp_path)
+    run(env, "stage_1", tmp_path / "out", *repeated("stage_1"), *sets, expect=2)
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: data validation failed: {path} record 1: missing field 'caption' (+1 more; "
+                           "run code/validate_data.py --config "), last
+    assert not (tmp_path / "out" / "done.json").exists()
+
+
+def test_skip_bad_records_counts_and_leaves_them_out(env, tmp_path, capsys):
+    _, path, sets = broken_audiocap(env, tmp_path)
+    out = run(env, "stage_1", tmp_path / "out", *repeated("stage_1"), *sets, "data.skip_bad_records=true",
+              "train.micro_batch_size=10", "train.max_steps=2", "train.save_every=0")
+    log = (out / "train.log").read_text()
+    assert f"skipping 2 bad record(s) in audiocap_enc (data.skip_bad_records; 12 records): {path} record 1: " \
+           "missing field 'caption'" in log
+    assert "data: audiocap_enc 10 samples" in log        # both records left out of training, the other 10 kept
+    assert json.loads((out / "done.json").read_text())["step"] == 2
+    # a problem that is not one record's (a dataset that does not exist) still fails
+    run(env, "stage_1", tmp_path / "out2", *repeated("stage_1"), *sets, "data.skip_bad_records=true",
+        "data.datasets=[audiocap_enc,nope]", expect=2)
+    assert "nope" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 # -- configuration errors (before any model is built) -----------------------------------------------------------
 
 def test_fp16_json_on_cpu_is_a_clear_error(env, tmp_path, capsys):
