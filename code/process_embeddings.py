@@ -12,9 +12,10 @@ loaded): image/video (77, D) CLIP last hidden state, audio (D,) CLAP text_embeds
 nextgpt/data/embeddings.py. The caption embedded is the NORMALISED caption (readers.normalize_caption), the same
 string the model is trained to write. Any JSON format of the data readers works (pair, generation, t2x,
 instruction_tuning, MosIT). Items are `<out_dir>/<media file name>.npy`; finished items (complete .npy of the
-right shape, checked by exact name) are skipped, so a rerun does nothing and a killed run resumes; each file is
-written atomically. `--all` covers every catalog dataset whose file exists under cfg.data.root (the config's own
-data.datasets must exist), so one call prepares stage 2 and stage 3.
+right shape, checked by exact name) are skipped, so a rerun does nothing and a killed run resumes (removing the
+temporary files it left); each file is written atomically, a batch at a time on a background thread. `--all`
+covers every catalog dataset whose file exists under cfg.data.root (the config's own data.datasets must exist), so
+one call prepares stage 2 and stage 3.
 """
 
 from __future__ import annotations
@@ -114,14 +115,6 @@ def _catalog_samples(cfg, names: list[str] | None, log) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Caption embeddings
 
-def _clean_temp_files(out_dir: Path, names: set[str]) -> None:
-    """Remove temporary files a killed atomic write left for items we are about to write."""
-    for p in out_dir.glob(".*.tmp"):
-        inner = p.name[1:-len(".tmp")].rsplit(".", 1)[0]      # ".<name>.npy.<random>.tmp" -> "<name>.npy"
-        if inner.endswith(".npy") and inner[: -len(".npy")] in names:
-            p.unlink(missing_ok=True)
-
-
 def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str | Path, decoder_dir: str | Path,
                              batch_size: int = 128, fp16: bool = False, device: str | None = None,
                              overwrite: bool = False, log=print) -> dict[str, int]:
@@ -130,8 +123,7 @@ def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str 
     from tqdm import tqdm
 
     from nextgpt.data import embeddings as emb
-    from nextgpt.embed_cache import item_path
-    from nextgpt.io import atomic_save_npy
+    from nextgpt.embed_cache import ItemWriter, item_path, remove_stale_temps
 
     out_dir, decoder_dir = Path(out_dir), Path(decoder_dir)
     shape = emb.stored_shape(modality, decoder_dir)          # JSON configs only: no model load for a no-op rerun
@@ -144,19 +136,16 @@ def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str 
         log(f"note: {out_dir}: existing {modality} embeddings came from {old.encoder}; items of the right shape are "
             "kept (--overwrite recomputes them)")
     todo = [n for n in items if overwrite or emb.check_npy(item_path(out_dir, n), shape) is not None]
-    _clean_temp_files(out_dir, set(todo))
+    remove_stale_temps(out_dir, items)                       # what a killed run left for these items
     if todo:
         encoder = emb.CaptionEncoder(modality, decoder_dir, device=device)
-        with tqdm(total=len(todo), desc=f"{modality} caption embeddings", unit="caption") as bar:
+        # Each batch is written (temp files, one fsync pass, renames, one folder fsync) on the writer's thread
+        # while the next batch is encoded; an error there stops the run at the next batch, naming the file.
+        with tqdm(total=len(todo), desc=f"{modality} caption embeddings", unit="caption") as bar, \
+                ItemWriter(out_dir, dtype) as writer:
             for start in range(0, len(todo), batch_size):
                 names = todo[start:start + batch_size]
-                arrays = encoder.encode([items[n] for n in names])          # (B, *shape) float32
-                for name, array in zip(names, arrays):
-                    path = item_path(out_dir, name)
-                    try:
-                        atomic_save_npy(path, array.astype(dtype))
-                    except OSError as e:
-                        raise OSError(f"{path}: write failed ({e.strerror or e})") from None
+                writer.put(names, encoder.encode([items[n] for n in names]))      # (B, *shape) float32
                 bar.update(len(names))
     sections = emb.read_manifest(out_dir)                    # re-read: another modality may have been written
     sections[modality] = emb.Section(encoder=encoder_id, shape=list(shape), dtype=dtype,

@@ -499,6 +499,67 @@ def test_truncated_signal_block_is_skipped_with_one_warning(tiny_env):
     assert len(warnings) == 1 and "f.json record 0" in warnings[0] and dataset.skipped == {0}
 
 
+def test_skips_are_summarised_once_per_dataset(tiny_env):
+    """48 records that cannot fit: no per-record lines, one error with the count and the first record; a few that
+    cannot fit among good ones: one warning line at the first skip, one count line per pass."""
+    pytest.importorskip("nextgpt.data.conversation")
+    from nextgpt.data.dataset import NextGPTDataset
+    from nextgpt.tokens import load_tokenizer
+
+    cfg = tiny_env.config("stage_2")
+    tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))
+
+    def sample(i: int, words: int) -> Sample:
+        return Sample("d", "f.json", i, [Turn("human", "a red circle " * words),
+                                         Turn("gpt", "a red circle " * words, "image")],
+                      targets=[Target("image", f"{i}.npy", "c")])
+
+    warnings: list[str] = []
+    hopeless = NextGPTDataset("d", [sample(i, 1) for i in range(48)], tokenizer, token_ids, max_length=12,
+                              log=warnings.append)
+    with pytest.raises(ValueError) as error:
+        hopeless[0]
+    message = str(error.value)
+    assert "no sample can be encoded within max_length 12" in message and "48 of 48 skipped" in message
+    assert "first: f.json record 0" in message and "signal block" in message
+    assert warnings == []
+
+    samples = [sample(i, 40 if i % 4 == 0 else 1) for i in range(40)]          # 10 of 40 too long
+    mixed = NextGPTDataset("d", samples, tokenizer, token_ids, max_length=64, log=warnings.append)
+    for epoch in range(2):
+        for i in range(len(mixed)):
+            assert mixed[i].sample.index % 4 != 0
+    assert mixed.skipped == set(range(0, 40, 4))
+    assert len(warnings) == 2, warnings
+    assert "1 sample(s) skipped so far, first: f.json record 0" in warnings[0] and "counted" in warnings[0]
+    assert "10 of 40 samples skipped so far (first: f.json record 0" in warnings[1]
+
+
+def test_lengths_are_the_encoded_token_counts(tiny_env):
+    """`lengths` (length grouping) equals len(encode(...).input_ids) for every toy dataset of stages 1-3, capped
+    at max_length, from one batched tokenizer call."""
+    pytest.importorskip("nextgpt.data.conversation")
+    from nextgpt.data.conversation import encode
+    from nextgpt.data.dataset import NextGPTDataset, build_datasets
+    from nextgpt.tokens import load_tokenizer
+
+    for stage in ("stage_1", "stage_2", "stage_3"):
+        cfg = tiny_env.config(stage)
+        tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))
+        for name, dataset in build_datasets(cfg, tokenizer, token_ids, catalog.names(cfg) if stage == "stage_3"
+                                            else None).items():
+            true = [len(encode(s, tokenizer, token_ids, 10_000).input_ids) for s in dataset.samples]
+            assert dataset.lengths == [min(n, cfg.model.max_length) for n in true], (stage, name)
+    long = Sample("d", "f.json", 0, [Turn("human", "a red circle " * 40), Turn("gpt", "a blue square " * 40)])
+    capped = NextGPTDataset("d", [long], tokenizer, token_ids, max_length=32)
+    assert capped.lengths == [32] and len(encode(long, tokenizer, token_ids, 10_000).input_ids) > 100
+    whole = build_datasets(cfg, tokenizer, token_ids, ["alpaca_instruction"])["alpaca_instruction"]
+    assert len(whole.lengths) == len(whole)                 # tokenised before the split: split() slices them
+    for part in whole.split(0.25, seed=0):
+        assert part.lengths == [len(encode(s, tokenizer, token_ids, cfg.model.max_length).input_ids)
+                                for s in part.samples]
+
+
 def test_loader_batches_a_stage_2_mixture(tiny_env):
     pytest.importorskip("nextgpt.data.conversation")
     from nextgpt.data.dataset import build_loader

@@ -436,6 +436,26 @@ def test_feature_cache_resumes_after_a_kill(tmp_path, media, tiny_checkpoint, mo
     assert all(np.load(p).shape == (16,) for p in out.glob("*.npy"))
 
 
+def test_feature_cache_removes_temp_files_of_a_killed_run(tmp_path, media, tiny_checkpoint):
+    """A SIGKILL during an atomic write leaves `.<name>.npy.<random>.tmp`; the next run removes those of its items
+    (also when every item is already done), but not another run's."""
+    out = tmp_path / "features"
+    items = [(p.name, p) for p in media["image"]]
+    out.mkdir()
+    stale = out / f".{items[0][0]}.npy.k1ll3d.tmp"
+    stale.write_bytes(b"partial")
+    foreign = out / ".someone_else.jpg.npy.abc.tmp"
+    foreign.write_bytes(b"in flight")
+    assert write_feature_cache(items, "image", out, tiny_checkpoint, "tiny", batch_size=2) == dict(written=3,
+                                                                                                   skipped=0)
+    assert not stale.exists() and foreign.exists()
+    stale.write_bytes(b"partial")
+    assert write_feature_cache(items, "image", out, tiny_checkpoint, "tiny") == dict(written=0, skipped=3)
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p != foreign) == sorted(
+        [f"{name}.npy" for name, _ in items] + ["manifest.json"])
+
+
 def test_feature_cache_names_the_bad_medium(tmp_path, media, tiny_checkpoint):
     text = tmp_path / "notes.mp4"
     text.write_text("not a video\n")

@@ -130,16 +130,65 @@ def test_rerun_does_nothing_and_killed_run_resumes(tiny_env, pipelines, tmp_path
 def test_write_error_stops_the_run_naming_the_file(tiny_env, pipelines, tmp_path, monkeypatch, capsys):
     import nextgpt.io
 
-    def full_disk(path, array):
+    def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(nextgpt.io, "atomic_save_npy", full_disk)
+    monkeypatch.setattr(nextgpt.io.os, "fsync", full_disk)          # the batch's fsync pass, on the writer thread
     json_path = tiny_env.data / "T_X_pair_data" / "cc3m" / "cc3m.json"
     first = json.loads(json_path.read_text())[0]["image_name"]
     rc = process_embeddings.main([str(json_path), "image", str(tmp_path / "e"), "--decoder", str(pipelines["image"])])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # minus tqdm's bar
     assert rc == 1 and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("error: ") and f"{first}.npy" in err[0] and "No space left" in err[0]
+    assert not list((tmp_path / "e").glob("*.npy")) and not list((tmp_path / "e").glob(".*.tmp"))
+
+
+def test_batch_writer_is_atomic_and_overlaps(tmp_path, monkeypatch):
+    """ItemWriter: every item of a batch appears complete or not at all, temps never stay, errors name the file."""
+    import threading
+
+    import nextgpt.io
+    from nextgpt.embed_cache import ItemWriter, item_path, remove_stale_temps
+
+    arrays = np.arange(3 * 4, dtype=np.float64).reshape(3, 4)
+    with ItemWriter(tmp_path, "float16") as writer:
+        writer.put(["a.jpg", "b.jpg", "c.jpg"], arrays)
+        arrays[:] = -1                                   # the writer copied the batch
+    for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        stored = np.load(item_path(tmp_path, name))
+        assert stored.dtype == np.float16 and stored.tolist() == list(range(4 * i, 4 * i + 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg.npy", "b.jpg.npy", "c.jpg.npy"]
+
+    # The files are written on another thread than the caller's.
+    threads = set()
+    real_fsync = nextgpt.io.os.fsync
+    monkeypatch.setattr(nextgpt.io.os, "fsync", lambda fd: (threads.add(threading.get_ident()), real_fsync(fd)))
+    with ItemWriter(tmp_path / "t", "float32") as writer:
+        writer.put(["x.wav"], np.zeros((1, 2)))
+    assert threads and threading.get_ident() not in threads
+
+    # A rename failing midway: the renamed items are complete, the rest absent, no temp file left, error names it.
+    real_replace = nextgpt.io.os.replace
+
+    def fail_second(src, dst):
+        if str(dst).endswith("e.jpg.npy"):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(nextgpt.io.os, "replace", fail_second)
+    writer = ItemWriter(tmp_path / "f", "float32")
+    writer.put(["d.jpg", "e.jpg", "f.jpg"], np.ones((3, 2)))
+    with pytest.raises(OSError, match=r"e\.jpg\.npy: write failed \(Input/output error\)"):
+        writer.close()
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["d.jpg.npy"]
+    monkeypatch.undo()
+
+    # remove_stale_temps removes what a killed writer left for the run's items (and the manifest), nothing else.
+    (tmp_path / ".a.jpg.npy.k1ll3d.tmp").write_bytes(b"partial")
+    (tmp_path / ".manifest.json.x1.tmp").write_bytes(b"{")
+    (tmp_path / ".other.jpg.npy.x2.tmp").write_bytes(b"someone else's")
+    assert remove_stale_temps(tmp_path, ["a.jpg", "b.jpg"]) == 2
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [".other.jpg.npy.x2.tmp"]
 
 
 @pytest.mark.parametrize("argv,message", [

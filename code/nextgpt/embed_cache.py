@@ -3,17 +3,25 @@
 Used for caption embeddings (process_embeddings.py; stage 2/3 targets) and ImageBind features (--features;
 stage-1 cache). Items already present and valid are skipped, so a rerun after a kill finishes the job; every
 file is written atomically, so a kill never leaves a truncated `.npy` behind that a later run would accept.
+
+Writing: `ItemWriter` writes each computed batch on a background thread (nextgpt.io.atomic_write_files: temp
+files, one fsync pass, renames, one folder fsync per batch), so file I/O overlaps the next batch's compute.
+A kill leaves at most some `.<name>.npy.<random>.tmp` files; `remove_stale_temps` (run by both writers at start,
+for the items of the run) deletes them.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from nextgpt.io import atomic_save_npy, atomic_write_text
+from nextgpt.io import atomic_save_npy, atomic_write_files, atomic_write_text, npy_bytes
 
 MANIFEST = "manifest.json"
 
@@ -30,6 +38,87 @@ class Manifest:
 def item_path(cache_dir: str | Path, name: str) -> Path:
     """Cache file of a media file name, e.g. 001312382.jpg -> <dir>/001312382.jpg.npy."""
     return Path(cache_dir) / f"{Path(name).name}.npy"
+
+
+def remove_stale_temps(cache_dir: str | Path, names: Iterable[str]) -> int:
+    """Delete the temporary files a killed atomic write left for the items `names` (and for the manifest):
+    `.<name>.npy.<random>.tmp`, the names nextgpt.io gives them. Temps of other items are left alone, so a
+    concurrent run writing other items into the same folder is not disturbed. -> number removed."""
+    targets = {item_path(cache_dir, n).name for n in names} | {MANIFEST}
+    removed = 0
+    for path in Path(cache_dir).glob(".*.tmp"):
+        target = path.name[1:-len(".tmp")].rpartition(".")[0]        # ".<target>.<random>.tmp" -> "<target>"
+        if target in targets and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class ItemWriter:
+    """Writes batches of items `<dir>/<name>.npy` on one background thread, a batch at a time.
+
+        with ItemWriter(cache_dir, "float32") as writer:
+            for names, arrays in batches:          # arrays: (B, *shape)
+                writer.put(names, arrays)           # returns at once unless `depth` batches are still queued
+
+    A write error (e.g. a full disk) is raised by the next put() or by leaving the block, as OSError naming the
+    file. Leaving the block, even by an exception (Ctrl-C), first finishes the batches already handed over, so a
+    killed run loses only the batch being computed.
+    """
+
+    def __init__(self, cache_dir: str | Path, dtype: str, depth: int = 2):
+        self.dir, self.dtype = Path(cache_dir), dtype
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: str | None = None           # the first write error, raised in the caller's thread
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="embed-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is not None:          # drop what follows a failed batch; put/close raise the error
+                continue
+            try:
+                atomic_write_files([(item_path(self.dir, name), npy_bytes(array)) for name, array in batch])
+                self.written += len(batch)
+            except OSError as e:
+                self._error = f"{e.filename}: write failed ({e.strerror or e})"
+            except BaseException as e:          # noqa: BLE001 - reported to the caller's thread
+                self._error = f"{self.dir}: write failed ({type(e).__name__}: {e})"
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise OSError(self._error)
+
+    def put(self, names: Sequence[str], arrays) -> None:
+        """Queue one batch; `arrays[i]` is stored as `<dir>/<names[i]>.npy` in this writer's dtype (copied now,
+        so the caller may reuse its buffers)."""
+        self._raise()
+        batch = [(name, np.array(array, dtype=self.dtype)) for name, array in zip(names, arrays, strict=True)]
+        if batch:
+            self._queue.put(batch)
+
+    def close(self) -> None:
+        """Wait until every queued batch is on disk; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> "ItemWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except OSError:
+                pass                             # the exception already leaving the block wins
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest | None:
@@ -65,7 +154,9 @@ def is_valid(path: Path, shape: tuple[int, ...]) -> bool:
 
 
 class EmbedCache:
-    """Write side: `todo(names)` -> names still to compute; `put(name, array)`; `close()` writes the manifest."""
+    """Write side: `todo(names)` -> names still to compute (and removes their stale temp files);
+    `put(name, array)` writes one item now; `put_batch(names, arrays)` hands a batch to the background
+    ItemWriter; `close()` waits for the writer and writes the manifest."""
 
     def __init__(self, cache_dir: str | Path, kind: str, encoder: str, shape: tuple[int, ...], dtype: str):
         self.dir = Path(cache_dir)
@@ -75,10 +166,28 @@ class EmbedCache:
         if old is not None and (old.kind, old.shape) != (kind, list(shape)):
             raise ValueError(f"{self.dir}: holds {old.kind} of shape {old.shape} from {old.encoder}; refusing to "
                              f"mix in {kind} of shape {list(shape)} (use another folder)")
+        self._writer: ItemWriter | None = None
 
     def todo(self, names: list[str]) -> list[str]:
         shape = tuple(self.manifest.shape)
+        remove_stale_temps(self.dir, names)
         return [n for n in dict.fromkeys(names) if not is_valid(item_path(self.dir, n), shape)]
+
+    def put_batch(self, names: Sequence[str], arrays) -> None:
+        """Queue a batch (arrays (B, *shape)) for the background writer; returns while it is written."""
+        for name, array in zip(names, arrays, strict=True):
+            if tuple(array.shape) != tuple(self.manifest.shape):
+                raise ValueError(f"{name}: computed shape {tuple(array.shape)}, expected "
+                                 f"{tuple(self.manifest.shape)}")
+        if self._writer is None:
+            self._writer = ItemWriter(self.dir, self.manifest.dtype)
+        self._writer.put(names, arrays)
+
+    def flush(self) -> None:
+        """Wait for the background writer (raising its error); a no-op when nothing was queued."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def put(self, name: str, array: np.ndarray) -> None:
         if tuple(array.shape) != tuple(self.manifest.shape):
@@ -90,6 +199,7 @@ class EmbedCache:
             raise OSError(f"{path}: write failed ({e.strerror or e})") from None
 
     def close(self) -> Manifest:
+        self.flush()
         self.manifest.count = sum(1 for p in self.dir.glob("*.npy") if not p.name.startswith("."))
         atomic_write_text(self.dir / MANIFEST, json.dumps(asdict(self.manifest), indent=2) + "\n")
         return self.manifest

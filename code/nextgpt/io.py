@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -46,14 +46,61 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write several files atomically with one durability pass (a batch of cache items).
+
+    Every file goes to a temporary sibling `.<name>.<random>.tmp` (the names atomic_write_bytes uses, so the same
+    stale-temp cleanup applies), then all are fsynced, renamed over their targets, and each folder is fsynced
+    once. After a kill each target is absent, old or complete, never partial; per item this saves the folder
+    fsync and lets the kernel flush the batch's data together. A failure removes the temporary files not yet
+    renamed and raises OSError whose `filename` is the target being written.
+    """
+    pending: list[tuple[str, Path]] = []          # (temporary file, target) not yet renamed
+    folders: dict[Path, None] = {}
+    current: Path | None = None
+    try:
+        for current, data in ((Path(t), d) for t, d in files):
+            if current.parent not in folders:
+                current.parent.mkdir(parents=True, exist_ok=True)
+                folders[current.parent] = None
+            fd, tmp = tempfile.mkstemp(dir=current.parent, prefix=f".{current.name}.", suffix=".tmp")
+            pending.append((tmp, current))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for tmp, current in pending:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        while pending:
+            current = pending[0][1]
+            os.replace(*pending[0])
+            pending.pop(0)
+    except OSError as e:
+        e.filename = str(current) if current is not None else e.filename    # name the target, not the temp
+        raise
+    finally:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file (no pickled objects)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, npy_bytes(array))
 
 
 def publish_dir(tmp: Path, path: Path) -> None:

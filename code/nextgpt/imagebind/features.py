@@ -1,8 +1,9 @@
 """The stage-1 feature cache: `<out_dir>/<media file name>.npy` (out_dim,) float32 per medium + manifest.json.
 
 Stage 1 reads these instead of running ImageBind. Items already present and valid are skipped and the encoder is
-not even loaded when nothing is left to do; each batch is written (atomically, through EmbedCache) as soon as it
-is encoded, so a killed run loses at most one batch and a rerun finishes the job.
+not even loaded when nothing is left to do; each batch is written (atomically, through EmbedCache's background
+writer, while the next batch is encoded) as soon as it is encoded, so a killed run loses at most one batch, and
+a rerun removes the temporary files the kill left (EmbedCache.todo) and finishes the job.
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
     written = 0
     with tqdm(total=len(todo), desc=f"ImageBind {modality} features", unit=modality) as bar:
         batches = encoder.iter_encode([paths[name] for name in todo], modality, batch_size=batch_size)
-        for start, vectors in zip(range(0, len(todo), batch_size), batches):
-            for name, vector in zip(todo[start:start + batch_size], vectors.numpy()):
-                cache.put(name, vector)
-                written += 1
-            bar.update(len(vectors))
+        try:
+            for start, vectors in zip(range(0, len(todo), batch_size), batches):
+                names = todo[start:start + batch_size]
+                cache.put_batch(names, vectors.numpy())       # written on the cache's thread meanwhile
+                written += len(names)
+                bar.update(len(vectors))
+        finally:
+            cache.flush()             # also on Ctrl-C: the batches already encoded reach the disk
     cache.close()
     return dict(written=written, skipped=skipped)
