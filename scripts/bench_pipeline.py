@@ -289,7 +289,7 @@ def padding_stage(env, work: Path, stage: int, args) -> list[dict]:
     with quiet(work / "build.log"):
         datasets = build_datasets(cfg, tokenizer, token_ids)
     parts = list(datasets.values())
-    # True token lengths from the real template; the sampler groups by its cheap word-count estimate.
+    # True token lengths from the real template, and the lengths the sampler groups by (dataset.lengths).
     true = [np.array([len(d[i].input_ids) for i in range(len(d))]) for d in parts]
     estimate = [np.asarray(d.lengths) for d in parts]
     variants = [(data_source(args, stage), true, estimate)]
@@ -372,7 +372,7 @@ def run(args) -> dict:
                  r["none"], r["group_by_length"], r["true_length"],
                  f">= {PADDING_TARGET} {verdict(r['group_by_length'], PADDING_TARGET, True)}"] for r in padding]
         print_table("Padding efficiency: real / padded tokens over one epoch of the stage mixture (group_by_length: "
-                    "the sampler's word-count estimate; true lengths: grouping by token count)",
+                    "the dataset's token lengths, as the sampler uses them; true lengths: grouping by token count)",
                     ["stage", "data", "mixture", "B", "batches", "mean tokens", "no grouping", "group_by_length",
                      "true lengths", "target"], rows)
     result = {"machine": machine(), "device": str(device), "dtype": str(dtype), "model": args.model,
