@@ -215,3 +215,16 @@ def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: 
         if log_path:
             out.close()
     return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def run_cli(parser, run: Callable[[Any], Any], argv: Sequence[str]) -> int:
+    """The main() of every bench script: parse, run, and turn a known failure into one `error:` line (exit 2)."""
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:  # BenchError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (REPO, SAMPLES, BenchError, machine, machine_line, median, print_table,  # noqa: E402
+from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,  # noqa: E402
                           quiet, resolve_device, set_threads, timed, verdict, write_json, workspace)
 
 OVERHEAD_TARGET = 1.10
@@ -414,14 +414,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (BenchError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (REPO, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,  # noqa: E402
+from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,  # noqa: E402
                           set_threads, write_json, workspace)
 
 MID_PRESET_NAME = "bench_mid"
@@ -180,14 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return child(argv[1:])
-    args = parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run(args)
-    except (BenchError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":
