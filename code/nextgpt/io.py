@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,17 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: str | os.PathLike, missing: str = "missing"):
+    """Parse a JSON file; a missing or malformed file raises one line naming it ("<path>: <missing>")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

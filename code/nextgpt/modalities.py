@@ -4,9 +4,10 @@ precompute, decoding) is driven by these rows; no code path is written once per 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from nextgpt.io import read_json
 
 # Wrapper tokens around the one soft token of an input medium. The original uses <Img>...</Img> for images,
 # videos and audio alike (its <Vid>/<Aud> variants are commented out); we keep that so released deltas load.
@@ -88,12 +89,7 @@ def conditioning_shape(modality: str, decoder_dir: str | Path) -> tuple[int, int
     m = get(modality)
     root = Path(decoder_dir)
     cfg_path = root / "text_encoder" / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{cfg_path}: missing (the {modality} decoder folder is incomplete)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, f"missing (the {modality} decoder folder is incomplete)")
     if m.pooled:
         dim = cfg.get("projection_dim") or cfg.get("text_config", {}).get("projection_dim")
         if not dim:
@@ -103,7 +99,7 @@ def conditioning_shape(modality: str, decoder_dir: str | Path) -> tuple[int, int
     tokens = cfg.get("max_position_embeddings", 77)
     tok_cfg = root / "tokenizer" / "tokenizer_config.json"
     if tok_cfg.exists():
-        tokens = int(json.loads(tok_cfg.read_text()).get("model_max_length", tokens))
+        tokens = int(read_json(tok_cfg).get("model_max_length", tokens))
     if not dim:
         raise ValueError(f"{cfg_path}: no hidden_size for the {modality} conditioning")
     return int(tokens), int(dim)

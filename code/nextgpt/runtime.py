@@ -6,7 +6,6 @@ Nothing happens at import; deepspeed is imported inside the functions that need 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from nextgpt.io import read_json
 
 # Variables every process of a torch.distributed job needs (a launcher sets them; a plain `python` run does not).
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -224,12 +225,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: Any, world_size: int, total_steps: i
 def load_ds_config(path: str | os.PathLike, cfg: Any, world_size: int) -> dict[str, Any]:
     """Read the JSON and fill everything except the step count (known once the data is built)."""
     path = Path(path)
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: DeepSpeed config not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    ds = read_json(path, "DeepSpeed config not found")
     if not isinstance(ds, dict):
         raise ValueError(f"{path}: top level must be an object")
     return fill_ds_config(ds, cfg, world_size, None, path)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextgpt.io import atomic_write_text
+from nextgpt.io import atomic_write_text, read_json
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
 MANIFEST = "manifest.json"
@@ -114,12 +114,7 @@ def _component_class(decoder_dir: Path, component: str):
     import transformers
 
     index_path = decoder_dir / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{index_path}: missing (not a diffusers pipeline folder)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
+    index = read_json(index_path, "missing (not a diffusers pipeline folder)")
     entry = index.get(component)
     if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers"):
         raise ValueError(f"{index_path}: no transformers class for {component!r} (found {entry!r})")
