@@ -1,5 +1,5 @@
-"""ImageBind's input preprocessing (reference §5.1), decoded with PIL / soundfile / PyAV, resampled with
-scipy, transformed in torch.
+"""ImageBind's input preprocessing (reference §5.1), decoded with PIL / soundfile / PyAV, resampled and
+transformed in torch.
 
     load_image(path) -> (3, 224, 224)          RGB, bicubic short side 224, centre crop, CLIP mean/std
     load_audio(path) -> (3, 1, 128, 204)       16 kHz, 3 clips of 2 s, Kaldi fbank (128 mel), (x + 4.268) / 9.138
@@ -172,10 +172,12 @@ def kaldi_fbank(waveform: torch.Tensor, sample_rate: int = AUDIO_SAMPLE_RATE, nu
     return energies.clamp(min=torch.finfo(torch.float32).eps).log()
 
 
-def waveform_to_melspec(clip: torch.Tensor, target_frames: int = AUDIO_FRAMES) -> torch.Tensor:
-    """A 16 kHz clip (samples,) -> (1, 128, target_frames): mean removed, fbank, transposed, zero-padded/cropped.
-    Not yet normalised (this is the fixture's `audio_clip16k_melspec`)."""
-    clip = clip - clip.mean()
+def waveform_to_melspec(clip: torch.Tensor, target_frames: int = AUDIO_FRAMES, remove_mean: bool = True
+                        ) -> torch.Tensor:
+    """A 16 kHz clip (samples,) -> (1, 128, target_frames): mean removed (unless the caller did), fbank,
+    transposed, zero-padded/cropped. Not yet normalised (this is the fixture's `audio_clip16k_melspec`)."""
+    if remove_mean:
+        clip = clip - clip.mean()
     spec = kaldi_fbank(clip).transpose(0, 1)                                    # (128, frames)
     missing = target_frames - spec.shape[1]
     spec = F.pad(spec, (0, missing)) if missing > 0 else spec[:, :target_frames]
@@ -245,48 +247,80 @@ def _decode_audio_av(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sample_rate)
 
 
-def resample(samples: np.ndarray, sample_rate: int, target_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """(samples,) -> (ceil(samples * target / rate),) float32 with scipy's polyphase resampler.
+def _sinc_resample_kernel(orig: int, new: int, dtype: torch.dtype, zero_crossings: int = 6,
+                          rolloff: float = 0.99) -> tuple[torch.Tensor, int]:
+    """torchaudio.functional.resample's default kernel (sinc_interp_hann), (new, 1, 2 * width + orig).
 
-    The filter is the one torchaudio.functional.resample uses by default (the original's resampler): a sinc
-    low-pass at 0.99 x the lower Nyquist frequency, Hann-windowed over 6 zero crossings. With it the whole audio
-    pipeline matches the original within 1e-4 (soxr / scipy's own filters differ by up to ~0.7 in the top mel
-    bins, where their sharper cut-offs keep energy torchaudio's filter removes).
+    `orig` / `new` are the rates divided by their gcd. Built in `dtype` as torchaudio builds it in the waveform's
+    dtype (float32 for audio files): building it in float64 instead moves outputs by ~1e-7, which the log of
+    near-silent mel bins magnifies past 1e-5.
     """
-    if sample_rate == target_rate:
-        return samples
-    from scipy.signal import resample_poly
+    cutoff = min(orig, new) * rolloff                                   # cycles per (1 / gcd) s
+    width = math.ceil(zero_crossings * orig / cutoff)
+    index = torch.arange(-width, width + orig, dtype=dtype)[None, None] / orig          # (1, 1, taps)
+    phase = torch.arange(0, -new, -1, dtype=dtype)[:, None, None] / new + index      # (new, 1, taps)
+    phase *= cutoff
+    phase = phase.clamp_(-zero_crossings, zero_crossings)
+    window = torch.cos(phase * math.pi / zero_crossings / 2) ** 2
+    phase *= math.pi
+    kernel = torch.where(phase == 0, torch.tensor(1.0).to(phase), phase.sin() / phase)
+    kernel *= window * (cutoff / orig)
+    return kernel, width
 
-    divisor = math.gcd(sample_rate, target_rate)
-    down, up = sample_rate // divisor, target_rate // divisor
-    cutoff = min(down, up) * 0.99                       # cycles per (1 / divisor) s
-    zero_crossings = 6
-    # Filter taps on the up-sampled grid (spacing 1 / (up * down) in those units), centred on 0.
-    half = math.floor(zero_crossings * up * down / cutoff)
-    phase = np.clip(cutoff * np.arange(-half, half + 1) / (up * down), -zero_crossings, zero_crossings)
-    taps = np.sinc(phase) * np.cos(phase * np.pi / zero_crossings / 2) ** 2 * cutoff / down
-    # resample_poly multiplies the taps by `up` (zero-stuffing gain); torchaudio's gain is cutoff / down.
-    return resample_poly(samples.astype(np.float64), up, down, window=taps / up).astype(np.float32)
+
+def resample(waveform, sample_rate: int, target_rate: int = AUDIO_SAMPLE_RATE):
+    """(..., samples) -> (..., ceil(samples * target / rate)) in the input's dtype, every channel.
+
+    The arithmetic of torchaudio.functional.resample with its defaults (the original's resampler: a sinc low-pass
+    at 0.99 x the lower Nyquist frequency, Hann-windowed over 6 zero crossings, one polyphase conv1d). Written
+    here in torch because torchaudio does not import beside torch 2.13 (ENVIRONMENT_NOTES.md), and no generic
+    resampler (soxr, scipy's filters) reproduces its numbers: with it the audio pipeline equals the original's on
+    every case of reference/imagebind_audio_resample_fixture.safetensors (measured max difference 0.0).
+    A numpy array in gives a numpy array out.
+    """
+    if isinstance(waveform, np.ndarray):
+        return resample(torch.from_numpy(waveform), sample_rate, target_rate).numpy()
+    if sample_rate == target_rate:
+        return waveform
+    divisor = math.gcd(int(sample_rate), int(target_rate))
+    orig, new = int(sample_rate) // divisor, int(target_rate) // divisor
+    kernel, width = _sinc_resample_kernel(orig, new, waveform.dtype)
+    shape = waveform.shape
+    rows = waveform.reshape(-1, shape[-1])                                          # (channels, n)
+    length = rows.shape[1]
+    padded = F.pad(rows, (width, width + orig))
+    # (channels, 1, n') * (new, 1, taps) with stride orig -> (channels, new, n / orig): phase-major, interleave
+    out = F.conv1d(padded[:, None], kernel, stride=orig).transpose(1, 2).reshape(rows.shape[0], -1)
+    target_length = math.ceil(new * length / orig)
+    return out[:, :target_length].reshape(shape[:-1] + (target_length,))
 
 
 def audio_transform(waveform: torch.Tensor) -> torch.Tensor:
-    """16 kHz mono waveform (samples,) -> (3, 1, 128, 204) normalised clips."""
-    duration = waveform.shape[0] / AUDIO_SAMPLE_RATE
+    """16 kHz waveform (samples,) or (channels, samples) -> (3, 1, 128, 204) normalised clips.
+
+    As the original's waveform2melspec: each clip is a VIEW of the whole waveform and its mean (over all
+    channels) is removed IN PLACE, so the shift lands in the waveform and later, overlapping clips see it
+    (reference §5.1). The fbank then uses channel 0. The caller's tensor is not modified (we work on a copy).
+    """
+    waveform = waveform.clone() if waveform.ndim == 2 else waveform[None].clone()    # (channels, samples)
+    duration = waveform.shape[1] / AUDIO_SAMPLE_RATE
     clips = []
     for start, end in clip_spans(duration, AUDIO_CLIP_SECONDS, AUDIO_CLIPS):
-        clip = waveform[int(start * AUDIO_SAMPLE_RATE):int(end * AUDIO_SAMPLE_RATE)]
-        spec = waveform_to_melspec(clip)
+        clip = waveform[:, int(start * AUDIO_SAMPLE_RATE):int(end * AUDIO_SAMPLE_RATE)]   # a view
+        clip -= clip.mean()
+        spec = waveform_to_melspec(clip[0], remove_mean=False)
         clips.append(spec.sub(torch.tensor(AUDIO_MEAN)).div(torch.tensor(AUDIO_STD)))
     return torch.stack(clips)
 
 
 def load_audio(path: str | Path) -> torch.Tensor:
-    """Audio file -> (3, 1, 128, 204) float32 (channel 0, resampled to 16 kHz)."""
+    """Audio file -> (3, 1, 128, 204) float32: every channel resampled to 16 kHz, clip means over all channels,
+    fbank of channel 0 (the original's load_and_transform_audio_data)."""
     samples, sample_rate = decode_audio(path)
-    mono = resample(np.ascontiguousarray(samples[:, 0]), sample_rate)
-    if mono.shape[0] < int(AUDIO_SAMPLE_RATE * 0.025):
+    waveform = resample(torch.from_numpy(np.ascontiguousarray(samples.T)), sample_rate)      # (channels, n)
+    if waveform.shape[1] < int(AUDIO_SAMPLE_RATE * 0.025):
         raise MediaError(f"{path}: audio too short ({samples.shape[0] / sample_rate * 1000:.1f} ms, need >= 25 ms)")
-    return audio_transform(torch.from_numpy(mono))
+    return audio_transform(waveform)
 
 
 # ----------------------------------------------------------------------------------------------------------- video
