@@ -8,9 +8,18 @@
     <output_dir>/latest               text: the name of the newest complete checkpoint
     <output_dir>/done.json            written once the run has finished (the Makefile's prerequisite)
 
-A checkpoint is written under `.checkpoint-<step>.tmp` and renamed when complete, so `latest` only ever names a
-complete one. engine.save_checkpoint is collective: every rank writes its ZeRO partition into the same temporary
-folder (a fixed name, not mkdtemp, so all ranks agree on it); rank 0 renames after a barrier.
+A checkpoint is written under `.checkpoint-<step>.<run id>.tmp` and renamed when complete, so `latest` only ever
+names a complete one. engine.save_checkpoint is collective: every rank writes its ZeRO partition into the same
+temporary folder (named from the run id rank 0 broadcast, so all ranks agree on it and no two runs share it); rank 0
+renames after a barrier. Before the rename rank 0 writes state/sha256.json (the sha256 of every state file; meta.json
+holds those of the delta files), so a truncated optimizer or rank state is found before DeepSpeed reads it:
+`--resume auto` falls back to the newest checkpoint that verifies, saying which one was skipped and why.
+
+Resuming checks that the run continues the same training: a changed setting that changes what the steps compute
+(learning rate, schedule, steps, batch, data, what trains; see config_changes) is refused in one line naming it and
+`--allow-config-change`; allowed, the change is recorded in every later checkpoint's meta.json ("config_changes":
+the step and the old -> new values). A checkpoint written by another number of processes is refused in one line
+(its ZeRO optimizer partitions are per process); start a new run from its weights with train.init_from instead.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from nextgpt.io import atomic_write_text, publish_dir
 from nextgpt.runtime import barrier
 
 DS_TAG = "deepspeed"
+STATE_HASHES = "sha256.json"  # state/sha256.json: {"files": {relative path: sha256}}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -51,17 +61,150 @@ def latest(output_dir: str | os.PathLike) -> Path | None:
 
 
 def find_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
-    """--resume auto (the latest checkpoint if any) | none | <checkpoint dir or output dir>."""
+    """--resume auto (the latest checkpoint if any) | none | <checkpoint dir or output dir>; see choose()."""
+    return choose(output_dir, resume)[0]
+
+
+def choose(output_dir: str | os.PathLike, resume: str, verify_files: bool = True) -> tuple[Path | None, list[str]]:
+    """(the checkpoint to resume from or None, notes on checkpoints passed over).
+
+    auto: `latest` if it verifies, else the newest other checkpoint-<N> that does (each one skipped is named in
+    the notes with its problem); nothing verifies -> FileNotFoundError naming the newest problem. An explicit
+    folder must verify itself (ValueError naming the corrupt file)."""
     if resume == "none":
-        return None
-    if resume == "auto":
-        return latest(output_dir)
-    path = Path(resume)
-    if (path / "latest").is_file() and not (path / "state").is_dir():
-        path = latest(path)
-    if path is None or not (path / "state" / DS_TAG).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no state/{DS_TAG} folder)")
-    return path
+        return None, []
+    if resume != "auto":
+        path = Path(resume)
+        if (path / "latest").is_file() and not (path / "state").is_dir():
+            path = latest(path)
+        if path is None or not (path / "state" / DS_TAG).is_dir():
+            raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no state/{DS_TAG} folder)")
+        if verify_files and (problems := verify(path)):
+            raise ValueError(f"--resume {resume}: {problems[0]}" + (f" (+{len(problems) - 1} more)"
+                                                                    if len(problems) > 1 else ""))
+        return path, []
+    output_dir = Path(output_dir)
+    pointer = output_dir / "latest"
+    named = output_dir / pointer.read_text().strip() if pointer.is_file() else None
+    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir()
+                   if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))) if output_dir.is_dir() else []
+    candidates = ([named] if named is not None else []) + [p for _, p in reversed(found) if p != named]
+    notes: list[str] = []
+    for path in candidates:
+        problems = ([f"{path}: has no state/ folder"] if not (path / "state" / DS_TAG).is_dir() else
+                    verify(path) if verify_files else [])
+        if not problems:
+            if notes:
+                notes.append(f"resuming from {path.name} instead (the newest checkpoint that verifies)")
+            return path, notes
+        notes.append(f"skipping {path.name}: {problems[0]}" + (f" (+{len(problems) - 1} more)"
+                                                                if len(problems) > 1 else ""))
+    if notes:
+        raise FileNotFoundError(f"{output_dir}: no checkpoint verifies ({notes[0]}); use --resume none to start "
+                                "over")
+    return None, []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_files(state: Path) -> list[Path]:
+    return sorted(p for p in state.rglob("*") if p.is_file() and p.name != STATE_HASHES)
+
+
+def verify(checkpoint: str | os.PathLike) -> list[str]:
+    """What is wrong with a training checkpoint folder (empty: every file meta.json and state/sha256.json list is
+    present with its sha256). A checkpoint from before state hashes existed verifies its delta files only."""
+    checkpoint = Path(checkpoint)
+    problems = []
+    for listing, folder in ((checkpoint / "meta.json", checkpoint), (checkpoint / "state" / STATE_HASHES,
+                                                                      checkpoint / "state")):
+        if not listing.is_file():
+            if listing.name == "meta.json":
+                problems.append(f"{listing}: missing")
+            continue
+        try:
+            record = json.loads(listing.read_text())
+            files = record["files"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            problems.append(f"{listing}: unreadable ({type(e).__name__})")
+            continue
+        for name, digest in files.items():
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{path}: listed in {listing.name}, missing")
+            elif _sha256(path) != digest:
+                problems.append(f"{path}: sha256 differs from {listing.name} (truncated or corrupt)")
+    return problems
+
+
+def world_size_of(checkpoint: str | os.PathLike) -> int:
+    """How many processes wrote the checkpoint (one state/rank_<r>.pt each)."""
+    return len(list((Path(checkpoint) / "state").glob("rank_*.pt")))
+
+
+def check_world_size(checkpoint: str | os.PathLike, world_size: int) -> None:
+    """Refuse, in one line, to resume on another number of processes than wrote the checkpoint."""
+    saved = world_size_of(checkpoint)
+    if saved != world_size:
+        raise ValueError(f"{checkpoint}: written by {saved} process(es), this run has {world_size}; resuming on "
+                         f"another number of processes is not supported (ZeRO optimizer state is partitioned per "
+                         f"process): rerun with {saved}, or start a new run from its weights with "
+                         f"train.init_from={checkpoint} --resume none")
+
+
+# Settings that do not change what a training step computes: a resumed run may change them freely.
+FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.tensorboard",
+             "train.max_bad_steps", "train.output_dir", "train.init_from", "data.num_workers", "data.validate",
+             "data.root", "data.catalog", "data.embed_dir", "data.feature_dir", "model.llm", "model.imagebind",
+             "model.decoders", "model.gradient_checkpointing", "inference")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that differs between two resolved configs (as dicts) and changes
+    what training computes (FREE_KEYS and keys only one side knows are left out)."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(old) & set(new)):
+        if any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
+            continue
+        if old[key] != new[key]:
+            changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
+
+
+def check_config(checkpoint: str | os.PathLike, current: dict[str, Any], allow: bool) -> list[str]:
+    """The changes against the config the checkpoint was trained with; refused (ValueError) unless `allow`."""
+    import yaml
+
+    path = Path(checkpoint) / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    changes = config_changes(saved, current)
+    if changes and not allow:
+        raise ValueError(f"resuming {checkpoint} with a changed config: {'; '.join(changes[:4])}"
+                         f"{f' (+{len(changes) - 4} more)' if len(changes) > 4 else ''}; pass "
+                         "--allow-config-change to continue with it (recorded in meta.json), or use another "
+                         "train.output_dir / --resume none")
+    return changes
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,12 +245,13 @@ def check_ranks_agree(module: torch.nn.Module, step: int) -> str:
 
 
 def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train_state: dict[str, Any],
-         write_delta: Callable[[Path], None], keep_last: int) -> Path:
+         write_delta: Callable[[Path], None], keep_last: int, run_id: str = "") -> Path:
     """Write checkpoint-<step> atomically (collective: every rank calls it). `write_delta(folder)` runs on rank 0
-    first; `train_state` (step, sampler position, ...) is saved per rank together with the RNG states."""
+    first; `train_state` (step, sampler position, ...) is saved per rank together with the RNG states. `run_id`
+    (the same on every rank) makes the temporary folder's name this run's own."""
     output_dir = Path(output_dir)
     final = checkpoint_path(output_dir, step)
-    tmp = output_dir / f".{final.name}.tmp"
+    tmp = output_dir / (f".{final.name}.{run_id}.tmp" if run_id else f".{final.name}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
         tmp.mkdir(parents=True)
@@ -120,6 +264,9 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
                tmp / "state" / f"rank_{rank}.pt")
     barrier()
     if rank == 0:
+        state = tmp / "state"
+        hashes = {str(p.relative_to(state)): _sha256(p) for p in _state_files(state)}
+        atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
         publish_dir(tmp, final)  # an earlier run that reached the same step is replaced
         atomic_write_text(output_dir / "latest", final.name + "\n")
         rotate(output_dir, keep_last, final)
@@ -132,7 +279,7 @@ def remove_partial(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    patterns = (".checkpoint-*.tmp", ".checkpoint-*.old", ".latest.*.tmp", ".done.json.*.tmp")
+    patterns = (".checkpoint-*.tmp", ".checkpoint-*.old", ".latest.*.tmp", ".done.json.*.tmp", ".run.lock.stale.*")
     found = [p for pattern in patterns for p in output_dir.glob(pattern)]
     for p in found:
         if p.is_dir():

@@ -1,0 +1,270 @@
+"""Unit tests of the reliability mechanisms: the run lock, the one-line error wrapper, signal handling and the
+launcher watch, checkpoint verification with fallback, and the resume config/world-size checks. (`make chaos`
+drives the same mechanisms through the real commands.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nextgpt import cli, resume, runlock, stop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+
+def test_lock_refuses_a_second_run_and_is_released(tmp_path):
+    with runlock.RunLock.acquire(tmp_path / "out", what="training") as lock:
+        record = json.loads(lock.path.read_text())
+        assert record["pid"] == os.getpid() and record["run_id"] == lock.run_id
+        with pytest.raises(runlock.RunLockedError, match=rf"another training is using this folder \(pid {os.getpid()}"):
+            runlock.RunLock.acquire(tmp_path / "out", what="training")
+    assert not (tmp_path / "out" / runlock.LOCK_NAME).exists()
+    again = runlock.RunLock.acquire(tmp_path / "out")  # free again after release
+    assert again.run_id != lock.run_id
+    again.release()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    import socket
+
+    (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                         "start_time": 1, "run_id": "old"}))
+    lock = runlock.RunLock.acquire(folder)
+    assert lock.notes and "stale" in lock.notes[0] and f"pid {dead.pid}" in lock.notes[0]
+    assert json.loads(lock.path.read_text())["run_id"] == lock.run_id
+    lock.release()
+
+
+def test_reused_pid_does_not_keep_a_lock_alive(tmp_path):
+    """Our own (live) pid with another start time = a different process that happens to have that pid now."""
+    import socket
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    start = runlock.process_start_time(os.getpid())
+    (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                         "start_time": start - 5, "run_id": "old"}))
+    runlock.RunLock.acquire(folder).release()
+
+
+def test_lock_of_another_host_is_not_stolen_and_empty_lock_is_stale(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "run_id": "x"}))
+    with pytest.raises(runlock.RunLockedError, match=r"pid 1 on elsewhere.example.*delete .*\.run\.lock"):
+        runlock.RunLock.acquire(folder)
+    (folder / runlock.LOCK_NAME).write_text("")  # a run killed between creating and writing the lock
+    runlock.RunLock.acquire(folder).release()
+
+
+def test_lock_on_a_path_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="output path is a file"):
+        runlock.RunLock.acquire(tmp_path / "file")
+
+
+def test_release_never_removes_another_runs_lock(tmp_path):
+    lock = runlock.RunLock.acquire(tmp_path)
+    lock.path.write_text(json.dumps({"pid": 1, "host": "h", "run_id": "someone else"}))
+    lock.release()
+    assert lock.path.exists()
+
+
+# ---------------------------------------------------------------------------------------------- error wrapper
+
+def _fail(exc):
+    def body():
+        raise exc
+    return body
+
+
+@pytest.mark.parametrize("exc, expected, code", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/out/delta.safetensors"),
+     "no space left on device writing /data/out/delta.safetensors", 2),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/out"), "read-only file system: cannot write /ro/out", 2),
+    (PermissionError(errno.EACCES, "Permission denied", "/x/y"), "permission denied: /x/y", 2),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/a/file/out"), "/a/file/out: output path", 2),
+    (ValueError("train.epochs: must be at least 1"), "train.epochs: must be at least 1", 2),
+    (FileNotFoundError("ckpt/x: missing"), "ckpt/x: missing", 2),
+    (RuntimeError("CUDA error: device-side assert\nmore\nlines"), "RuntimeError: CUDA error: device-side assert", 2),
+    (KeyboardInterrupt(), "interrupted (Ctrl-C)", 130),
+    (cli.Interrupted("interrupted at step 3", signal.SIGTERM), "interrupted at step 3", 143),
+])
+def test_every_failure_is_one_line_with_the_traceback_in_the_log(exc, expected, code, tmp_path, capsys):
+    log = tmp_path / "run" / "train.log"
+
+    def body():
+        cli.set_log(log)
+        raise exc
+
+    assert cli.run(body, "test") == code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err
+    assert "Traceback (most recent call last)" in log.read_text()
+    if isinstance(exc, RuntimeError):
+        assert f"(traceback in {log})" in lines[0]
+
+
+def test_traceback_goes_elsewhere_when_the_log_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def body():
+        cli.set_log(blocker / "train.log")  # under a file: cannot be created
+        raise RuntimeError("boom")
+
+    assert cli.run(body, "test") == 2
+    line = capsys.readouterr().err.strip()
+    named = Path(line.split("(traceback in ")[1].rstrip(")"))
+    assert named.parent != blocker and "boom" in named.read_text()
+    named.unlink()
+
+
+def test_exit_code_carried_by_the_exception(capsys):
+    class Aborted(RuntimeError):
+        exit_code = 1
+
+    assert cli.run(_fail(Aborted("too many non-finite losses")), "test") == 1
+    assert capsys.readouterr().err.strip() == "error: too many non-finite losses"
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+def test_first_signal_sets_the_flag_second_ctrl_c_abandons():
+    with stop.StopRequest(watch_launcher=False) as request:
+        request.arm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.requested and request.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # SIGTERM then SIGINT (launcher + terminal): still a clean stop
+        assert request.signum == signal.SIGTERM
+        message = str(request.interrupted(7, "checkpoint-7", "the same command"))
+        assert message.startswith("interrupted at step 7 (SIGTERM; saved checkpoint-7); resume with")
+    with stop.StopRequest(watch_launcher=False) as request:
+        request.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_signal_before_the_loop_interrupts_at_once():
+    with stop.StopRequest(watch_launcher=False):
+        with pytest.raises(cli.Interrupted, match="before training started") as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert info.value.exit_code == 143
+
+
+def test_rank_stops_when_its_launcher_dies(tmp_path):
+    """launcher (python) -> rank (python). SIGKILL the launcher: the rank's watch sees it and stops itself."""
+    rank = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'code')!r})
+        from nextgpt import stop
+        stop.POLL_SECONDS = 0.1
+        with stop.StopRequest(watch_launcher=True) as request:
+            request.arm()
+            print("ancestors", len(request.ancestors), flush=True)
+            for _ in range(300):
+                if request.requested:
+                    open({str(tmp_path / 'stopped')!r}, "w").write(request.reason)
+                    break
+                time.sleep(0.05)
+    """)
+    launcher = textwrap.dedent(f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", {rank!r}])
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    rank_pid = int(process.stdout.readline())
+    time.sleep(1.0)  # the rank records its ancestors
+    process.kill()
+    process.wait()
+    for _ in range(200):
+        if (tmp_path / "stopped").exists():
+            break
+        time.sleep(0.05)
+    reason = (tmp_path / "stopped").read_text() if (tmp_path / "stopped").exists() else None
+    try:
+        os.kill(rank_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    # Either the watch thread noticed or PR_SET_PDEATHSIG delivered SIGTERM first: both stop the loop.
+    assert reason in (f"the launcher (pid {process.pid}) exited", "SIGTERM"), reason
+
+
+# ---------------------------------------------------------------------------------------------- resume checks
+
+def _fake_checkpoint(folder: Path, ranks: int = 1) -> Path:
+    state = folder / "state"
+    (state / "deepspeed").mkdir(parents=True)
+    (folder / "delta.safetensors").write_bytes(b"delta" * 10)
+    (state / "deepspeed" / "optim_states.pt").write_bytes(b"optimizer" * 100)
+    for r in range(ranks):
+        (state / f"rank_{r}.pt").write_bytes(b"rank state")
+    (folder / "meta.json").write_text(json.dumps({"files": {"delta.safetensors": resume._sha256(
+        folder / "delta.safetensors")}}))
+    hashes = {str(p.relative_to(state)): resume._sha256(p) for p in resume._state_files(state)}
+    (state / resume.STATE_HASHES).write_text(json.dumps({"files": hashes}))
+    return folder
+
+
+def test_corrupt_latest_falls_back_to_the_newest_that_verifies(tmp_path):
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "latest").write_text("checkpoint-6\n")
+    assert resume.choose(tmp_path, "auto") == (tmp_path / "checkpoint-6", [])
+    optimizer = tmp_path / "checkpoint-6" / "state" / "deepspeed" / "optim_states.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:50])  # truncated
+    (tmp_path / "checkpoint-4" / "state" / "rank_0.pt").unlink()
+    chosen, notes = resume.choose(tmp_path, "auto")
+    assert chosen == tmp_path / "checkpoint-2"
+    assert "skipping checkpoint-6" in notes[0] and "optim_states.pt: sha256 differs" in notes[0]
+    assert "skipping checkpoint-4" in notes[1] and "rank_0.pt: listed in sha256.json, missing" in notes[1]
+    assert "resuming from checkpoint-2 instead" in notes[-1]
+    with pytest.raises(ValueError, match="optim_states.pt: sha256 differs"):
+        resume.choose(tmp_path, str(tmp_path / "checkpoint-6"))
+    (tmp_path / "checkpoint-2" / "delta.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no checkpoint verifies"):
+        resume.choose(tmp_path, "auto")
+
+
+def test_resume_config_changes_are_named_or_allowed(tmp_path):
+    import yaml
+
+    folder = _fake_checkpoint(tmp_path / "checkpoint-2")
+    saved = {"train": {"lr": 1e-4, "max_steps": 8, "log_every": 1, "output_dir": "a"}, "data": {"num_workers": 0}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    same = {"train": {"lr": 1e-4, "max_steps": 8, "log_every": 5, "output_dir": "b"}, "data": {"num_workers": 4}}
+    assert resume.check_config(folder, same, allow=False) == []
+    changed = {"train": {"lr": 2e-4, "max_steps": 16, "log_every": 1, "output_dir": "a"}, "data": {"num_workers": 0}}
+    with pytest.raises(ValueError, match=r"train.lr: 0.0001 -> 0.0002; train.max_steps: 8 -> 16; pass "
+                                         r"--allow-config-change"):
+        resume.check_config(folder, changed, allow=False)
+    assert resume.check_config(folder, changed, allow=True) == ["train.lr: 0.0001 -> 0.0002",
+                                                                "train.max_steps: 8 -> 16"]
+
+
+def test_resume_on_another_number_of_processes_is_one_line(tmp_path):
+    folder = _fake_checkpoint(tmp_path / "checkpoint-2", ranks=2)
+    resume.check_world_size(folder, 2)
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1.*train.init_from="):
+        resume.check_world_size(folder, 1)
