@@ -329,6 +329,12 @@ def _check(cfg: Config) -> None:
     bad = set(cfg.train.trainable) - allowed_trainable
     if bad:
         raise ConfigError(f"train.trainable: unknown {sorted(bad)}; allowed: {sorted(allowed_trainable)}")
+    if cfg.train.epochs < 1:  # 0 epochs would silently train nothing; --max-steps 0 is the way to train nothing
+        raise ConfigError(f"train.epochs: must be at least 1, got {cfg.train.epochs} "
+                          "(--max-steps 0 trains zero steps)")
+    if cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps: must be >= 0 (0: train.epochs x steps per epoch), "
+                          f"got {cfg.train.max_steps}")
     if "lora" in cfg.train.trainable and not cfg.model.lora.enabled:
         raise ConfigError("train.trainable lists lora but model.lora.enabled is false")
     if cfg.train.token_rows not in ("new", "all", "none"):
