@@ -116,9 +116,9 @@ class Session:
         reply_path = self.out_dir / f"reply_{self.requests}.txt"
         from nextgpt.io import atomic_write_text
 
+        print(f"assistant: {generation.text}", flush=True)  # before any write: an unwritable --out never loses it
         atomic_write_text(reply_path, generation.text + "\n")
         files.append(reply_path)
-        print(f"assistant: {generation.text}", flush=True)
         for modality, conditioning in generation.outputs:      # conditioning (1, T, D) from output_proj[modality]
             if modality not in self.decoders.loaded():
                 print(f"  loading the {modality} decoder from {self.decoders.folder(modality)}", flush=True)
@@ -226,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             return interactive(session)
         session.run(request)
         return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - one `error:` line for every failure (OSError, torch's RuntimeError)
+        from nextgpt import cli
+
+        return cli.report(e, "inference")
     except KeyboardInterrupt:                    # Ctrl-C in the interactive prompt: leave quietly
         print()
         return 130
