@@ -12,7 +12,6 @@ the loop below. Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,10 +24,8 @@ import torch  # noqa: E402
 from nextgpt import config as config_lib  # noqa: E402
 from nextgpt import resume, runtime  # noqa: E402
 from nextgpt.modalities import MODALITIES  # noqa: E402
-
-
-# What NextGPT.forward may return: the weighted sum, its terms (one alignment term per modality) and accuracy.
-TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
+from nextgpt.runlog import RunLog, TermMeans  # noqa: E402
+from nextgpt.runtime import to_device  # noqa: E402,F401  (scripts/bench_pipeline.py imports it from here)
 
 
 class TrainingAborted(RuntimeError):
@@ -50,167 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_ds_config(cfg: config_lib.Config) -> Path:
-    has_gpu = torch.cuda.is_available()
-    name = ("fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json") \
-        if has_gpu else "cpu.json"
-    return config_lib.REPO_ROOT / "code" / "dsconfig" / name
-
-
-def to_device(value, device: torch.device):
-    """Tensors (inside dicts/lists) to `device`; everything else (names, Sample records) as is."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-        return [v.to(device, non_blocking=True) for v in value]
-    return value
-
-
-class RunLog:
-    """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl and TensorBoard scalars."""
-
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
-        self.text = self.metrics = self.writer = None
-        self.purge_step: int | None = None
-        if not enabled:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.text = open(output_dir / "train.log", "a", buffering=1)
-        self.metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
-
-    def resume_at(self, step: int) -> None:
-        """Forget the scalars an interrupted run logged after the checkpoint it resumes from (they are redone)."""
-        if not self.enabled:
-            return
-        from nextgpt.io import atomic_write_text
-
-        self.metrics.close()
-        path = self.output_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.metrics = open(path, "a", buffering=1)
-        self.purge_step = step + 1  # TensorBoard drops events at or after this step
-
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-        tqdm.write(message)
-        self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-    def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.metrics.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
-        if self.tensorboard and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.purge_step)
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
-
-    def close(self) -> None:
-        for f in (self.text, self.metrics, self.writer):
-            if f is not None:
-                f.close()
-
-
-def check_data(cfg, log) -> dict:
-    """The cheap validation of every dataset this run reads (files exist, .npy headers; code/validate_data.py
-    does the full check) -> {dataset: {(source, index): Problem}} of the records to leave out.
-
-    Anything wrong raises ValueError naming the first problem (the table goes to the log first), except with
-    data.skip_bad_records when every problem is confined to one record: then those records are counted (one line
-    per dataset) and returned, to be left out of training by drop_bad_records."""
-    from nextgpt.data import validate
-
-    names = list(dict.fromkeys([*cfg.data.datasets, *cfg.data.eval_datasets]))
-    report = validate.validate(cfg, names, decode=False)
-    if report.ok:
-        return {}
-    if not (cfg.data.skip_bad_records and report.only_bad_records):
-        log(report.format(max_problems=20))
-        report.raise_if_bad(f"code/validate_data.py --config {cfg.source or '<config>'} with this run's --set options")
-    bad = report.bad_records()
-    for row in report.datasets:
-        if records := bad.get(row.name):
-            log(f"skipping {len(records)} bad record(s) in {row.name} (data.skip_bad_records; {row.records} records): "
-                f"{next(iter(records.values()))}")
-    return bad
-
-
-def drop_bad_records(datasets: dict, bad: dict) -> dict:
-    """`datasets` without the samples check_data found bad. Records that did not parse are already absent (the
-    readers skip them under data.skip_bad_records); this leaves out the ones whose media or caption embedding is
-    missing or broken, so training reads exactly the records validation passed."""
-    from nextgpt.data.dataset import NextGPTDataset
-
-    out = {}
-    for name, data in datasets.items():
-        records = bad.get(name, {})
-        dropped = [records[(s.source, s.index)] for s in data.samples if (s.source, s.index) in records]
-        if not dropped:
-            out[name] = data
-            continue
-        keep = [s for s in data.samples if (s.source, s.index) not in records]
-        if not keep:
-            raise ValueError(f"dataset {name}: no usable records ({len(dropped)} parsed, all bad; first: "
-                             f"{dropped[0]})")
-        out[name] = NextGPTDataset(name, keep, data.tokenizer, data.token_ids, data.max_length, log=data.log,
-                                   skip_bad=data.skip_bad)
-    return out
-
-
-def build_data(cfg, model, rt, log):
-    """(train loader, its MixtureSampler, eval loader or None, eval sampler or None).
-
-    The held-out split is data.eval_datasets, else data.eval_fraction of every training dataset."""
-    from nextgpt.data import dataset
-
-    bad = check_data(cfg, log) if cfg.data.validate else {}
-    datasets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.datasets)
-    datasets = drop_bad_records(datasets, bad)
-    eval_sets = None
-    if cfg.data.eval_datasets:
-        eval_sets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids, cfg.data.eval_datasets)
-        eval_sets = drop_bad_records(eval_sets, bad)
-    elif cfg.data.eval_fraction > 0:
-        pairs = {name: d.split(cfg.data.eval_fraction, cfg.train.seed) for name, d in datasets.items()}
-        datasets = {name: train for name, (train, _) in pairs.items()}
-        eval_sets = {held.name: held for _, held in pairs.values()}
-
-    def loader(sets):
-        data_loader, sampler = dataset.build_loader(cfg, model.tokenizer, model.token_ids, rt.rank, rt.world_size,
-                                                    datasets=sets)
-        # A private generator: iter(loader) would otherwise draw a worker seed from the global torch RNG, and a
-        # resumed run (which calls iter() at a different point of that stream) would see other dropout masks.
-        data_loader.generator = torch.Generator().manual_seed(cfg.train.seed)
-        return data_loader, sampler
-
-    train_loader, train_sampler = loader(datasets)
-    eval_loader, eval_sampler = loader(eval_sets) if eval_sets else (None, None)
-    log(f"data: {', '.join(f'{n} {len(d)}' for n, d in datasets.items())} samples; {len(train_sampler)} "
-        f"micro-batches per epoch per rank" + (f"; eval {', '.join(f'{n} {len(d)}' for n, d in eval_sets.items())}"
-                                               if eval_sets else "; no eval split"))
-    return train_loader, train_sampler, eval_loader, eval_sampler
-
-
 @torch.no_grad()
 def evaluate(engine, loader, sampler, device) -> dict[str, float]:
     """Mean loss, token accuracy and alignment (l2) terms over the held-out split, averaged over ranks."""
     engine.eval()
     sampler.set_epoch(0)  # the same held-out batches at every evaluation
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    terms = TermMeans()
     for batch in loader:
-        for name, value in engine(to_device(batch, device)).items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-            counts[name] = counts.get(name, 0.0) + 1.0
+        terms.add(engine(to_device(batch, device)))
     engine.train()
-    result = runtime.mean_over_ranks(sums, counts, TERMS, device)
+    result = terms.means(device)
     l2 = [result[m] for m in MODALITIES if m in result]
     if l2:
         result["l2"] = sum(l2) / len(l2)
@@ -221,7 +67,7 @@ def train(args: argparse.Namespace) -> dict:
     cfg = config_lib.from_args(args)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    ds_path = Path(args.ds_config) if args.ds_config else default_ds_config(cfg)
+    ds_path = Path(args.ds_config) if args.ds_config else runtime.default_ds_config(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
     rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False)  # the reason goes to the run log
@@ -235,9 +81,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
-    import deepspeed
-
     from nextgpt import checkpoint
+    from nextgpt.data.loaders import build_run_data
     from nextgpt.model.nextgpt import build_model, set_trainable
 
     if rt.is_main:
@@ -257,7 +102,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     counts = set_trainable(model, cfg)
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
 
-    train_loader, train_sampler, eval_loader, eval_sampler = build_data(cfg, model, rt, log)
+    train_loader, train_sampler, eval_loader, eval_sampler = build_run_data(cfg, model.tokenizer, model.token_ids,
+                                                                            rt.rank, rt.world_size, log)
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_sampler) // accum
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -268,17 +114,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     if left := runtime.unresolved(ds_config):
         raise ValueError(f"{ds_path}: values still 'auto' with nothing to fill them from: {', '.join(left)}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None
-    if cfg.train.optimizer_8bit:  # bitsandbytes 8-bit AdamW replaces the JSON's optimizer (the scheduler stays)
-        import bitsandbytes
-
-        optimizer = bitsandbytes.optim.AdamW8bit(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                                 eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
-        ds_config.pop("optimizer", None)
-        ds_config["zero_allow_untested_optimizer"] = True
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                           config=ds_config)
+    engine = runtime.build_engine(model, cfg, ds_config)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the ZeRO wrapper holds the real one
     log(f"optimizer: {type(base).__module__.split('.')[0]} {type(base).__name__}, ZeRO stage "
         f"{engine.zero_optimization_stage()}, model quantization {cfg.model.quantization}")
@@ -316,8 +152,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     with tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True) as progress:
         batches = iter(train_loader)
         window = {"time": time.time(), "samples": 0, "tokens": 0}
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
+        terms = TermMeans()
         while step < max_steps:
             try:
                 batch = next(batches)
@@ -342,9 +177,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
             engine.step()
-            for name, value in out.items():  # a term may be missing from a micro-batch (no such modality in it)
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-                counts[name] = counts.get(name, 0.0) + 1.0
+            terms.add(out)
             window["samples"] += batch["input_ids"].shape[0] * rt.world_size
             window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
             if not boundary:
@@ -353,15 +186,15 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
             step += 1
             elapsed = max(time.time() - window["time"], 1e-9)
             grad_norm = engine.get_global_grad_norm()
-            terms = runtime.mean_over_ranks(sums, counts, TERMS, rt.device)  # the global batch, not rank 0's share
-            scalars = {**terms, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            means = terms.means(rt.device)
+            scalars = {**means, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
             log.scalars("train", step, scalars)
             progress.update(1)
-            progress.set_postfix(loss=f"{terms['loss']:.4f}", acc=f"{terms.get('token_acc', 0.0):.3f}")
+            progress.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means.get('token_acc', 0.0):.3f}")
             if step % cfg.train.log_every == 0 or step == 1:
                 log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-            sums, counts = {}, {}
+            terms = TermMeans()
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 result = evaluate(engine, eval_loader, eval_sampler, rt.device)
                 log.scalars("eval", step, result)

@@ -40,9 +40,45 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def on_cpu(self) -> bool:
-        return self.device.type == "cpu"
+
+def to_device(value, device: torch.device):
+    """Tensors (inside dicts/lists) to `device`; everything else (names, Sample records) as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value
+
+
+def default_ds_config(cfg: Any) -> Path:
+    """The DeepSpeed JSON a run uses without --ds_config: the stage's (or fine-tuning's) on GPUs, cpu.json on CPU."""
+    from nextgpt.config import REPO_ROOT
+
+    if not torch.cuda.is_available():
+        return REPO_ROOT / CPU_DS_CONFIG
+    name = "fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json"
+    return REPO_ROOT / "code" / "dsconfig" / name
+
+
+def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any]):
+    """deepspeed.initialize over the parameters that train; with train.optimizer_8bit, bitsandbytes' AdamW8bit
+    replaces the JSON's optimizer (the JSON's scheduler stays)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if cfg.train.optimizer_8bit:
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                                 eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+        ds_config.pop("optimizer", None)
+        ds_config["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+    return engine
 
 
 def free_port() -> int:

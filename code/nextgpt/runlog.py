@@ -1,0 +1,87 @@
+"""What a training run reports: rank-0 log lines (train.log), scalars (metrics.jsonl + TensorBoard), and the
+running means of the loss terms that both the training loop and evaluation accumulate.
+
+Nothing happens at import; tqdm and TensorBoard are imported when first used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nextgpt import runtime
+from nextgpt.io import atomic_write_text
+from nextgpt.modalities import MODALITIES
+
+# What NextGPT.forward may return: the weighted sum, its terms (one alignment term per modality) and accuracy.
+TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
+
+
+class TermMeans:
+    """Sums and counts of the loss terms over micro-batches; `means()` averages them over every rank.
+
+    A term may be missing from a micro-batch (no such modality in it), so each term keeps its own count."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        for name, value in out.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+            self.counts[name] = self.counts.get(name, 0.0) + 1.0
+
+    def means(self, device: torch.device) -> dict[str, float]:
+        """{term: mean} of the global batch (every rank calls this), not rank 0's share."""
+        return runtime.mean_over_ranks(self.sums, self.counts, TERMS, device)
+
+
+class RunLog:
+    """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
+        self.text = self.metrics = self.writer = None
+        self.purge_step: int | None = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.text = open(output_dir / "train.log", "a", buffering=1)
+        self.metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
+
+    def resume_at(self, step: int) -> None:
+        """Forget the scalars an interrupted run logged after the checkpoint it resumes from (they are redone)."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        path = self.output_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.metrics = open(path, "a", buffering=1)
+        self.purge_step = step + 1  # TensorBoard drops events at or after this step
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        tqdm.write(message)
+        self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
+        if self.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.purge_step)
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        for f in (self.text, self.metrics, self.writer):
+            if f is not None:
+                f.close()
