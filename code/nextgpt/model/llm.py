@@ -1,4 +1,10 @@
-"""Vicuna (any LlamaForCausalLM folder) + the 38 NExT-GPT tokens + PEFT (LoRA and/or the new token rows).
+"""The LLM (Vicuna, any Llama-family or Qwen2-style causal LM folder) + the 38 NExT-GPT tokens + PEFT (LoRA and/or
+the new token rows).
+
+`model.llm` may name any Hugging Face folder whose config.json has a decoder-only architecture with the Llama layout
+(`model.embed_tokens`, `lm_head`, attention q/k/v/o_proj): LlamaForCausalLM (Vicuna v0/v1.5, Llama-2/3),
+MistralForCausalLM (grouped-query attention), Qwen2ForCausalLM. The projectors take their widths from the LLM's
+hidden size, so a new LLM needs stage 1 (and 2) re-run: projectors trained on another LLM do not fit.
 
 Which rows of `embed_tokens` / `lm_head` train is `train.token_rows`:
   new   only the 38 added rows, through PEFT's trainable-token support: TrainableTokensConfig without LoRA,
@@ -7,8 +13,8 @@ Which rows of `embed_tokens` / `lm_head` train is `train.token_rows`:
   all   the whole resized matrices (what the original trained by accident, reference §1.8).
   none  neither (the rows stay as the resize drew them).
 
-The LLM passed around is either the plain LlamaForCausalLM or a PeftModel around it; `causal_lm(llm)` gives the
-LlamaForCausalLM (with PEFT's layers injected) that forward and generate call.
+The LLM passed around is either the plain *ForCausalLM or a PeftModel around it; `causal_lm(llm)` gives the
+*ForCausalLM (with PEFT's layers injected) that forward and generate call.
 """
 
 from __future__ import annotations
@@ -22,20 +28,41 @@ from torch import nn
 logger = logging.getLogger("nextgpt")
 
 TOKEN_MATRICES = ("embed_tokens", "lm_head")
+# model_type values of config.json known to have the Llama module layout the rest of the code relies on.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-             quantization: str = "none"):
-    """LlamaForCausalLM from a Hugging Face folder (safetensors or sharded .bin; config.json decides the class).
-
-    quantization: none | 8bit | 4bit (bitsandbytes; works on CPU with its CPU backend). dtype is the compute
-    dtype of a quantized model and the weight dtype otherwise.
-    """
-    from transformers import LlamaForCausalLM
+def check_llm_config(path: str | Path) -> dict:
+    """config.json of an LLM folder -> its dict; ValueError for an architecture outside SUPPORTED_MODEL_TYPES or
+    with tied input/output embeddings (the 38 token rows are trained separately in embed_tokens and lm_head)."""
+    from nextgpt.io import read_json
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+    config = read_json(path / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported as model.llm; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if config.get("tie_word_embeddings", False):
+        raise ValueError(f"{path / 'config.json'}: tie_word_embeddings is true (embed_tokens and lm_head share one "
+                         "matrix); NExT-GPT trains their new rows separately, so use an LLM with untied embeddings")
+    return config
+
+
+def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             quantization: str = "none"):
+    """The causal LM of a Hugging Face folder (safetensors or sharded .bin; config.json decides the class, one of
+    SUPPORTED_MODEL_TYPES).
+
+    quantization: none | 8bit | 4bit (bitsandbytes; works on CPU with its CPU backend). dtype is the compute
+    dtype of a quantized model and the weight dtype otherwise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    check_llm_config(path)
     kwargs: dict = {"dtype": dtype or torch.float32}
     if quantization != "none":
         from transformers import BitsAndBytesConfig
@@ -46,17 +73,15 @@ def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: str | t
                 from None
         if quantization == "8bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-        elif quantization == "4bit":
+        else:  # 4bit (model.quantization is a Literal of none | 8bit | 4bit)
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype or torch.float32)
-        else:
-            raise ValueError(f"model.quantization: {quantization!r}; allowed: none, 8bit, 4bit")
     if device is not None or quantization != "none":
         # straight onto the target device (bitsandbytes quantizes while loading there)
         kwargs["device_map"] = {"": str(device or "cpu")}
     try:
-        return LlamaForCausalLM.from_pretrained(str(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load the LLM ({e})") from None
 
@@ -76,8 +101,6 @@ def wrap_llm(llm, token_ids, token_rows: str, lora=None, quantization: str = "no
     """Apply PEFT as configured. lora: the cfg.model.lora dataclass (used when lora.enabled)."""
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
-    if token_rows not in ("new", "all", "none"):
-        raise ValueError(f"train.token_rows: {token_rows!r}; allowed: new, all, none")
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=gradient_checkpointing,
@@ -103,7 +126,7 @@ def is_peft(llm) -> bool:
 
 
 def causal_lm(llm):
-    """The LlamaForCausalLM inside (PEFT layers stay injected and active)."""
+    """The *ForCausalLM inside (PEFT layers stay injected and active)."""
     return llm.get_base_model() if is_peft(llm) else llm
 
 
