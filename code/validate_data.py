@@ -1,10 +1,13 @@
 """Validate a stage's data: every record parses, every medium exists and decodes (or has a cached ImageBind
-feature), every caption embedding exists with the shape the configured decoder needs.
+feature), every caption embedding exists with the shape the configured decoder needs; the values of every caption
+embedding and cached feature are read: the manifest's dtype, all finite (--no-decode skips media decoding and
+value reads).
 
     python code/validate_data.py --config code/config/stage_2.yaml [--datasets cc3m_dec ...] [--no-decode]
 
 Prints a table per dataset (records, ok, missing, corrupt) and every bad record (file + record index + reason).
-Exit 0: all good; 1: problems found; 2: the check could not run (bad config, unknown dataset name).
+Exit 0: all good; 1: problems found; 2: the check could not run (bad config, unknown dataset name, unreadable
+file system: one `error:` line, the traceback in a log file it names).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ if __package__ in (None, ""):  # `python code/validate_data.py` from anywhere
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nextgpt.config import ConfigError, add_config_args, from_args
+    from nextgpt import cli
+
+    return cli.run(lambda: _main(argv), "validate_data")
+
+
+def _main(argv: list[str] | None) -> int:
+    from nextgpt.config import add_config_args, from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -27,14 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cheap mode (as train.py): existence and .npy header checks only, no media decoding")
     p.add_argument("--max-problems", type=int, default=None, help="print at most this many bad records")
     args = p.parse_args(argv)
-    try:
-        from nextgpt.data.validate import validate
+    from nextgpt.data.validate import validate
 
-        cfg = from_args(args)
-        report = validate(cfg, args.datasets, decode=not args.no_decode)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(args)
+    report = validate(cfg, args.datasets, decode=not args.no_decode)  # a failure: one `error:` line, exit 2
     print(report.format(args.max_problems))
     if report.errors and not report.datasets:
         return 2

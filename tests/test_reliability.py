@@ -268,3 +268,26 @@ def test_resume_on_another_number_of_processes_is_one_line(tmp_path):
     resume.check_world_size(folder, 2)
     with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1.*train.init_from="):
         resume.check_world_size(folder, 1)
+
+
+# ---------------------------------------------------------------------------------------------- value checks
+
+def test_validate_reads_values_finite_dtype_shape(tmp_path):
+    import numpy as np
+
+    from nextgpt.data.validate import CORRUPT, MISSING, check_values
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((4, 3), np.float32))
+    assert check_values(good, (4, 3), "float32", full=True) is None
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.array([[1.0, np.nan, np.inf]] * 4, np.float32))
+    assert check_values(nan, (4, 3), "float32", full=False) is None  # cheap mode: header only
+    kind, reason = check_values(nan, (4, 3), "float32", full=True)
+    assert kind == CORRUPT and "8 non-finite value(s)" in reason and str(nan) in reason
+    half = tmp_path / "half.npy"
+    np.save(half, np.ones((4, 3), np.float16))
+    kind, reason = check_values(half, (4, 3), "float32", full=True)
+    assert kind == CORRUPT and "dtype float16, the manifest says float32" in reason
+    assert check_values(good, (4, 4), None, full=True)[1].endswith("shape (4, 3), expected (4, 4)")
+    assert check_values(tmp_path / "absent.npy", None, None, True, "ImageBind feature")[0] == MISSING

@@ -6,7 +6,8 @@
 
 Per record: it parses (readers); every input medium exists and decodes — or the ImageBind feature cache
 (cfg.data.feature_dir) holds a complete feature for it; every caption embedding exists and has the shape the
-configured decoder needs (nextgpt.modalities.conditioning_shape; pooled decoders store (D,)). A record is counted
+configured decoder needs (nextgpt.modalities.conditioning_shape; pooled decoders store (D,)); with decode=True the
+values of every embedding and cached feature are read too: the manifest's dtype, all finite. A record is counted
 once: corrupt (unparseable record, undecodable medium, truncated / wrong-shaped / non-finite embedding) before
 missing (absent file), else ok.
 
@@ -173,30 +174,50 @@ def _header_check(path: Path, modality: str) -> None:
             next(container.decode(video=0))
 
 
-def _check_embedding(path: str, shape: tuple[int, ...] | None, full: bool) -> tuple[str, str] | None:
+def check_values(path: str | Path, shape: tuple[int, ...] | None, dtype: str | None, full: bool,
+                 what: str = "caption embedding") -> tuple[str, str] | None:
+    """None when the .npy at `path` is usable, else (kind, reason). Always: complete file of `shape` (header and
+    size). full=True also reads the values: of the dtype the manifest names and all finite (a NaN or inf vector
+    would poison every step it is in; float16 stores overflow to inf)."""
     reason = check_npy(path, shape)
     if reason == "missing":
-        return MISSING, f"{path}: caption embedding missing"
+        return MISSING, f"{path}: {what} missing"
     if reason is not None:
         return CORRUPT, f"{path}: {reason}"
     if full:
-        array = np.load(path, allow_pickle=False)
-        if not np.isfinite(array).all():
-            return CORRUPT, f"{path}: non-finite values"
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            return CORRUPT, f"{path}: unreadable .npy ({e})"
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            return CORRUPT, f"{path}: dtype {array.dtype}, the manifest says {dtype}"
+        if not np.issubdtype(array.dtype, np.floating):
+            return CORRUPT, f"{path}: dtype {array.dtype}, expected floating point"
+        finite = np.isfinite(array)
+        if not finite.all():
+            return CORRUPT, f"{path}: {int(finite.size - finite.sum())} non-finite value(s) (NaN/inf)"
     return None
+
+
+def _check_embedding(path: str, shape: tuple[int, ...] | None, full: bool,
+                     dtype: str | None = None) -> tuple[str, str] | None:
+    return check_values(path, shape, dtype, full)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # A config
 
-def _expected_shapes(cfg, report: Report) -> dict[str, tuple[int, ...] | None]:
-    """modality -> on-disk caption-embedding shape the configured decoder needs (None: unknown, not checked)."""
+def _expected_shapes(cfg, report: Report, dtypes: dict[str, str] | None = None) -> dict[str, tuple[int, ...] | None]:
+    """modality -> on-disk caption-embedding shape the configured decoder needs (None: unknown, not checked).
+    `dtypes` (when given) is filled with modality -> the dtype the embedding manifest names."""
     embed_dir = cfg.path(cfg.data.embed_dir)
     try:
         sections = read_caption_manifest(embed_dir)
     except ValueError as e:
         report.errors.append(str(e))
         sections = {}
+    if dtypes is not None:
+        dtypes.update({m: section.dtype for m, section in sections.items()})
     shapes: dict[str, tuple[int, ...] | None] = {}
     for m in MODALITIES:
         decoder = cfg.model.decoders.get(m)
@@ -224,13 +245,15 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None)
     if not names:
         report.errors.append("no datasets to validate (data.datasets is empty)")
         return report
-    shapes = _expected_shapes(cfg, report)
+    dtypes: dict[str, str] = {}
+    shapes = _expected_shapes(cfg, report, dtypes)
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
-    feature_shape = None
+    feature_shape = feature_dtype = None
     if feature_dir is not None and feature_dir.is_dir():
         try:
             manifest = read_feature_manifest(feature_dir)
             feature_shape = tuple(manifest.shape) if manifest else None
+            feature_dtype = manifest.dtype if manifest else None
         except ValueError as e:
             report.errors.append(str(e))
     media_cache: dict[tuple[str, str], tuple[str, str] | None] = {}
@@ -239,15 +262,18 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None)
     def medium_problem(medium) -> tuple[str, str] | None:
         key = (medium.modality, medium.path)
         if key not in media_cache:
-            if feature_dir is not None and check_npy(item_path(feature_dir, medium.name), feature_shape) is None:
-                media_cache[key] = None         # cached feature: the file itself is not needed
+            feature = item_path(feature_dir, medium.name) if feature_dir is not None else None
+            if feature is not None and check_npy(feature, feature_shape) is None:
+                # cached feature: the file itself is not needed, but the feature's values are (full mode)
+                media_cache[key] = check_values(feature, feature_shape, feature_dtype, decode, "ImageBind feature")
             else:
                 media_cache[key] = check_media(medium.path, medium.modality, decode)
         return media_cache[key]
 
     def embedding_problem(target) -> tuple[str, str] | None:
         if target.embed_path not in embed_cache:
-            embed_cache[target.embed_path] = _check_embedding(target.embed_path, shapes.get(target.modality), decode)
+            embed_cache[target.embed_path] = _check_embedding(target.embed_path, shapes.get(target.modality), decode,
+                                                              dtypes.get(target.modality))
         return embed_cache[target.embed_path]
 
     for name in names:
