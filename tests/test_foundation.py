@@ -100,8 +100,9 @@ def test_tiny_conditioning_widths_are_distinct():
 
 def test_tiny_inference_sizes_match_tiny_config():
     cfg = config_lib.load(REPO / "code" / "config" / "tiny" / "base.yaml")
-    for key, value in make_tiny_ckpt.TINY_INFERENCE.items():
-        assert getattr(cfg.inference, key) == value, key
+    for modality, values in make_tiny_ckpt.TINY_INFERENCE.items():
+        for key, value in values.items():
+            assert getattr(cfg.inference.decoding(modality), key) == value, (modality, key)
 
 
 def test_tiny_build_is_deterministic(tiny_env, tmp_path):
@@ -450,10 +451,21 @@ def test_config_unknown_key_in_file(tmp_path):
     ("model.lora.enabled=maybe", "expected true/false"),
     ("train.nope=1", "unknown key 'train.nope'"),
     ("model.modalities=image", "expected a list"),
+    ("train.betas=[0.9]", r"train\.betas: expected a list of 2 values"),
+    ("train.token_rows=some", "train.token_rows: 'some'; allowed: new, all, none"),
+    ("train.trainable=[input_proj, decoder]", r"train\.trainable\[1\]: 'decoder'; allowed: input_proj"),
+    ("model.quantization=8", "model.quantization: 8; allowed: none, 8bit, 4bit"),
 ])
 def test_config_wrong_override(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.load(REPO / "code" / "config" / "stage_1.yaml", [override])
+
+
+def test_config_betas_tuple_dumps_as_a_list(tmp_path):
+    cfg = config_lib.load(REPO / "code" / "config" / "stage_1.yaml", ["train.betas=[0.8, 0.99]"])
+    assert cfg.train.betas == (0.8, 0.99)
+    config_lib.save(cfg, tmp_path / "config.yaml")  # what a checkpoint keeps must load back to the same config
+    assert config_lib.load(tmp_path / "config.yaml").to_dict() | {"source": ""} == cfg.to_dict() | {"source": ""}
 
 
 def test_config_override_types_are_parsed():

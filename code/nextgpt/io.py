@@ -41,6 +41,22 @@ def read_json(path: str | os.PathLike, missing: str = "missing"):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_yaml(path: str | os.PathLike, missing: str = "missing") -> dict:
+    """Parse a YAML file whose top level is a mapping (an empty file is {}); any failure is one line naming it."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

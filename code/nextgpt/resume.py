@@ -189,15 +189,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def check_config(checkpoint: str | os.PathLike, current: dict[str, Any], allow: bool) -> list[str]:
     """The changes against the config the checkpoint was trained with; refused (ValueError) unless `allow`."""
-    import yaml
+    from nextgpt.io import read_yaml
 
     path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
         return []
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
+    saved = read_yaml(path)
     changes = config_changes(saved, current)
     if changes and not allow:
         raise ValueError(f"resuming {checkpoint} with a changed config: {'; '.join(changes[:4])}"

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nextgpt.io import read_yaml
 from nextgpt.modalities import MODALITIES
 
 ROLES = ("enc", "dec", "instruction")
@@ -35,13 +34,8 @@ class CatalogEntry:
 def load_catalog(path: str | Path) -> dict[str, Any]:
     """The raw YAML mapping {aliases: {...}, datasets: {name: spec}}, checked for shape."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: dataset catalog not found (data.catalog)") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+    data = read_yaml(path, "dataset catalog not found (data.catalog)")
+    if not isinstance(data.get("datasets"), dict):
         raise ValueError(f"{path}: expected a mapping with a 'datasets:' mapping")
     unknown = set(data) - {"aliases", "datasets"}
     if unknown:

@@ -95,10 +95,7 @@ PROJECTORS = {"transformer": TransformerProjector, "linear": LinearProjector, "q
 
 def build_output_proj(mode: str, in_dim: int, num_input_tokens: int, shape: tuple[int, int], settings) -> nn.Module:
     """One output projector. shape: (T, D_out) of the decoder; settings: cfg.model.output_proj."""
-    try:
-        cls = PROJECTORS[mode]
-    except KeyError:
-        raise ValueError(f"model.output_proj.mode: {mode!r}; allowed: {', '.join(PROJECTORS)}") from None
+    cls = PROJECTORS[mode]  # model.output_proj.mode is a Literal of these keys
     tokens, dim = shape
     return cls(in_dim, dim, num_input_tokens, tokens, d_model=settings.d_model,
                num_encoder_layers=settings.num_encoder_layers, num_decoder_layers=settings.num_decoder_layers,
