@@ -13,11 +13,6 @@ file system: one `error:` line, the traceback in a log file it names).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python code/validate_data.py` from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import REPO, machine, machine_line, print_table, verdict, write_json  # noqa: E402
+from bench_common import REPO, machine, machine_line, print_table, verdict, write_json
 
 OUT = REPO / "runs" / "bench"
 

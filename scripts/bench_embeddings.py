@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import (REPO, run_cli, SAMPLES, machine, machine_line, median, print_table,  # noqa: E402
+from bench_common import (REPO, run_cli, SAMPLES, machine, machine_line, median, print_table,
                           quiet, resolve_device, set_threads, sync, verdict, write_json, workspace)
 
 TARGET = 0.90

@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HUGE = "ckpt/pretrained_ckpt/imagebind_ckpt/huge/imagebind_huge.pth"
 EXTENSIONS = {"image": (".jpg", ".jpeg", ".png"), "video": (".mp4",), "audio": (".wav", ".flac")}

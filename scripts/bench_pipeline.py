@@ -40,9 +40,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,  # noqa: E402
+from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,
                           quiet, resolve_device, set_threads, timed, verdict, write_json, workspace)
 
 OVERHEAD_TARGET = 1.10

@@ -23,10 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
-
-from nextgpt import config as config_lib  # noqa: E402
-from nextgpt.modalities import MODALITIES, conditioning_shape  # noqa: E402
+from nextgpt import config as config_lib
+from nextgpt.modalities import MODALITIES, conditioning_shape
 
 # Where the real files come from (README "real checkpoints"; NExT-GPT's README steps).
 SOURCES = {

@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
-
-from nextgpt import config as config_lib  # noqa: E402
-from nextgpt.io import atomic_write_text  # noqa: E402
+from nextgpt import config as config_lib
+from nextgpt.io import atomic_write_text
 
 TINY = ROOT / "code" / "config" / "tiny"
 CPU_DS_CONFIG = ROOT / "code" / "dsconfig" / "cpu.json"

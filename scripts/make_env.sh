@@ -11,6 +11,8 @@ if [ ! -x .venv/bin/python ] && command -v conda >/dev/null 2>&1; then
     echo "[env] creating conda env '$ENV_NAME' from env.yml"
     conda env create -n "$ENV_NAME" -f env.yml
   fi
+  # the nextgpt package (code/nextgpt) importable from anywhere; no build isolation: nothing to download
+  conda run -n "$ENV_NAME" python -m pip install -q -e . --no-build-isolation --no-deps
   echo "[env] done: make targets run through 'conda run -n $ENV_NAME'"
   exit 0
 fi
@@ -23,5 +25,7 @@ else
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -r requirements.txt
+# the nextgpt package (code/nextgpt) importable from anywhere; no build isolation: nothing to download
+.venv/bin/python -m pip install -q -e . --no-build-isolation --no-deps
 .venv/bin/python -m pip check
 echo "[env] done: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -19,11 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
-
-import make_tiny_ckpt  # noqa: E402
-from nextgpt.io import atomic_dir  # noqa: E402
+import make_tiny_ckpt
+from nextgpt.io import atomic_dir
 
 # ChatML, the turn format Qwen2-Instruct uses, written for these tiny models (one system line, then the turns).
 CHATML = ("{% for message in messages %}"

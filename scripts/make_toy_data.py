@@ -26,10 +26,8 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
-
-from nextgpt import toy  # noqa: E402
-from nextgpt.io import atomic_dir, atomic_write_text  # noqa: E402
+from nextgpt import toy
+from nextgpt.io import atomic_dir, atomic_write_text
 
 PAIR_SETS = {"image": "cc3m", "video": "webvid", "audio": "audiocap"}    # modality -> T_X_pair_data folder
 

@@ -175,7 +175,6 @@ def test_rank_stops_when_its_launcher_dies(tmp_path):
     """launcher (python) -> rank (python). SIGKILL the launcher: the rank's watch sees it and stops itself."""
     rank = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(REPO / 'code')!r})
         from nextgpt import stop
         stop.POLL_SECONDS = 0.1
         with stop.StopRequest(watch_launcher=True) as request:
