@@ -6,14 +6,22 @@ The seed's call, from code/ or from the repository root (a 4th positional decode
 Every dataset of a config (what `make embeddings` / `make features` run):
     python code/process_embeddings.py --config code/config/stage_3.yaml --all        # -> cfg.data.embed_dir
     python code/process_embeddings.py --config code/config/stage_1.yaml --all --features   # -> cfg.data.feature_dir
+Many processes, GPUs or nodes (each rank takes a disjoint, deterministic share of the batches and writes its own
+outputs; the rank that completes the set merges the one manifest; a killed rank's share is resumed by the next run):
+    deepspeed --num_gpus 8 code/process_embeddings.py --config ... --all [--features]   # or torchrun, or a hostfile
+    python code/process_embeddings.py --config ... --all --shard 3/16                    # a scheduler's array job
+Store layout: --store files (the seed's <name>.npy, default: data.store) | shards (a few memory-mapped files + an
+index, float16 unless --fp32; see nextgpt/store.py, which also converts a folder between the two).
 
 Caption embeddings are computed with the configured decoder's own text encoder (only it and its tokenizer are
 loaded): image/video (77, D) CLIP last hidden state, audio (D,) CLAP text_embeds L2-normalised; see
 nextgpt/data/embeddings.py. The caption embedded is the NORMALISED caption (readers.normalize_caption), the same
 string the model is trained to write. Any JSON format of the data readers works (pair, generation, t2x,
 instruction_tuning, MosIT). Items are `<out_dir>/<media file name>.npy`; finished items (complete .npy of the
-right shape, checked by exact name) are skipped, so a rerun does nothing and a killed run resumes (removing the
-temporary files it left); each file is written atomically, a batch at a time on a background thread. `--all`
+right shape, made from the same caption text: its hash is recorded with every item) are skipped, so a rerun does
+nothing, an edited caption is recomputed and a killed run resumes (removing the temporary files it left); each file
+is written atomically, a batch at a time on a background thread. Every vector is finite before it is written (else
+one line naming the item, or a counted skip under data.skip_bad_records); media are decoded in DataLoader workers. `--all`
 covers every catalog dataset whose file exists under cfg.data.root (the config's own data.datasets must exist), so
 one call prepares stage 2 and stage 3.
 """
@@ -24,9 +32,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python code/process_embeddings.py` from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="<json> <image|video|audio> <out_dir> [<decoder dir>] (the seed's call)")
     p.add_argument("--decoder", help="diffusers pipeline folder (default: the config's model.decoders[modality])")
     p.add_argument("--batch-size", type=int, default=None, help="captions (default 128) or media (default 8) per batch")
-    p.add_argument("--fp16", action="store_true", help="store float16 (the original's files); default float32")
+    p.add_argument("--fp16", action="store_true", help="store float16 (the original's files); default float32 for "
+                   "the files layout, float16 for shards")
+    p.add_argument("--fp32", action="store_true", help="store float32 in shards too")
+    p.add_argument("--store", choices=("files", "shards"), help="store layout (default: the config's data.store)")
+    p.add_argument("--shard", metavar="K/N", help="compute share K of N (0-based) without a launcher; default: the "
+                   "launcher's RANK / WORLD_SIZE, else all")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding media (--features)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher passes it
     p.add_argument("--config", help="config YAML (default: code/config/base.yaml, for decoder / ImageBind paths)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
@@ -68,7 +80,8 @@ def _caption_items(samples, modality: str, items: dict, conflicts: list) -> None
                 raise ValueError(f"{sample.where}: no caption to embed for {name} (empty {modality} caption)")
             key = (path.parent, name)
             if key in items and items[key][0] != target.caption:
-                conflicts.append(f"{sample.where} ({name}: {target.caption!r} vs {items[key][0]!r})")
+                conflicts.append(f"{name} is named by {items[key][1]} with caption {items[key][0]!r} and by "
+                                 f"{sample.where} with caption {target.caption!r}")
                 continue
             items.setdefault(key, (target.caption, sample.where))
 
@@ -116,44 +129,88 @@ def _catalog_samples(cfg, names: list[str] | None, log) -> list:
 # Caption embeddings
 
 def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str | Path, decoder_dir: str | Path,
-                             batch_size: int = 128, fp16: bool = False, device: str | None = None,
-                             overwrite: bool = False, log=print) -> dict[str, int]:
-    """Embed {media name: caption} into <out_dir>/<name>.npy and update the manifest section of `modality`.
-    -> {"written": n, "skipped": n}."""
+                             batch_size: int = 128, fp16: bool | None = None, device: str | None = None,
+                             overwrite: bool = False, log=print, layout: str = "files",
+                             share: tuple[int, int] = (0, 1), skip_bad: bool = False) -> dict[str, int]:
+    """Embed {media name: caption} into the store at out_dir (this rank's share of the batches) and, when the
+    set of shares is complete, merge the manifest section of `modality`. fp16: None = the layout's default
+    (files float32, shards float16). -> {"written": n, "skipped": n, "bad": n} for this share."""
     from tqdm import tqdm
 
+    from nextgpt import store
     from nextgpt.data import embeddings as emb
-    from nextgpt.embed_cache import ItemWriter, item_path, remove_stale_temps
+    from nextgpt.embed_cache import item_path, remove_stale_temps
 
     out_dir, decoder_dir = Path(out_dir), Path(decoder_dir)
+    rank, world = share
     shape = emb.stored_shape(modality, decoder_dir)          # JSON configs only: no model load for a no-op rerun
-    dtype = "float16" if fp16 else "float32"
+    fp16 = (layout == "shards") if fp16 is None else fp16
+    section = store.Section(encoder=str(decoder_dir.resolve()), shape=list(shape),
+                            dtype="float16" if fp16 else "float32", fingerprint=emb.decoder_fingerprint(decoder_dir),
+                            hashed=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = emb.read_manifest(out_dir)
-    old = sections.get(modality)
-    encoder_id = str(decoder_dir.resolve())
-    if old is not None and old.encoder != encoder_id and list(old.shape) == list(shape) and not overwrite:
-        log(f"note: {out_dir}: existing {modality} embeddings came from {old.encoder}; items of the right shape are "
-            "kept (--overwrite recomputes them)")
-    todo = [n for n in items if overwrite or emb.check_npy(item_path(out_dir, n), shape) is not None]
-    remove_stale_temps(out_dir, items)                       # what a killed run left for these items
+    _check_section(out_dir, store.KINDS[0], modality, section, layout, overwrite)
+    hashes = {n: store.caption_hash(c) for n, c in items.items()}
+    mine = store.share_batches(list(items), batch_size, rank, world)
+    names = [n for batch in mine for n in batch]
+    done = set() if overwrite else store.done_names(out_dir, modality, layout, names, shape, hashes)
+    todo = [[n for n in batch if n not in done] for batch in mine]
+    todo = [batch for batch in todo if batch]
+    tag = f"{rank}of{world}"
+    if layout == "files":
+        remove_stale_temps(out_dir, names)                   # what a killed run left for these items
+    else:
+        store.remove_orphans(out_dir, modality, tag)
+    written, bad = 0, []
     if todo:
         encoder = emb.CaptionEncoder(modality, decoder_dir, device=device)
-        # Each batch is written (temp files, one fsync pass, renames, one folder fsync) on the writer's thread
-        # while the next batch is encoded; an error there stops the run at the next batch, naming the file.
-        with tqdm(total=len(todo), desc=f"{modality} caption embeddings", unit="caption") as bar, \
-                ItemWriter(out_dir, dtype) as writer:
-            for start in range(0, len(todo), batch_size):
-                names = todo[start:start + batch_size]
-                writer.put(names, encoder.encode([items[n] for n in names]))      # (B, *shape) float32
-                bar.update(len(names))
-    sections = emb.read_manifest(out_dir)                    # re-read: another modality may have been written
-    sections[modality] = emb.Section(encoder=encoder_id, shape=list(shape), dtype=dtype,
-                                     count=emb.count_items(out_dir, modality))
-    emb.write_manifest(out_dir, sections)
-    log(f"{modality}: {len(todo)} written, {len(items) - len(todo)} already done -> {out_dir} "
-        f"(shape {shape}, {dtype}, decoder {decoder_dir})")
-    return {"written": len(todo), "skipped": len(items) - len(todo)}
+        writer = store.StoreWriter(out_dir, store.KINDS[0], modality, section, layout, tag=tag, skip_bad=skip_bad)
+        # Files: each batch is written (temp files, one fsync pass, renames, one folder fsync, then its caption
+        # hashes) on the writer's thread while the next batch is encoded; shards: a shard per SHARD_BYTES.
+        try:
+            with tqdm(total=sum(map(len, todo)), desc=f"{modality} caption embeddings", unit="caption",
+                      disable=rank != 0) as bar:
+                for batch in todo:
+                    vectors = encoder.encode([items[n] for n in batch])     # (B, *shape) float32
+                    bad += writer.put(batch, vectors, [hashes[n] for n in batch])
+                    bar.update(len(batch))
+        except BaseException:
+            writer.abort()           # keep what was computed (also on Ctrl-C); the rerun skips it
+            raise
+        writer.close()
+        written = writer.written
+    if bad:
+        log(f"warning: {modality}: skipped {len(bad)} non-finite caption embedding(s) (first: {bad[0][1]})")
+    merged = store.finish_share(out_dir, store.KINDS[0], modality, section, layout, rank, world)
+    skipped = len(names) - sum(map(len, todo))
+    who = f" (share {rank}/{world})" if world > 1 else ""
+    log(f"{modality}: {written} written, {skipped} already done{who} -> {out_dir} (shape {shape}, {section.dtype}, "
+        f"{layout}, decoder {decoder_dir})" + ("" if merged or world == 1 else "; other shares still to finish"))
+    return {"written": written, "skipped": skipped, "bad": len(bad)}
+
+
+def _check_section(folder: Path, kind: str, modality: str, section, layout: str, overwrite: bool) -> None:
+    """Refuse to mix items of another encoder, dtype or layout into a store folder (one line naming it)."""
+    from nextgpt import store
+
+    manifest = store.read_manifest(folder)
+    if manifest is None:
+        return
+    where = folder / store.MANIFEST
+    if manifest.kind != kind:
+        raise ValueError(f"{where}: holds {manifest.kind}; refusing to add {kind} (use another folder)")
+    if manifest.store != layout and manifest.modalities:
+        raise ValueError(f"{where}: is a {manifest.store} store, not {layout}; convert it (python -m nextgpt.store "
+                         f"convert {folder} --to {layout}) or pass --store {manifest.store}")
+    old = manifest.modalities.get(modality)
+    if old is None or overwrite:
+        return
+    if old.fingerprint and section.fingerprint and old.fingerprint != section.fingerprint:
+        raise ValueError(f"{where}: {modality} items came from {old.encoder} ({old.fingerprint}), not "
+                         f"{section.encoder} ({section.fingerprint}); --overwrite recomputes them")
+    if old.dtype != section.dtype and old.count:
+        raise ValueError(f"{where}: {modality} items are {old.dtype}, this run writes {section.dtype}; --overwrite "
+                         "rewrites them (or pass the same --fp16 / --fp32)")
 
 
 def _run_captions(samples, modalities, cfg, args, out_dir_override: str | None, log) -> None:
@@ -164,8 +221,10 @@ def _run_captions(samples, modalities, cfg, args, out_dir_override: str | None, 
         conflicts: list[str] = []
         _caption_items(samples, modality, items, conflicts)
         if conflicts:
-            log(f"warning: {len(conflicts)} {modality} item(s) named again with another caption; the first caption "
-                f"is embedded (first: {conflicts[0]})")
+            # One embedding per media name: training could not tell which caption a target was made from.
+            more = f" ({len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+            raise ValueError(f"{conflicts[0]}{more}; one caption embedding per media name (give the records "
+                             "different file names or the same caption)")
         if not items:
             if out_dir_override is not None:
                 raise ValueError(f"no {modality} caption targets in {args.positional[0]} (a generation / instruction "
@@ -180,7 +239,32 @@ def _run_captions(samples, modalities, cfg, args, out_dir_override: str | None, 
             by_dir.setdefault(folder, {})[name] = caption
         for folder, group in by_dir.items():
             write_caption_embeddings(group, modality, folder, decoder_dir, batch_size=args.batch_size or 128,
-                                     fp16=args.fp16, device=args.device, overwrite=args.overwrite, log=log)
+                                     fp16=_fp16(args), device=args.device, overwrite=args.overwrite, log=log,
+                                     layout=_layout(cfg, args), share=args.share,
+                                     skip_bad=cfg.data.skip_bad_records)
+
+
+def _layout(cfg, args) -> str:
+    return args.store or getattr(cfg.data, "store", "files")
+
+
+def _fp16(args) -> bool | None:
+    if args.fp16 and args.fp32:
+        raise ValueError("--fp16 and --fp32 both given")
+    return True if args.fp16 else False if args.fp32 else None
+
+
+def _device(args) -> str | None:
+    """--device, else under a launcher on a GPU machine the rank's own GPU (LOCAL_RANK)."""
+    import os
+
+    if args.device or args.share[1] == 1:
+        return args.device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', args.local_rank or 0))}"
+    return None
 
 
 def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
@@ -204,15 +288,23 @@ def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
                 items.pop(n)
         media = [(name, path) for name, (path, _) in items.items()]
         result = write_feature_cache(media, modality, out_dir, checkpoint, preset,
-                                     batch_size=args.batch_size or 8, device=args.device)
-        log(f"{modality} features: {result.get('written', 0)} written, {result.get('skipped', 0)} already done "
+                                     batch_size=args.batch_size or 8, device=_device(args),
+                                     layout=_layout(cfg, args), share=args.share, skip_bad=cfg.data.skip_bad_records,
+                                     workers=args.workers, fp16=_fp16(args),
+                                     where={n: w for n, (_, w) in items.items()}, log=log)
+        who = f" (share {args.share[0]}/{args.share[1]})" if args.share[1] > 1 else ""
+        log(f"{modality} features: {result.get('written', 0)} written, {result.get('skipped', 0)} already done{who} "
             f"-> {out_dir}")
 
 
 def run(args, log=print) -> None:
     from nextgpt.modalities import MODALITIES
+    from nextgpt.store import parse_share
 
     cfg = _load_config(args)
+    args.share = parse_share(args.shard)
+    if args.device is None:
+        args.device = _device(args)
     if args.all:
         if args.positional or args.decoder:
             raise ValueError("--all takes no positional arguments and no --decoder (decoders come from the config)")
@@ -248,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (ValueError, FileNotFoundError, OSError, ConfigError, ImportError) as e:
+    except (ValueError, FileNotFoundError, OSError, ConfigError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -386,8 +386,10 @@ def test_feature_cache_writes_skips_and_repairs(tmp_path, media, tiny_checkpoint
     assert write_feature_cache(items, "image", out, tiny_checkpoint, "tiny", batch_size=2) == dict(written=3,
                                                                                                    skipped=0)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest == dict(kind="imagebind_features", encoder=f"{tiny_checkpoint}#tiny", shape=[16],
-                            dtype="float32", count=3)
+    section = manifest["modalities"]["image"]          # the one store manifest format (nextgpt/store.py)
+    assert manifest["kind"] == "imagebind_features" and manifest["store"] == "files"
+    assert {k: section[k] for k in ("encoder", "shape", "dtype", "count")} == dict(
+        encoder=f"{tiny_checkpoint}#tiny", shape=[16], dtype="float32", count=3)
     encoder = Encoder(tiny_checkpoint, "tiny")
     expected = encoder.encode([p for _, p in items], "image")
     for (name, _), vector in zip(items, expected):
@@ -432,7 +434,7 @@ def test_feature_cache_resumes_after_a_kill(tmp_path, media, tiny_checkpoint, mo
     assert left == sorted(f"{name}.npy" for name, _ in items[:2])     # the first batch only, no temp files
     assert write_feature_cache(items, "image", out, tiny_checkpoint, "tiny", batch_size=2) == dict(written=3,
                                                                                                    skipped=2)
-    assert json.loads((out / "manifest.json").read_text())["count"] == 5
+    assert json.loads((out / "manifest.json").read_text())["modalities"]["image"]["count"] == 5
     assert all(np.load(p).shape == (16,) for p in out.glob("*.npy"))
 
 

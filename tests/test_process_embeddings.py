@@ -124,7 +124,7 @@ def test_rerun_does_nothing_and_killed_run_resumes(tiny_env, pipelines, tmp_path
     for f in files:
         assert emb.check_npy(f, (16,)) is None
         np.testing.assert_array_equal(np.load(f), reference[f.name])
-    assert {f.name for f in out.iterdir()} == {f.name for f in files} | {"manifest.json"}
+    assert {f.name for f in out.iterdir()} == {f.name for f in files} | {"manifest.json", "captions-audio.tsv"}
 
 
 def test_write_error_stops_the_run_naming_the_file(tiny_env, pipelines, tmp_path, monkeypatch, capsys):
@@ -258,5 +258,6 @@ def test_features_mode_writes_the_imagebind_cache(tiny_env):
 
         for sample in read_entry(resolve(cfg, name), prompt="p").samples:
             for medium in sample.media:
-                assert emb.check_npy(feature_dir / f"{medium.name}.npy", tuple(manifest["shape"])) is None
+                shape = tuple(manifest["modalities"][medium.modality]["shape"])
+                assert emb.check_npy(feature_dir / f"{medium.name}.npy", shape) is None
     assert validate(cfg, decode=False).ok

@@ -1,8 +1,9 @@
-"""A folder of per-item vectors: `<dir>/<media file name>.npy` plus `manifest.json`.
+"""The `files` layout of a store (nextgpt/store.py): `<dir>/<media file name>.npy` per item, written atomically.
 
 Used for caption embeddings (process_embeddings.py; stage 2/3 targets) and ImageBind features (--features;
-stage-1 cache). Items already present and valid are skipped, so a rerun after a kill finishes the job; every
-file is written atomically, so a kill never leaves a truncated `.npy` behind that a later run would accept.
+stage-1 cache) through nextgpt.store.StoreWriter. Items already present and valid are skipped, so a rerun after a
+kill finishes the job; every file is written atomically, so a kill never leaves a truncated `.npy` behind that a
+later run would accept.
 
 Writing: `ItemWriter` writes each computed batch on a background thread (nextgpt.io.atomic_write_files: temp
 files, one fsync pass, renames, one folder fsync per batch), so file I/O overlaps the next batch's compute.
@@ -12,22 +13,22 @@ for the items of the run) deletes them.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from nextgpt.io import atomic_save_npy, atomic_write_files, atomic_write_text, npy_bytes
+from nextgpt.io import atomic_write_files, npy_bytes
 
 MANIFEST = "manifest.json"
 
 
 @dataclass
 class Manifest:
+    """A one-section view of a store manifest (nextgpt/store.py holds the format)."""
     kind: str                 # "caption_embeddings" | "imagebind_features"
     encoder: str              # decoder folder / ImageBind checkpoint + preset that produced the vectors
     shape: list[int]          # per item, e.g. [77, 768], [512], [1024]
@@ -76,14 +77,17 @@ class ItemWriter:
 
     def _run(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            batch, on_written = item
             if self._error is not None:          # drop what follows a failed batch; put/close raise the error
                 continue
             try:
                 atomic_write_files([(item_path(self.dir, name), npy_bytes(array)) for name, array in batch])
                 self.written += len(batch)
+                if on_written is not None:
+                    on_written()
             except OSError as e:
                 self._error = f"{e.filename}: write failed ({e.strerror or e})"
             except BaseException as e:          # noqa: BLE001 - reported to the caller's thread
@@ -93,13 +97,14 @@ class ItemWriter:
         if self._error is not None:
             raise OSError(self._error)
 
-    def put(self, names: Sequence[str], arrays) -> None:
+    def put(self, names: Sequence[str], arrays, on_written=None) -> None:
         """Queue one batch; `arrays[i]` is stored as `<dir>/<names[i]>.npy` in this writer's dtype (copied now,
-        so the caller may reuse its buffers)."""
+        so the caller may reuse its buffers). `on_written()` runs on the writer's thread once the whole batch is
+        on disk (the store logs the batch's caption hashes there)."""
         self._raise()
         batch = [(name, np.array(array, dtype=self.dtype)) for name, array in zip(names, arrays, strict=True)]
         if batch:
-            self._queue.put(batch)
+            self._queue.put((batch, on_written))
 
     def close(self) -> None:
         """Wait until every queued batch is on disk; raise the first write error."""
@@ -122,13 +127,18 @@ class ItemWriter:
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest | None:
-    path = Path(cache_dir) / MANIFEST
-    if not path.exists():
+    """One-section view of a store manifest (nextgpt/store.py): kind, the first section's encoder / shape / dtype,
+    and the count over all modalities. None when the folder has no manifest."""
+    from nextgpt.store import read_manifest as read_store
+
+    manifest = read_store(cache_dir)
+    if manifest is None:
         return None
-    try:
-        return Manifest(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid manifest ({e})") from None
+    if not manifest.modalities:
+        raise ValueError(f"{Path(cache_dir) / MANIFEST}: no sections")
+    first = next(iter(manifest.modalities.values()))
+    return Manifest(kind=manifest.kind, encoder=first.encoder, shape=list(first.shape), dtype=first.dtype,
+                    count=sum(s.count for s in manifest.modalities.values()))
 
 
 def load_item(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -151,55 +161,3 @@ def is_valid(path: Path, shape: tuple[int, ...]) -> bool:
         return True
     except (FileNotFoundError, ValueError):
         return False
-
-
-class EmbedCache:
-    """Write side: `todo(names)` -> names still to compute (and removes their stale temp files);
-    `put(name, array)` writes one item now; `put_batch(names, arrays)` hands a batch to the background
-    ItemWriter; `close()` waits for the writer and writes the manifest."""
-
-    def __init__(self, cache_dir: str | Path, kind: str, encoder: str, shape: tuple[int, ...], dtype: str):
-        self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(kind=kind, encoder=encoder, shape=list(shape), dtype=dtype)
-        old = read_manifest(self.dir)
-        if old is not None and (old.kind, old.shape) != (kind, list(shape)):
-            raise ValueError(f"{self.dir}: holds {old.kind} of shape {old.shape} from {old.encoder}; refusing to "
-                             f"mix in {kind} of shape {list(shape)} (use another folder)")
-        self._writer: ItemWriter | None = None
-
-    def todo(self, names: list[str]) -> list[str]:
-        shape = tuple(self.manifest.shape)
-        remove_stale_temps(self.dir, names)
-        return [n for n in dict.fromkeys(names) if not is_valid(item_path(self.dir, n), shape)]
-
-    def put_batch(self, names: Sequence[str], arrays) -> None:
-        """Queue a batch (arrays (B, *shape)) for the background writer; returns while it is written."""
-        for name, array in zip(names, arrays, strict=True):
-            if tuple(array.shape) != tuple(self.manifest.shape):
-                raise ValueError(f"{name}: computed shape {tuple(array.shape)}, expected "
-                                 f"{tuple(self.manifest.shape)}")
-        if self._writer is None:
-            self._writer = ItemWriter(self.dir, self.manifest.dtype)
-        self._writer.put(names, arrays)
-
-    def flush(self) -> None:
-        """Wait for the background writer (raising its error); a no-op when nothing was queued."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-
-    def put(self, name: str, array: np.ndarray) -> None:
-        if tuple(array.shape) != tuple(self.manifest.shape):
-            raise ValueError(f"{name}: computed shape {tuple(array.shape)}, expected {tuple(self.manifest.shape)}")
-        path = item_path(self.dir, name)
-        try:
-            atomic_save_npy(path, array.astype(self.manifest.dtype, copy=False))
-        except OSError as e:
-            raise OSError(f"{path}: write failed ({e.strerror or e})") from None
-
-    def close(self) -> Manifest:
-        self.flush()
-        self.manifest.count = sum(1 for p in self.dir.glob("*.npy") if not p.name.startswith("."))
-        atomic_write_text(self.dir / MANIFEST, json.dumps(asdict(self.manifest), indent=2) + "\n")
-        return self.manifest

@@ -13,58 +13,45 @@ prompt encoding in diffusers 0.42, step for step:
     prompt_embeds = F.normalize(text_encoder(ids, attention_mask).text_embeds, dim=-1)
 so tests compare the stored vectors with `pipeline.encode_prompt` directly.
 
-Storage: `<embed_dir>/<media file name>.npy`, (77, D) or (D,) for pooled decoders, float32 or float16.
-One folder holds all three modalities (as the original's data/embed/), so its manifest.json has a section per
-modality: {"kind": "caption_embeddings", "modalities": {"image": {"encoder", "shape", "dtype", "count"}, ...}}.
+Storage: a store folder (nextgpt/store.py): `<embed_dir>/<media file name>.npy` (the default `files` layout) or
+memory-mapped shards, (77, D) or (D,) for pooled decoders, float32 or float16. One folder holds all three
+modalities (as the original's data/embed/), so its manifest.json has a section per modality:
+{"kind": "caption_embeddings", "store": ..., "modalities": {"image": {"encoder", "shape", "dtype", "count", ...}}}.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nextgpt.io import atomic_write_text, read_json
+from nextgpt import store
+from nextgpt.io import read_json
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
 MANIFEST = "manifest.json"
 KIND = "caption_embeddings"
 
 
-@dataclass
-class Section:
-    encoder: str              # decoder folder the vectors came from
-    shape: list[int]          # per item: [77, D] or [D]
-    dtype: str                # float32 | float16
-    count: int = 0            # items of this modality in the folder when written
+# One manifest format for caption embeddings and features: nextgpt/store.py. These are its caption-side views.
+Section = store.Section
 
 
 def read_manifest(embed_dir: str | Path) -> dict[str, Section]:
     """modality -> Section of a caption-embedding folder ({} when there is no manifest yet)."""
-    path = Path(embed_dir) / MANIFEST
-    if not path.exists():
+    manifest = store.read_manifest(embed_dir)
+    if manifest is None:
         return {}
-    try:
-        data = json.loads(path.read_text())
-        if data.get("kind") != KIND:
-            raise ValueError(f"kind {data.get('kind')!r}, expected {KIND!r}")
-        return {m: Section(**s) for m, s in data["modalities"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a caption-embedding manifest ({e})") from None
-
-
-def write_manifest(embed_dir: str | Path, sections: dict[str, Section]) -> None:
-    data = {"kind": KIND, "modalities": {m: asdict(s) for m, s in sorted(sections.items())}}
-    atomic_write_text(Path(embed_dir) / MANIFEST, json.dumps(data, indent=2) + "\n")
+    if manifest.kind != KIND:
+        raise ValueError(f"{Path(embed_dir) / MANIFEST}: not a caption-embedding manifest (kind {manifest.kind!r}, "
+                         f"expected {KIND!r})")
+    return manifest.modalities
 
 
 def count_items(embed_dir: str | Path, modality: str) -> int:
-    """.npy files in the folder whose media name has one of the modality's extensions."""
-    exts = MODALITIES[modality].extensions
-    return sum(1 for p in Path(embed_dir).glob("*.npy")
-               if not p.name.startswith(".") and Path(p.name[:-len(".npy")]).suffix.lower() in exts)
+    """Items of the modality in the folder (files: .npy files with one of its extensions; shards: index rows)."""
+    manifest = store.read_manifest(embed_dir)
+    return store.count(embed_dir, modality, manifest.store if manifest else "files")
 
 
 def storage_shape(modality: str, conditioning: tuple[int, int]) -> tuple[int, ...]:
@@ -107,6 +94,16 @@ def check_npy(path: str | Path, shape: tuple[int, ...] | None = None) -> str | N
     if shape is not None and tuple(found) != tuple(shape):
         return f"shape {tuple(found)}, expected {tuple(shape)}"
     return None
+
+
+def decoder_fingerprint(decoder_dir: str | Path) -> str:
+    """Identity of a decoder's text encoder weights (nextgpt.store.file_fingerprint of each weight file), so a
+    store refuses embeddings of another text encoder at the same path."""
+    from nextgpt.store import file_fingerprint
+
+    folder = Path(decoder_dir) / "text_encoder"
+    weights = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return "+".join(file_fingerprint(p) for p in weights)
 
 
 def _component_class(decoder_dir: Path, component: str):
@@ -153,13 +150,19 @@ class CaptionEncoder:
         return str(self.decoder_dir.resolve())
 
     def encode(self, captions: list[str]) -> np.ndarray:
+        """(B, *shape) float32 numpy array (what the store holds)."""
+        return self.encode_tensor(captions).float().cpu().numpy()
+
+    def encode_tensor(self, captions: list[str]):
+        """(B, *shape) tensor on self.device in the text encoder's dtype; no autograd graph (no_grad), so the
+        result can also serve as a training target (online caption embeddings)."""
         import torch
         import torch.nn.functional as F
 
         tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             if self.pooled:
                 # (B, L) -> CLAP text_embeds (B, D), L2-normalised as AudioLDM's _encode_prompt
                 out = self.text_encoder(ids, attention_mask=tokens.attention_mask.to(self.device)).text_embeds
@@ -169,8 +172,7 @@ class CaptionEncoder:
                 use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
                 mask = tokens.attention_mask.to(self.device) if use_mask else None
                 out = self.text_encoder(ids, attention_mask=mask)[0]
-        array = out.float().cpu().numpy()
-        if tuple(array.shape[1:]) != self.shape:
-            raise ValueError(f"{self.decoder_dir}: text encoder produced {tuple(array.shape[1:])}, but its config "
+        if tuple(out.shape[1:]) != self.shape:
+            raise ValueError(f"{self.decoder_dir}: text encoder produced {tuple(out.shape[1:])}, but its config "
                              f"says {self.shape}")
-        return array
+        return out
