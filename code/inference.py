@@ -14,6 +14,7 @@ did, `<Image>cat.jpg</Image> what is this?` (also <Video>, <Audio>), or with fla
 What is loaded when: the LLM + delta at start; ImageBind only when a request names media; each diffusion pipeline
 the first time its signal tokens appear in a reply, then kept. Files: reply_<n>.txt per request and
 <modality>_<i>.<ext> per generated medium, numbered within the run, in --out (default inference.out_dir).
+The generation itself is nextgpt.generate, the same code the web demo (app.py) and evaluate.py run.
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from nextgpt import config as config_lib  # noqa: E402
-from nextgpt.modalities import MODALITIES, get  # noqa: E402
+from nextgpt import config as config_lib
+from nextgpt.modalities import MODALITIES, get
 
 
 @dataclass
@@ -67,106 +66,52 @@ def check_media(request: Request) -> None:
             raise ValueError(f"{path}: not a {modality} file (expected one of {', '.join(get(modality).extensions)})")
 
 
-def pick_device(requested: str | None):
-    """Device and dtype, decided once with the reason: bf16 (else fp16) on a GPU, fp32 on the CPU."""
-    import torch
-
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        reason = f"{torch.cuda.get_device_name(device)}: {str(dtype).removeprefix('torch.')}"
-    else:
-        dtype = torch.float32
-        reason = "CPU: float32" + ("" if requested else " (no CUDA device)")
-    return device, dtype, reason
-
-
 class Session:
     """The loaded model, the lazily loaded decoders and the output counters of one run."""
 
-    def __init__(self, cfg, checkpoint, out_dir: Path, device, dtype, seed: int):
-        self.cfg, self.out_dir, self.device, self.dtype, self.seed = cfg, out_dir, device, dtype, seed
-        self.model = load_model(cfg, checkpoint, device, dtype)
+    def __init__(self, cfg, checkpoint: Path, out_dir: Path, device, dtype, seed: int):
+        from nextgpt.generate import Sampling, load_model
         from nextgpt.model.decoders import Decoders
 
-        self.decoders = Decoders(cfg, device=device, dtype=dtype, seed=seed)
+        self.cfg, self.out_dir, self.seed = cfg, out_dir, seed
+        start = time.time()
+        self.model, info = load_model(cfg, checkpoint, device, dtype)
+        print(f"loaded {cfg.path(cfg.model.llm)} + {info.path} in {time.time() - start:.1f} s", flush=True)
+        self.sampling = Sampling.from_config(cfg.inference)
+        self.decoders = Decoders(cfg, device=device, dtype=dtype, seed=seed,
+                                 on_load=lambda message: print(f"  {message}", flush=True))
         self.requests = 0
         self.counts = {m: 0 for m in MODALITIES}
 
     def run(self, request: Request) -> dict:
-        """Generate for one request, write its files, print the reply; returns {text, files, truncated}."""
-        import torch
-
+        """Generate for one request, print the reply, write its files; returns {text, files, truncated}."""
         from nextgpt.data.types import Media
+        from nextgpt.generate import Conversation, generate
+        from nextgpt.io import atomic_write_text
+        from nextgpt.model.decoders import write
 
         check_media(request)
         media = [Media(modality, str(path.resolve()), path.name) for modality, path in request.media]
-        settings = self.cfg.inference
-        torch.manual_seed(self.seed)             # the same request + seed -> the same sampled reply
         start = time.time()
-        generation = self.model.generate(request.text, media=media, max_new_tokens=settings.max_new_tokens,
-                                         temperature=settings.temperature, top_p=settings.top_p,
-                                         do_sample=settings.do_sample)
-        files: list[Path] = []
-        reply_path = self.out_dir / f"reply_{self.requests}.txt"
-        from nextgpt.io import atomic_write_text
-
-        print(f"assistant: {generation.text}", flush=True)  # before any write: an unwritable --out never loses it
-        atomic_write_text(reply_path, generation.text + "\n")
-        files.append(reply_path)
-        for modality, conditioning in generation.outputs:      # conditioning (1, T, D) from output_proj[modality]
-            if modality not in self.decoders.loaded():
-                print(f"  loading the {modality} decoder from {self.decoders.folder(modality)}", flush=True)
-            decoded = self.decoders.decode(modality, conditioning)
-            path = self.decoders.write(decoded, self.out_dir, self.counts[modality])
-            self.counts[modality] += 1
-            files.append(path)
-        for modality in generation.truncated:
+        (reply,) = generate(self.model, [Conversation.of(request.text, media)], self.sampling, self.seed,
+                            decoders=self.decoders)
+        print(f"assistant: {reply.text}", flush=True)      # before any file: a failed write never loses the reply
+        for modality in reply.truncated:
             print(f"  note: the {modality} signal block was cut off at max_new_tokens="
-                  f"{settings.max_new_tokens}; no {modality} written (raise inference.max_new_tokens)", flush=True)
-        for modality in getattr(generation, "malformed", []):
+                  f"{self.sampling.max_new_tokens}; no {modality} written (raise inference.max_new_tokens)", flush=True)
+        for modality in reply.malformed:
             print(f"  note: the {modality} signal tokens came out of order; no {modality} written", flush=True)
+        reply_path = self.out_dir / f"reply_{self.requests}.txt"
+        atomic_write_text(reply_path, reply.text + "\n")
+        files = [reply_path]
+        for output in reply.outputs:
+            files.append(write(output.decoded, self.out_dir, self.counts[output.modality]))
+            self.counts[output.modality] += 1
         for path in files:
             print(f"  wrote {path}", flush=True)
         print(f"  ({time.time() - start:.1f} s)", flush=True)
         self.requests += 1
-        return {"text": generation.text, "files": files, "truncated": list(generation.truncated)}
-
-
-def find_checkpoint(value: str | Path) -> tuple[str, Path]:
-    """-> ("legacy", pytorch_model.pt) or ("delta", folder); FileNotFoundError naming the path otherwise."""
-    path = Path(value)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found (give --ckpt, or train one: `make stage3`)")
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        return "legacy", path
-    if path.is_dir() and (path / "pytorch_model.pt").is_file() and not (path / "delta.safetensors").exists():
-        return "legacy", path / "pytorch_model.pt"
-    from nextgpt import checkpoint as checkpoint_lib
-
-    return "delta", checkpoint_lib.resolve_checkpoint(path)
-
-
-def load_model(cfg, checkpoint: tuple[str, Path], device, dtype):
-    """Base LLM + ImageBind-free NextGPT, then the trained delta (ours, strict) or an original pytorch_model.pt."""
-    from nextgpt import checkpoint as checkpoint_lib
-    from nextgpt.model.nextgpt import build_model
-
-    kind, path = checkpoint
-    start = time.time()
-    model = build_model(cfg, device=device, dtype=dtype)
-    if kind == "legacy":
-        checkpoint_lib.import_legacy(model, path)
-    else:
-        checkpoint_lib.load_delta(model, path)
-    model.eval()
-    print(f"loaded {cfg.path(cfg.model.llm)} + {path} in {time.time() - start:.1f} s", flush=True)
-    return model
+        return {"text": reply.text, "files": files, "truncated": list(reply.truncated)}
 
 
 def interactive(session: Session, stream=None) -> int:
@@ -208,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
+        from nextgpt.generate import checkpoint_info
+
         cfg = config_lib.from_args(args)
         seed = cfg.inference.seed if args.seed is None else args.seed
-        checkpoint = find_checkpoint(Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt))
+        checkpoint = Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt)
+        checkpoint_info(checkpoint)                  # a missing checkpoint fails here, before anything loads
         out_dir = Path(args.out) if args.out else cfg.path(cfg.inference.out_dir)
         request = None
         if args.prompt is not None:
@@ -219,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             check_media(request)
         elif any(getattr(args, m) for m in MODALITIES):
             raise ValueError("--image/--video/--audio need --prompt (or name media inside interactive lines)")
+        from nextgpt.generate import pick_device
+
         device, dtype, reason = pick_device(args.device)
         print(f"device: {reason}", flush=True)
         session = Session(cfg, checkpoint, out_dir, device, dtype, seed)

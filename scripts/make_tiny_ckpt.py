@@ -20,9 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
-
-from nextgpt.io import atomic_dir, atomic_write_text  # noqa: E402
+from nextgpt.io import atomic_dir, atomic_write_text
 
 LLM = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -103,18 +101,18 @@ CLAP_MAX_LENGTH = 64        # RoBERTa padding length (512 in AudioLDM; the poole
 
 # What the tiny decoders produce by default; code/config/tiny/base.yaml `inference:` mirrors these numbers
 # (tests/test_foundation.py checks that they agree).
-TINY_INFERENCE = dict(image_height=32, image_width=32, image_steps=2, video_height=32, video_width=32,
-                      video_frames=4, video_steps=2, audio_seconds=1.0, audio_steps=2)
+TINY_INFERENCE = {"image": dict(steps=2, height=32, width=32), "video": dict(steps=2, height=32, width=32, frames=4),
+                  "audio": dict(steps=2, seconds=1.0)}
 
 
 def inference_sizes() -> dict[str, dict[str, float | int]]:
     """Keyword arguments for each tiny pipeline's __call__ (besides prompt_embeds), keyed by modality."""
     s = TINY_INFERENCE
     return {
-        "image": dict(height=s["image_height"], width=s["image_width"], num_inference_steps=s["image_steps"]),
-        "video": dict(height=s["video_height"], width=s["video_width"], num_frames=s["video_frames"],
-                      num_inference_steps=s["video_steps"]),
-        "audio": dict(audio_length_in_s=s["audio_seconds"], num_inference_steps=s["audio_steps"]),
+        "image": dict(height=s["image"]["height"], width=s["image"]["width"], num_inference_steps=s["image"]["steps"]),
+        "video": dict(height=s["video"]["height"], width=s["video"]["width"], num_frames=s["video"]["frames"],
+                      num_inference_steps=s["video"]["steps"]),
+        "audio": dict(audio_length_in_s=s["audio"]["seconds"], num_inference_steps=s["audio"]["steps"]),
     }
 
 

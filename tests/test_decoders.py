@@ -58,21 +58,21 @@ def test_nothing_loads_until_first_use(decoder_cfg):
 
 @pytest.mark.parametrize("modality", list(MODALITIES))
 def test_decode_writes_file_of_configured_size(decoders, decoder_cfg, tmp_path, modality):
-    settings = decoder_cfg.inference
+    settings = decoder_cfg.inference.decoding(modality)
     decoded = decoders.decode(modality, conditioning(decoders, modality))
     path = decoders.write(decoded, tmp_path, 3)
     assert path == tmp_path / f"{modality}_3.{MODALITIES[modality].file_ext}"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]          # no temp file left behind
     if modality == "image":
-        assert read_back(path).shape == (settings.image_height, settings.image_width, 3)
+        assert read_back(path).shape == (settings.height, settings.width, 3)
     elif modality == "video":
         frames, fps = read_back(path)
-        assert frames.shape == (settings.video_frames, settings.video_height, settings.video_width, 3)
-        assert fps == settings.video_fps
+        assert frames.shape == (settings.frames, settings.height, settings.width, 3)
+        assert fps == settings.fps
     else:
         waveform, rate = read_back(path)
         assert rate == 16000
-        assert len(waveform) == int(settings.audio_seconds * 16000)
+        assert len(waveform) == int(settings.seconds * 16000)
         assert np.abs(waveform).max() > 0
 
 
@@ -96,15 +96,14 @@ def test_seeded_and_driven_by_the_conditioning(decoders):
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_negative_embeds_match_the_pipelines_own_empty_prompt(decoders, decoder_cfg, modality):
     """Our cached unconditional embeddings give exactly what the pipeline computes itself from ""."""
-    settings = decoder_cfg.inference
+    settings = decoder_cfg.inference.decoding(modality)
     embeds = conditioning(decoders, modality, 2)
     ours = decoders.decode(modality, embeds, seed=5).data
     pipeline = decoders.pipeline(modality)
-    sizes = (dict(height=settings.image_height, width=settings.image_width, output_type="np")
-             if modality == "image" else dict(audio_length_in_s=settings.audio_seconds))
+    sizes = (dict(height=settings.height, width=settings.width, output_type="np")
+             if modality == "image" else dict(audio_length_in_s=settings.seconds))
     theirs = pipeline(prompt_embeds=embeds if modality == "image" else embeds.reshape(1, -1),
-                      num_inference_steps=getattr(settings, f"{modality}_steps"),
-                      guidance_scale=getattr(settings, f"{modality}_guidance"),
+                      num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                       generator=torch.Generator().manual_seed(5), **sizes)
     if modality == "image":
         ours_array = np.asarray(ours).astype(np.float32) / 255

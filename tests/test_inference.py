@@ -155,13 +155,13 @@ def test_end_to_end_image_in_image_video_audio_out(tiny_env, programmed, tmp_pat
         assert f"wrote {tmp_path / name}" in printed
 
     with Image.open(tmp_path / "image_0.png") as image:
-        assert image.size == (settings.image_width, settings.image_height)
+        assert image.size == (settings.image.width, settings.image.height)
     with av.open(str(tmp_path / "video_0.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert float(container.streams.video[0].average_rate) == settings.video_fps
-    assert np.stack(frames).shape == (settings.video_frames, settings.video_height, settings.video_width, 3)
+        assert float(container.streams.video[0].average_rate) == settings.video.fps
+    assert np.stack(frames).shape == (settings.video.frames, settings.video.height, settings.video.width, 3)
     waveform, rate = soundfile.read(str(tmp_path / "audio_0.wav"))
-    assert rate == 16000 and len(waveform) == int(settings.audio_seconds * rate)
+    assert rate == 16000 and len(waveform) == int(settings.audio.seconds * rate)
 
 
 
@@ -220,3 +220,107 @@ def test_legacy_pytorch_model_pt(tiny_env, programmed, tmp_path, capsys):
     assert code == 0, printed
     assert (out / "reply_0.txt").read_text().strip().replace(" ", "").endswith(programmed["signal_text"])
     assert (out / "image_0.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nextgpt.generate: the one generation path (inference.py, app.py, evaluate.py)
+
+@pytest.fixture(scope="module")
+def signal_model(tiny_env, programmed):
+    from nextgpt.generate import load_model
+
+    cfg = tiny_env.config("stage_3", *programmed["overrides"])
+    model, info = load_model(cfg, programmed["deltas"]["signal"])
+    return model, info
+
+
+def test_batch_equals_one_at_a_time_and_rows_keep_their_media(tiny_env, signal_model):
+    """Left-padded batch rows give the same ids and conditioning as each conversation alone (greedy)."""
+    import torch
+
+    from nextgpt.data.types import Media
+    from nextgpt.generate import Conversation, Sampling, generate
+
+    model, _ = signal_model
+    image = next((tiny_env.data / "T_X_pair_data" / "cc3m" / "images").iterdir())
+    _ = tiny_env.imagebind
+    conversations = [Conversation.of("Show me everything"),
+                     Conversation.of("a much longer question about the picture, please", [
+                         Media("image", str(image), image.name)])]
+    sampling = Sampling(max_new_tokens=12, do_sample=False)
+    batch = generate(model, conversations, sampling, seed=0)
+    alone = [generate(model, [c], sampling, seed=0)[0] for c in conversations]
+    for together, single in zip(batch, alone):
+        assert together.token_ids == single.token_ids and together.text == single.text
+        assert [o.modality for o in together.outputs] == ["image"] == [o.modality for o in single.outputs]
+        torch.testing.assert_close(together.outputs[0].conditioning, single.outputs[0].conditioning,
+                                   rtol=1e-5, atol=1e-5)
+        assert together.truncated == ["video"]                 # 12 tokens: WORD, [IMG0..3], 7 of [VID0..23]
+        assert "[IMG0]" not in together.display_text and together.display_text
+
+
+def test_stream_yields_text_then_the_reply_with_media(tiny_env, signal_model, programmed, tmp_path):
+    from nextgpt.generate import Conversation, Reply, Sampling, stream
+    from nextgpt.model.decoders import Decoders
+
+    model, _ = signal_model
+    decoders = Decoders(model.cfg)
+    items = list(stream(model, Conversation.of("Show me everything"), Sampling(max_new_tokens=6, do_sample=False),
+                        seed=1, decoders=decoders, out_dir=tmp_path))
+    *pieces, reply = items
+    assert isinstance(reply, Reply) and pieces and all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces).replace(" ", "").startswith(programmed["word"])
+    assert [o.modality for o in reply.outputs] == ["image"]
+    assert reply.outputs[0].path == tmp_path / "image_0.png" and reply.outputs[0].path.is_file()
+
+
+def test_multi_turn_history_rebuilds_the_signal_block(signal_model):
+    from nextgpt.data.conversation import prompt_for_generation
+    from nextgpt.data.types import Turn
+    from nextgpt.generate import Conversation, Sampling, generate
+
+    model, _ = signal_model
+    sampling = Sampling(max_new_tokens=6, do_sample=False)
+    (first,) = generate(model, [Conversation.of("Show me everything")], sampling, seed=0)
+    history = Conversation([Turn("human", "Show me everything"), first.as_turn(), Turn("human", "again")])
+    ids = prompt_for_generation(history.turns, [], model.tokenizer, model.token_ids).input_ids
+    image_block = model.token_ids.signal["image"]
+    assert any(ids[i:i + len(image_block)] == image_block for i in range(len(ids)))
+    (second,) = generate(model, [history], sampling, seed=0)
+    assert [o.modality for o in second.outputs] == ["image"]
+
+
+def test_too_long_conversation_and_bad_sampling_are_one_line_errors(signal_model):
+    from nextgpt.generate import Conversation, Sampling, generate
+
+    model, _ = signal_model
+    context = model.causal_lm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=r"the conversation is \d+ tokens; the model's context is"):
+        generate(model, [Conversation.of("word " * context)], Sampling(max_new_tokens=2), seed=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Sampling(temperature=0.0, do_sample=True)
+
+
+def test_checkpoint_info_reads_meta(signal_model, programmed, tmp_path):
+    from nextgpt.generate import checkpoint_info
+
+    _, info = signal_model
+    assert (info.kind, info.stage, info.step) == ("delta", 3, 0)
+    assert "stage 3, step 0" in info.describe()
+    with pytest.raises(FileNotFoundError, match="nowhere: checkpoint not found"):
+        checkpoint_info(tmp_path / "nowhere")
+
+
+def test_decoder_settings_are_one_mapping_per_modality(tiny_env):
+    from nextgpt.config import ConfigError
+
+    cfg = tiny_env.config("stage_3", "inference.video.frames=3", "inference.audio.seconds=0.5")
+    assert cfg.inference.decoding("video").frames == 3 and cfg.inference.audio.seconds == 0.5
+    with pytest.raises(ConfigError, match="unknown key 'inference.image_steps'"):
+        tiny_env.config("stage_3", "inference.image_steps=3")
+    with pytest.raises(ConfigError, match="inference.video.frames: must be > 0"):
+        tiny_env.config("stage_3", "inference.video.frames=0")
+    with pytest.raises(ConfigError, match="inference.image.height: must be a multiple of 8"):
+        tiny_env.config("stage_3", "inference.image.height=30")

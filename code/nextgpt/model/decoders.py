@@ -6,10 +6,11 @@
         audio  (1, 1, 512)   AudioLDMPipeline          -> (N,) float waveform -> audio_<i>.wav (soundfile)
                              (pooled: fed as (1, 512), the CLAP text_embeds slot)
 
-Which pipeline class decodes a modality comes from the table (`nextgpt.modalities`); the folder from
-`cfg.model.decoders`; steps, guidance, size, frames, fps and audio length from `cfg.inference`
-(`<modality>_steps`, `<modality>_guidance`, ...). Each pipeline is loaded from local files on first use and kept
-for the rest of the process (the original re-loaded all of them on every call, reference §7 item 14).
+Which pipeline class decodes a modality, what it is given besides the embeddings (sizes, output type), how its
+output is read and which file it becomes all come from the modality's row of the table (`nextgpt.modalities`); the
+folder from `cfg.model.decoders`; steps, guidance and sizes from the modality's mapping `cfg.inference.<modality>`
+(a request may pass its own, e.g. the app's side panel). Each pipeline is loaded from local files on first use and
+kept for the rest of the process (the original re-loaded all of them on every call, reference §7 item 14).
 
 Classifier-free guidance needs unconditional embeddings; like the original (and like the pipelines themselves when
 given only `prompt_embeds`) they are the empty prompt through the pipeline's own text encoder, computed once per
@@ -18,21 +19,11 @@ pipeline and passed as `negative_prompt_embeds`.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nextgpt.modalities import MODALITIES, conditioning_shape, get
-
-# What each pipeline class takes beyond the embeddings, from cfg.inference, and the output type we ask for.
-# (Sizes are named differently per pipeline: height/width, num_frames, audio_length_in_s.)
-_SIZE_ARGUMENTS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "StableDiffusionPipeline": lambda inf: dict(height=inf.image_height, width=inf.image_width, output_type="pil"),
-    "TextToVideoSDPipeline": lambda inf: dict(height=inf.video_height, width=inf.video_width,
-                                              num_frames=inf.video_frames, output_type="np"),
-    "AudioLDMPipeline": lambda inf: dict(audio_length_in_s=inf.audio_seconds, output_type="np"),
-}
 
 
 @dataclass
@@ -49,10 +40,11 @@ class Decoders:
     `decode(modality, conditioning)` -> Decoded; `write(decoded, out_dir, index)` -> path of the written file.
     """
 
-    def __init__(self, cfg, device=None, dtype=None, seed: int | None = None):
+    def __init__(self, cfg, device=None, dtype=None, seed: int | None = None, on_load=None):
         import torch
 
         self.cfg = cfg
+        self.on_load = on_load    # called with a one-line message before a pipeline loads (inference prints it)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None else torch.float32
         self.seed = cfg.inference.seed if seed is None else seed
@@ -83,6 +75,8 @@ class Decoders:
             raise FileNotFoundError(f"{folder / 'model_index.json'}: missing (the {modality} decoder folder from "
                                     f"model.decoders.{modality}; see `make check-ckpt`)")
         pipeline_class = getattr(diffusers, get(modality).pipeline)
+        if self.on_load is not None:
+            self.on_load(f"loading the {modality} decoder from {folder}")
         # diffusers 0.42 spells the dtype argument `dtype` (`torch_dtype` is deprecated there)
         try:
             pipeline = pipeline_class.from_pretrained(str(folder), dtype=self.dtype, local_files_only=True)
@@ -106,19 +100,21 @@ class Decoders:
 
         pipeline = self.pipeline(modality)
         with torch.inference_mode():
-            if hasattr(pipeline, "encode_prompt"):
-                # SD / text-to-video: (prompt_embeds, negative_prompt_embeds); no guidance -> the second is None
-                negative = pipeline.encode_prompt("", self.device, 1, False)[0]
-            else:
+            if get(modality).pooled:
                 # AudioLDM has only _encode_prompt: CLAP text_embeds, L2-normalised as for its own prompts -> (1, D)
                 negative = pipeline._encode_prompt("", self.device, 1, False)
+            else:
+                # SD / text-to-video: (prompt_embeds, negative_prompt_embeds); no guidance -> the second is None
+                negative = pipeline.encode_prompt("", self.device, 1, False)[0]
         self._negative[modality] = negative
         return negative
 
     # -- decoding -------------------------------------------------------------------------------------------------
-    def decode(self, modality: str, conditioning, seed: int | None = None) -> Decoded:
-        """conditioning (1, T, D) from output_proj[modality] -> Decoded media. Same seed + conditioning -> same media."""
-        import numpy as np
+    def decode(self, modality: str, conditioning, seed: int | None = None, settings=None) -> Decoded:
+        """conditioning (1, T, D) from output_proj[modality] -> Decoded media. Same seed + conditioning -> same media.
+
+        settings: this request's ImageDecoding / VideoDecoding / AudioDecoding (default: cfg.inference's).
+        """
         import torch
 
         info = get(modality)
@@ -127,27 +123,19 @@ class Decoders:
             raise ValueError(f"{modality} conditioning has shape {tuple(conditioning.shape)}; the decoder at "
                              f"{self.folder(modality)} needs (1, {tokens}, {dim})")
         pipeline = self.pipeline(modality)
-        settings = self.cfg.inference
-        steps = int(getattr(settings, f"{modality}_steps"))
-        guidance = float(getattr(settings, f"{modality}_guidance"))
+        settings = self.cfg.inference.decoding(modality) if settings is None else settings
         prompt_embeds = conditioning.detach().to(self.device, self.dtype)
         if info.pooled:
             prompt_embeds = prompt_embeds.reshape(1, dim)          # (1, 1, 512) -> (1, 512), the CLAP slot
-        negative = self.negative_embeds(modality).to(self.dtype) if guidance > 1.0 else None
+        negative = self.negative_embeds(modality).to(self.dtype) if settings.guidance > 1.0 else None
         # A CPU generator: the same numbers on every device (diffusers draws on CPU and moves them).
         generator = torch.Generator("cpu").manual_seed(self.seed if seed is None else seed)
         with torch.inference_mode():
             output = pipeline(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
-                              num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                              **_SIZE_ARGUMENTS[info.pipeline](settings))
-        if hasattr(output, "images"):
-            return Decoded(modality, output.images[0])
-        if hasattr(output, "frames"):
-            frames = np.asarray(output.frames[0], dtype=np.float32)          # (F, H, W, 3) in [0, 1]
-            return Decoded(modality, (frames.clip(0, 1) * 255).round().astype(np.uint8),
-                           rate=float(settings.video_fps))
-        waveform = np.asarray(output.audios[0], dtype=np.float32)           # (N,) at the vocoder's rate
-        return Decoded(modality, waveform, rate=float(pipeline.vocoder.config.sampling_rate))
+                              num_inference_steps=int(settings.steps), guidance_scale=float(settings.guidance),
+                              generator=generator, **info.pipeline_arguments(settings))
+        data, rate = info.read_output(output, pipeline, settings)
+        return Decoded(modality, data, rate=rate)
 
     def write(self, decoded: Decoded, out_dir: str | Path, index: int) -> Path:
         return write(decoded, out_dir, index)
@@ -157,52 +145,7 @@ def write(decoded: Decoded, out_dir: str | Path, index: int) -> Path:
     """Write `<modality>_<index>.<ext>` atomically (temp file + rename) and return its path."""
     from nextgpt.io import atomic_write_bytes
 
-    ext = MODALITIES[decoded.modality].file_ext
-    path = Path(out_dir) / f"{decoded.modality}_{index}.{ext}"
-    atomic_write_bytes(path, _WRITERS[ext](decoded))
+    info = MODALITIES[decoded.modality]
+    path = Path(out_dir) / f"{decoded.modality}_{index}.{info.file_ext}"
+    atomic_write_bytes(path, info.encode_file(decoded.data, decoded.rate))
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Encoders to bytes, one per file type in the table.
-
-def _png_bytes(decoded: Decoded) -> bytes:
-    buffer = io.BytesIO()
-    decoded.data.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _mp4_bytes(decoded: Decoded) -> bytes:
-    """(F, H, W, 3) uint8 -> H.264 mp4 (MPEG-4 part 2 where this FFmpeg has no libx264), yuv420p."""
-    try:
-        import av
-    except ImportError as e:
-        raise ImportError(f"writing mp4 needs PyAV ({e}); run `make env`") from None
-    import numpy as np
-
-    frames = decoded.data
-    # yuv420p stores chroma at half resolution: odd sizes are padded by one edge row / column.
-    pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))
-    frames = np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=max(1, round(decoded.rate)))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))                     # flush the encoder's delayed frames
-    return buffer.getvalue()
-
-
-def _wav_bytes(decoded: Decoded) -> bytes:
-    import numpy as np
-    import soundfile
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.clip(decoded.data, -1.0, 1.0), int(decoded.rate), format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
-_WRITERS: dict[str, Callable[[Decoded], bytes]] = {"png": _png_bytes, "mp4": _mp4_bytes, "wav": _wav_bytes}

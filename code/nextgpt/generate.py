@@ -1,0 +1,368 @@
+"""The generation path that inference.py, app.py and evaluate.py share: conversations -> replies (+ media).
+
+    Conversation(turns human/gpt/.../human, media) --template (prompt_for_generation)--> ids (L,) + soft-token slots
+    --NextGPT.embed (input_proj(ImageBind feature) written in)--> inputs_embeds (B, L, D), left-padded
+    --LLM.generate (sampled or greedy, stops at "###" / </s>)--> new ids per row
+    --tokens.scan_signal_blocks--> (modality, start) of each complete [IMG0..3] / [VID0..23] / [AUD0..7] block
+    --one forward over prompt + answer (right-padded)--> hidden_states[hidden_layer] (B, L', D)
+    --NextGPT.project at each block--> conditioning (1, T, D_out) per output
+    --Decoders (each pipeline loaded on first use), optional--> Decoded media, optionally written as png/mp4/wav
+
+The conditioning comes from the same positions as in training (the signal tokens as inputs), so the last token of a
+block needs no extra generation step (reference §6.2 / §7 items 3 and 15). A block cut off by max_new_tokens is
+reported in Reply.truncated, signal ids out of order in Reply.malformed.
+
+    replies = generate(model, [Conversation.of("show me a cat")], Sampling.from_config(cfg.inference), seed=13,
+                       decoders=Decoders(cfg), out_dir="runs/x")
+    for piece in stream(model, conversation, sampling, seed): ...   # str pieces of the reply, then the Reply
+
+Batched rows are independent conversations; sampling draws from one generator for the whole batch, so a row's
+sampled reply depends on its batch (greedy replies do not).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from nextgpt.data.types import Media, Turn
+from nextgpt.tokens import scan_signal_blocks
+
+logger = logging.getLogger("nextgpt")
+
+STOP = "###"          # every gpt turn of the vicuna_v0 template ends with "\n###"
+
+
+def _stop(model) -> str:
+    """The stop text of model.template: "###" (vicuna_v0) or the chat template's turn end (e.g. <|im_end|>)."""
+    from nextgpt.data.conversation import template_of
+
+    return template_of(model.token_ids).stop
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 150
+    temperature: float = 0.4
+    top_p: float = 1.0
+    do_sample: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_config(cls, settings, **overrides) -> "Sampling":
+        """From cfg.inference (max_new_tokens, temperature, top_p, do_sample), with per-request overrides."""
+        values = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                      top_p=settings.top_p, do_sample=settings.do_sample)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Conversation:
+    """A chat so far: turns alternate human/gpt and end with a human turn; every input medium sits at the start
+    of the first human turn (the only place the template has for media, as in training)."""
+    turns: list[Turn]
+    media: list[Media] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, text: str, media: Sequence[Media] = ()) -> "Conversation":
+        return cls([Turn("human", text)], list(media))
+
+
+@dataclass
+class Output:
+    """One generated medium."""
+    modality: str
+    conditioning: torch.Tensor                  # (1, T, D_out) from output_proj[modality], on the model's device
+    decoded: object | None = None               # nextgpt.model.decoders.Decoded when decoders were given
+    path: Path | None = None                    # the written file when out_dir was given
+
+
+@dataclass
+class Reply:
+    text: str                                   # the answer up to (not including) "###", signal tokens included
+    token_ids: list[int]                        # generated ids up to and including the stop
+    outputs: list[Output] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)    # modalities whose block max_new_tokens cut off
+    malformed: list[str] = field(default_factory=list)    # modalities whose signal ids came out of order
+    display_text: str = ""                      # `text` without the signal-token strings (what a person reads)
+
+    def as_turn(self) -> Turn:
+        """The gpt turn to append to the conversation; its signal block is rebuilt from ids by the template (it
+        holds one block: the first generated modality)."""
+        return Turn("gpt", self.display_text, self.outputs[0].modality if self.outputs else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: once per process (inference.py, app.py, evaluate.py)
+
+def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype, str]:
+    """Device and dtype, decided once with the reason: bf16 (else fp16) on a GPU, fp32 on the CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is available")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        reason = f"{torch.cuda.get_device_name(device)}: {str(dtype).removeprefix('torch.')}"
+    else:
+        dtype = torch.float32
+        reason = "CPU: float32" + ("" if requested else " (no CUDA device)")
+    return device, dtype, reason
+
+
+@dataclass
+class CheckpointInfo:
+    """What was loaded, for a person to read (the app shows it)."""
+    path: str
+    kind: str                                   # delta | legacy
+    stage: int | None = None
+    step: int | None = None
+    fingerprint: str = ""                       # of the base the delta was trained on, when meta.json records one
+
+    def describe(self) -> str:
+        parts = [f"{self.kind} {self.path}"]
+        parts += [f"stage {self.stage}"] if self.stage is not None else []
+        parts += [f"step {self.step}"] if self.step is not None else []
+        parts += [f"base {self.fingerprint}"] if self.fingerprint else []
+        return ", ".join(parts)
+
+
+def checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Cheap (no weights read): FileNotFoundError naming the path when it is not a checkpoint."""
+    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.io import read_json
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found (give --ckpt, or train one: `make stage3`)")
+    if path.is_file():
+        return CheckpointInfo(str(path), "legacy")
+    if (path / checkpoint_lib.LEGACY_FILE).is_file() and not (path / checkpoint_lib.DELTA_FILE).exists() \
+            and not (path / checkpoint_lib.LATEST_FILE).exists():
+        return CheckpointInfo(str(path / checkpoint_lib.LEGACY_FILE), "legacy")
+    folder = checkpoint_lib.resolve_checkpoint(path)
+    meta_path = folder / checkpoint_lib.META_FILE
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    fingerprint = meta.get("base_fingerprint") or meta.get("fingerprint") or ""
+    if isinstance(fingerprint, dict):             # {part: digest}: one short line
+        fingerprint = " ".join(f"{k}={str(v)[:12]}" for k, v in fingerprint.items())
+    return CheckpointInfo(str(folder), "delta", meta.get("stage"), meta.get("step"), str(fingerprint))
+
+
+def load_model(cfg, path: str | Path, device=None, dtype=None):
+    """Base LLM + projectors, then the checkpoint (a delta folder, a run folder's `latest`, or an original
+    pytorch_model.pt) through checkpoint.load_checkpoint -> (model in eval mode, CheckpointInfo).
+    ImageBind loads on the first request with media, the decoders on their first output."""
+    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.model.nextgpt import build_model
+
+    info = checkpoint_info(path)                  # fails fast, before the LLM is read
+    model = build_model(cfg, device=device, dtype=dtype)
+    checkpoint_lib.load_checkpoint(model, info.path)
+    model.eval()
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _prepare(model, conversations: Sequence[Conversation]):
+    """-> (input_ids (B, L) left-padded, attention_mask (B, L), media positions (N, 2), features (N, F) | None,
+    per-row prompt ids)."""
+    from nextgpt.data.conversation import prompt_for_generation
+
+    if not conversations:
+        raise ValueError("no conversations to generate for")
+    encoded = [prompt_for_generation(c.turns, c.media, model.tokenizer, model.token_ids) for c in conversations]
+    longest = max(len(e.input_ids) for e in encoded)
+    context = getattr(model.causal_lm.config, "max_position_embeddings", None)
+    if context is not None and longest >= context:
+        raise ValueError(f"the conversation is {longest} tokens; the model's context is {context} "
+                         "(shorten the prompt or clear the conversation)")
+    pad = model.token_ids.pad
+    rows, mask, positions = [], [], []
+    for row, e in enumerate(encoded):
+        shift = longest - len(e.input_ids)      # left padding: every row's answer starts at column `longest`
+        rows.append([pad] * shift + e.input_ids)
+        mask.append([0] * shift + [1] * len(e.input_ids))
+        positions += [[row, shift + p] for p in e.media_positions]
+    device = model.device
+    media = [m for c in conversations for m in c.media]       # the same order as `positions`
+    features = model.encode_media([m.path for m in media], [m.modality for m in media]) if media else None
+    return (torch.tensor(rows, device=device), torch.tensor(mask, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device).view(-1, 2), features,
+            [e.input_ids for e in encoded])
+
+
+def _llm_generate(model, input_ids, attention_mask, positions, features, sampling: Sampling, streamer=None):
+    """-> (B, L + new) ids; the prompt's soft tokens are given as inputs_embeds."""
+    inputs_embeds, _ = model.embed(input_ids, positions, features)
+    options = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+               if sampling.do_sample else dict(do_sample=False))
+    result = model.causal_lm.generate(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        max_new_tokens=sampling.max_new_tokens, stop_strings=[_stop(model)], tokenizer=model.tokenizer,
+        pad_token_id=model.token_ids.pad, eos_token_id=model.token_ids.eos, return_dict_in_generate=True,
+        streamer=streamer, **options)
+    return result.sequences
+
+
+def _cut_at_stop(model, generated: list[int]) -> list[int]:
+    """Ids up to and including the token that completes "###" (and before any EOS / padding)."""
+    for k in range(len(generated)):
+        if generated[k] == model.token_ids.eos:
+            return generated[:k]
+        if _stop(model) in model.tokenizer.decode(generated[max(0, k - 3):k + 1]):
+            return generated[:k + 1]
+    return generated
+
+
+def _finish(model, sequences, prompts: list[list[int]], positions, features, decoders, decoder_settings,
+            seed: int, out_dir, counts) -> list[Reply]:
+    """Generated ids -> Replies: text, signal-block scan, conditioning from one forward, optional decode/write."""
+    longest = max(len(p) for p in prompts)
+    replies, rows_with_blocks = [], []
+    signal_strings = [t for ids in model.token_ids.signal.values() for t in model.tokenizer.convert_ids_to_tokens(ids)]
+    for row, prompt in enumerate(prompts):
+        sequence = sequences[row].tolist()
+        # With input_ids given, transformers returns prompt + new tokens; without, only the new ones.
+        generated = sequence[longest:] if len(sequence) > longest and sequence[longest - len(prompt):longest] == prompt \
+            else sequence
+        generated = _cut_at_stop(model, generated)
+        text = model.tokenizer.decode(generated, skip_special_tokens=True).split(_stop(model))[0].strip()
+        display = text
+        for token in signal_strings:
+            display = display.replace(token, "")
+        scan = scan_signal_blocks(generated, model.token_ids)
+        reply = Reply(text=text, token_ids=generated, truncated=[m for m, _ in scan.truncated],
+                      malformed=[m for m, _ in scan.malformed], display_text=" ".join(display.split()))
+        for modality in reply.truncated + reply.malformed:
+            logger.warning("generation: %s signal block %s; no %s output", modality,
+                           "cut by max_new_tokens" if modality in reply.truncated else "malformed", modality)
+        replies.append(reply)
+        if scan.blocks:
+            rows_with_blocks.append((row, [(m, len(prompt) + start) for m, start in scan.blocks]))
+    if rows_with_blocks:
+        _conditioning(model, rows_with_blocks, prompts, replies, positions, longest, features)
+    if decoders is not None:
+        for reply in replies:
+            for output in reply.outputs:
+                settings = (decoder_settings or {}).get(output.modality)
+                output.decoded = decoders.decode(output.modality, output.conditioning, seed=seed, settings=settings)
+                if out_dir is not None:
+                    from nextgpt.model.decoders import write
+
+                    output.path = write(output.decoded, out_dir, counts.get(output.modality, 0))
+                    counts[output.modality] = counts.get(output.modality, 0) + 1
+    return replies
+
+
+def _conditioning(model, rows_with_blocks, prompts, replies, positions, longest, features) -> None:
+    """One forward over prompt + answer of every row with a block (unpadded prompts, right-padded: causal attention
+    keeps the padding out of every real position), then output_proj at each block."""
+    full = [prompts[row] + replies[row].token_ids for row, _ in rows_with_blocks]
+    width = max(len(ids) for ids in full)
+    pad = model.token_ids.pad
+    device = model.device
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in full], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in full], device=device)
+    # media positions were made for the left-padded prompts: back to this batch's rows and unpadded columns
+    new_row = {row: i for i, (row, _) in enumerate(rows_with_blocks)}
+    keep, moved = [], []
+    for k, (row, column) in enumerate(positions.tolist()):
+        if row in new_row:
+            keep.append(k)
+            moved.append([new_row[row], column - (longest - len(prompts[row]))])
+    media_positions = torch.tensor(moved, dtype=torch.long, device=device).view(-1, 2)
+    media_features = features[keep] if features is not None and keep else None
+    embeds, token_embeds = model.embed(input_ids, media_positions, media_features)
+    out = model.causal_lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    hidden_states = out.hidden_states[model.cfg.model.hidden_layer]                 # (B', L', D)
+    for i, (row, blocks) in enumerate(rows_with_blocks):
+        for modality, start in blocks:
+            if modality not in model.output_proj:
+                logger.warning("generation: %s signal block but no %s output projector", modality, modality)
+                continue
+            conditioning = model.project(modality, hidden_states, token_embeds, [(i, start)])   # (1, T, D_out)
+            replies[row].outputs.append(Output(modality, conditioning))
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)          # CPU and every CUDA device: the same conversations + seed -> the same replies
+
+
+@torch.no_grad()
+def generate(model, conversations: Sequence[Conversation], sampling: Sampling, seed: int, decoders=None,
+             decoder_settings: dict | None = None, out_dir: str | Path | None = None,
+             counts: dict[str, int] | None = None) -> list[Reply]:
+    """Replies to a batch of conversations, in order.
+
+    decoders: a nextgpt.model.decoders.Decoders to turn each output's conditioning into media (else only the
+        conditioning is returned); decoder_settings: {modality: ImageDecoding | ...} for this request;
+    out_dir: write each decoded medium as <modality>_<n>.<ext> there, n from `counts` (updated; default from 0).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids, mask, positions, features, prompts = _prepare(model, conversations)
+        _seed(seed)
+        sequences = _llm_generate(model, input_ids, mask, positions, features, sampling)
+        return _finish(model, sequences, prompts, positions, features, decoders, decoder_settings, seed, out_dir,
+                       {} if counts is None else counts)
+    finally:
+        model.train(was_training)
+
+
+def stream(model, conversation: Conversation, sampling: Sampling, seed: int, decoders=None,
+           decoder_settings: dict | None = None, out_dir: str | Path | None = None,
+           counts: dict[str, int] | None = None) -> Iterator["str | Reply"]:
+    """Like generate() for one conversation, but yields the reply's text as it is generated (str pieces, signal
+    tokens and the closing "###" included as the tokenizer decodes them), then the finished Reply (decoded media
+    and files included) as the last item."""
+    from transformers import TextIteratorStreamer
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            input_ids, mask, positions, features, prompts = _prepare(model, [conversation])
+        streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def run() -> None:                   # the LLM generates in a thread; this generator relays its text
+            try:
+                with torch.no_grad():
+                    result["sequences"] = _llm_generate(model, input_ids, mask, positions, features, sampling,
+                                                        streamer)
+            except BaseException as e:       # re-raised below, in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        _seed(seed)
+        thread = threading.Thread(target=run, name="nextgpt-generate", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        with torch.no_grad():
+            (reply,) = _finish(model, result["sequences"], prompts, positions, features, decoders,
+                               decoder_settings, seed, out_dir, {} if counts is None else counts)
+        yield reply
+    finally:
+        model.train(was_training)
