@@ -133,6 +133,7 @@ def test_stage_3_multi_turn_with_media_and_two_blocks(tok):
     assert enc.labels == labels
     blocks = signal_blocks(enc.labels, token_ids)
     assert [m for m, _ in blocks] == ["audio", "video"]
+    assert enc.signal_blocks == blocks                       # recorded while building == found by the scanner
     for modality, start in blocks:
         n = MODALITIES[modality].num_signal_tokens
         assert enc.input_ids[start:start + n] == token_ids.signal[modality]
@@ -164,10 +165,11 @@ def test_truncation_never_cuts_a_signal_block(tok):
     full = encode(s, tokenizer, token_ids, 512)
     start = signal_blocks(full.labels, token_ids)[0][1]
     end = start + MODALITIES["video"].num_signal_tokens          # first position after the block
+    prefix = 1 + len(tokenizer.encode("### Human: ", add_special_tokens=False))   # not counted by max_length
     for cut in (start + 1, end - 1, start - 1):                   # inside the block, or before it starts
         with pytest.raises(TruncatedSignalError, match="video signal block"):
-            encode(s, tokenizer, token_ids, cut)
-    cut = encode(s, tokenizer, token_ids, end)                   # only the closing "###" goes
+            encode(s, tokenizer, token_ids, cut - prefix)
+    cut = encode(s, tokenizer, token_ids, end - prefix)          # only the closing "###" goes
     assert cut.input_ids == full.input_ids[:end] and cut.labels == full.labels[:end]
     assert len(full.input_ids) > end
 
@@ -177,12 +179,20 @@ def test_truncation_of_text_and_empty_supervision(tok):
     s = sample([Turn("human", "Tell me a joke."), Turn("gpt", "Hello, how are you? I am fine, thank you.")])
     full = encode(s, tokenizer, token_ids, 512)
     first_supervised = next(i for i, t in enumerate(full.labels) if t != -100)
-    cut = encode(s, tokenizer, token_ids, first_supervised + 2)
+    # the original cut only the text ids: BOS + "### Human: " (prompt_wrap's prefix) are not counted
+    prefix = 1 + len(tokenizer.encode("### Human: ", add_special_tokens=False))
+    cut = encode(s, tokenizer, token_ids, first_supervised - prefix + 2)
     assert len(cut.input_ids) == first_supervised + 2 and sum(t != -100 for t in cut.labels) == 2
     with pytest.raises(EncodeError, match="nothing to learn"):
-        encode(s, tokenizer, token_ids, first_supervised)
+        encode(s, tokenizer, token_ids, first_supervised - prefix)
+    # with a medium the prefix ends at the soft token ("### Human: <Img>" + soft), which is never cut
     media = sample([Turn("human", "x" * 0), Turn("gpt", CAPTION)], media=[Media("image", "p", "n")])
-    with pytest.raises(TruncatedSignalError, match="soft token"):
+    whole = encode(media, tokenizer, token_ids, 512, prompt="generate a caption")
+    text_start = whole.media_positions[0] + 1
+    first_supervised = next(i for i, t in enumerate(whole.labels) if t != -100)
+    cut = encode(media, tokenizer, token_ids, first_supervised - text_start + 1, prompt="generate a caption")
+    assert cut.input_ids == whole.input_ids[:first_supervised + 1]
+    with pytest.raises(EncodeError, match="nothing to learn"):
         encode(media, tokenizer, token_ids, 3, prompt="generate a caption")
 
 
@@ -232,3 +242,17 @@ def test_signal_blocks_rejects_broken_blocks(tok):
         signal_blocks([5, *image[:3], 6], token_ids, "somewhere")
     with pytest.raises(ValueError, match="stray"):
         signal_blocks([5, image[2]], token_ids)
+
+
+def test_scan_signal_blocks_reports_truncated_and_malformed_runs(tok):
+    """The one scanner, in its lenient form (generation): complete blocks, a run out of order (skipped whole), and a
+    block cut by the end of the ids."""
+    from nextgpt.tokens import scan_signal_blocks
+
+    _, token_ids = tok
+    image, audio = token_ids.signal["image"], token_ids.signal["audio"]
+    ids = [5, *image, 6, image[1], image[0], 7, *audio, 8, *token_ids.signal["video"][:5]]
+    scan = scan_signal_blocks(ids, token_ids)
+    assert scan.blocks == [("image", 1), ("audio", 9)]
+    assert scan.malformed == [("image", 6)] and scan.truncated == [("video", 18)]
+    assert scan_signal_blocks([5, 6], token_ids).blocks == []

@@ -203,7 +203,10 @@ def test_llava_legacy_and_new(tmp_path):
         (s,) = read_file(path, dataset="llava_instruction", role="instruction", embed_dir=tmp_path).samples
         assert s.media == [Media("image", str(tmp_path / "llava" / "images" / "000000033471.jpg"),
                                  "000000033471.jpg")], path.name
-        assert s.turns == [Turn("human", "What is in the image?"), Turn("gpt", "A bus."), Turn("human", "Colour?"),
+        # the legacy record's text is kept verbatim, as the original tokenised it; the new layout's placeholders
+        # only mark where the media go
+        first = "What is in the image?\n<image>" if path == legacy else "What is in the image?"
+        assert s.turns == [Turn("human", first), Turn("gpt", "A bus."), Turn("human", "Colour?"),
                            Turn("gpt", "White.")], path.name
         assert s.targets == []
 
@@ -552,7 +555,10 @@ def test_lengths_are_the_encoded_token_counts(tiny_env):
             assert dataset.lengths == [min(n, cfg.model.max_length) for n in true], (stage, name)
     long = Sample("d", "f.json", 0, [Turn("human", "a red circle " * 40), Turn("gpt", "a blue square " * 40)])
     capped = NextGPTDataset("d", [long], tokenizer, token_ids, max_length=32)
-    assert capped.lengths == [32] and len(encode(long, tokenizer, token_ids, 10_000).input_ids) > 100
+    # max_length counts the ids after the prompt prefix (BOS + "### Human: "), as the original's truncation did
+    prefix = 1 + len(tokenizer.encode("### Human: ", add_special_tokens=False))
+    assert capped.lengths == [prefix + 32]
+    assert len(encode(long, tokenizer, token_ids, 10_000).input_ids) > 100
     whole = build_datasets(cfg, tokenizer, token_ids, ["alpaca_instruction"])["alpaca_instruction"]
     assert len(whole.lengths) == len(whole)                 # tokenised before the split: split() slices them
     for part in whole.split(0.25, seed=0):

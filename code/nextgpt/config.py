@@ -62,7 +62,7 @@ class ModelConfig:
     quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes; fine-tuning
     template: Literal["vicuna_v0", "chat"] = "vicuna_v0"  # vicuna_v0: the original's ### format | chat: the tokenizer's
     hidden_layer: int = -1                  # LLM hidden_states index fed to the output projectors
-    max_length: int = 512                   # text tokens per sample, signal blocks never cut
+    max_length: int = 512                   # text ids after the prompt prefix, as the original; blocks never cut
     gradient_checkpointing: bool = False
 
 
@@ -124,7 +124,7 @@ class TrainConfig:
     optimizer_8bit: bool = False            # bitsandbytes AdamW8bit (fine-tuning)
     # learning rate per module group (input_proj, output_proj, lora, token_rows); a group not named uses train.lr
     module_lr: dict[str, float] = field(default_factory=dict)
-    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # tensorboard | wandb (any of)
 
 
 def _check_decoding(settings, where: str, positive: tuple[str, ...]) -> None:

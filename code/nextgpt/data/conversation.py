@@ -9,6 +9,8 @@ One template serves all stages (reference §2.2-2.5); a stage only changes what 
 Loss only on the assistant parts ({a}, its signal block and the closing "\\n###").
 
 Token for token as the original, which matters for importing its released delta and continuing from it:
+- model.max_length cuts only the ids after prompt_wrap's prefix (BOS, "### Human:", <Img> + soft token), as the
+  original's process_batch_stage_* cut only the text ids;
 - the same chunks are tokenised separately, as the original's separate tokenizer calls were
   ([BOS] | "### Human: <Img>" | soft token | "</Img> " + q + "\\n### Assistant: " | a + signal + "\\n###" |
   "Human: " + q + "\\n### Assistant: " | ...), each with add_special_tokens=False, so a trailing space in a chunk
@@ -33,14 +35,21 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from nextgpt.data.templates import VICUNA_V0, Template
 from nextgpt.data.types import Encoded, Media, Sample, Turn
 from nextgpt.modalities import MODALITIES
+from nextgpt.tokens import IGNORE, signal_blocks  # noqa: F401  (re-exported: the token facts' home is tokens.py)
 
-HUMAN_PREFIX = "### Human: "          # before the first human turn (the original's prompt_wrap prefix)
-LATER_HUMAN = "Human: "               # before every later human turn (the previous gpt turn ended with "\n###")
-ASSISTANT = "\n### Assistant: "       # ends every human turn; the model answers after it
-TURN_END = "\n###"                    # ends every gpt turn; generation stops at "###"
-IGNORE = -100
+# The vicuna_v0 strings (nextgpt.data.templates holds them and the `chat` template; token_ids.template picks one).
+HUMAN_PREFIX = VICUNA_V0.first_human  # before the first human turn (the original's prompt_wrap prefix)
+LATER_HUMAN = VICUNA_V0.later_human   # before every later human turn (the previous gpt turn ended with "\n###")
+ASSISTANT = VICUNA_V0.assistant       # ends every human turn; the model answers after it
+TURN_END = VICUNA_V0.turn_end         # ends every gpt turn; generation stops at "###"
+
+
+def template_of(token_ids) -> Template:
+    """The conversation template resolved with the tokenizer (model.template); vicuna_v0 when none was."""
+    return getattr(token_ids, "template", None) or VICUNA_V0
 
 
 class EncodeError(ValueError):
@@ -96,11 +105,18 @@ def _reserved(tokenizer, token_ids) -> set[int]:
     for special in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if special is not None:
             ids.add(special)
-    return ids
+    # a chat template's own special tokens (e.g. Qwen2's <|im_end|> = eos) are markup there; _build refuses
+    # them in the data text by name instead
+    markup = template_of(token_ids).markup_tokens
+    return ids - set(tokenizer.convert_tokens_to_ids(list(markup))) if markup else ids
 
 
 def _build(turns: Sequence[Turn], num_media: int, tokenizer, token_ids, where: str, for_generation: bool):
-    """-> (input_ids, labels, media_positions, signal_blocks[(modality, start)])."""
+    """-> (input_ids, labels, media_positions, signal_blocks[(modality, start)], prefix_length).
+
+    prefix_length: ids of what the original's prompt_wrap prepended to the text ids (BOS, "### Human:", and with
+    media "<Img>" + soft token(s)); model.max_length counts only the ids after it, as the original cut only the
+    text ids."""
     if not turns:
         raise EncodeError(f"{where}: no turns")
     if turns[0].role != "human":
@@ -113,12 +129,19 @@ def _build(turns: Sequence[Turn], num_media: int, tokenizer, token_ids, where: s
     if for_generation and turns[-1].role != "human":
         raise EncodeError(f"{where}: a generation prompt must end with a human turn")
 
+    template = template_of(token_ids)
+    for i, turn in enumerate(turns):
+        if found := [t for t in template.markup_tokens if t in turn.text]:
+            raise EncodeError(f"{where}: turn {i} contains the chat template's token(s) {found} (the template "
+                              f"adds them; they are never taken from the data): {turn.text[:80]!r}")
     reserved = _reserved(tokenizer, token_ids)
     start, end = (token_ids.media_start,), (token_ids.media_end,)
-    input_ids: list[int] = [token_ids.bos]
-    labels: list[int] = [IGNORE]
+    bos = template.bos and token_ids.bos is not None     # Qwen2 has no BOS; a chat template may write its own
+    input_ids: list[int] = [token_ids.bos] if bos else []
+    labels: list[int] = [IGNORE] if bos else []
     media_positions: list[int] = []
     blocks: list[tuple[str, int]] = []
+    prefix_length = 0
 
     def add(ids: list[int], supervised: bool) -> None:
         input_ids.extend(ids)
@@ -134,17 +157,21 @@ def _build(turns: Sequence[Turn], num_media: int, tokenizer, token_ids, where: s
             if i == 0:
                 if num_media:
                     # "### Human: <Img>" | soft | ("</Img><Img>" | soft)* | "</Img> " + q + "\n### Assistant: "
-                    add(_encode_chunk([HUMAN_PREFIX, start], tokenizer, reserved, where), False)
+                    add(_encode_chunk([template.first_human, start], tokenizer, reserved, where), False)
                     soft()
                     for _ in range(num_media - 1):
                         add(_encode_chunk([end, start], tokenizer, reserved, where), False)
                         soft()
-                    add(_encode_chunk([end, " " + turn.text + ASSISTANT], tokenizer, reserved, where), False)
+                    prefix_length = len(input_ids)
+                    add(_encode_chunk([end, " " + turn.text + template.assistant], tokenizer, reserved, where),
+                        False)
                 else:
-                    add(_encode_chunk([HUMAN_PREFIX], tokenizer, reserved, where), False)
-                    add(_encode_chunk([turn.text + ASSISTANT], tokenizer, reserved, where), False)
+                    add(_encode_chunk([template.first_human], tokenizer, reserved, where), False)
+                    prefix_length = len(input_ids)
+                    add(_encode_chunk([turn.text + template.assistant], tokenizer, reserved, where), False)
             else:
-                add(_encode_chunk([LATER_HUMAN + turn.text + ASSISTANT], tokenizer, reserved, where), False)
+                add(_encode_chunk([template.later_human + turn.text + template.assistant], tokenizer, reserved,
+                                  where), False)
         else:
             pieces: list[_Piece] = [turn.text]
             if turn.output_modality:
@@ -152,14 +179,14 @@ def _build(turns: Sequence[Turn], num_media: int, tokenizer, token_ids, where: s
                     raise EncodeError(f"{where}: turn {i} has unknown output_modality {turn.output_modality!r}; "
                                       f"known: {', '.join(token_ids.signal)}")
                 pieces.append(tuple(token_ids.signal[turn.output_modality]))
-            pieces.append(TURN_END)
+            pieces.append(template.turn_end)
             ids = _encode_chunk(pieces, tokenizer, reserved, where)
             if turn.output_modality:
                 text_len = len(_encode_chunk(pieces[:2], tokenizer, reserved, where)) - \
                     len(token_ids.signal[turn.output_modality])
                 blocks.append((turn.output_modality, len(input_ids) + text_len))
             add(ids, True)
-    return input_ids, labels, media_positions, blocks
+    return input_ids, labels, media_positions, blocks, prefix_length
 
 
 def encode(sample: Sample, tokenizer, token_ids, max_length: int, prompt: str | None = None) -> Encoded:
@@ -167,9 +194,10 @@ def encode(sample: Sample, tokenizer, token_ids, max_length: int, prompt: str | 
 
     prompt: the stage-1 instruction (cfg.train.prompt); it fills a first human turn whose text is empty, which is
         how pair readers express "caption this medium". Non-empty human text is kept as is.
-    max_length: the whole sequence (BOS and template included) is cut to this many tokens; a cut that would
-        reach a signal block or a soft token raises TruncatedSignalError (the dataset counts and skips it);
-        a cut that leaves nothing supervised raises EncodeError.
+    max_length: as the original's process_batch_stage_*: the text ids after the prompt_wrap prefix (BOS,
+        "### Human:", <Img> + soft token(s)) are cut to this many tokens, so a sequence has at most
+        prefix + max_length ids; a cut that would reach a signal block raises TruncatedSignalError (the dataset
+        counts and skips it); a cut that leaves nothing supervised raises EncodeError.
     """
     where = sample.where
     turns = list(sample.turns)
@@ -178,28 +206,27 @@ def encode(sample: Sample, tokenizer, token_ids, max_length: int, prompt: str | 
     for medium in sample.media:
         if medium.modality not in MODALITIES:
             raise EncodeError(f"{where}: unknown input modality {medium.modality!r}")
-    input_ids, labels, media_positions, blocks = _build(turns, len(sample.media), tokenizer, token_ids, where,
-                                                        for_generation=False)
+    input_ids, labels, media_positions, blocks, prefix_length = _build(turns, len(sample.media), tokenizer,
+                                                                       token_ids, where, for_generation=False)
     block_modalities = [m for m, _ in blocks]
     target_modalities = [t.modality for t in sample.targets]
     if block_modalities != target_modalities:
         raise EncodeError(f"{where}: signal blocks {block_modalities} do not match the caption-embedding targets "
                           f"{target_modalities} (one target per block, in order)")
-    if len(input_ids) > max_length:
+    limit = prefix_length + max_length          # the prefix (and so every soft token) is never cut
+    if len(input_ids) > limit:
         for modality, position in blocks:
             last = position + MODALITIES[modality].num_signal_tokens - 1
-            if last >= max_length:
+            if last >= limit:
                 raise TruncatedSignalError(
                     f"{where}: max_length {max_length} would cut the {modality} signal block at tokens "
-                    f"{position}..{last} (sequence of {len(input_ids)} tokens)")
-        for position in media_positions:
-            if position >= max_length:
-                raise TruncatedSignalError(f"{where}: max_length {max_length} would cut the input medium's soft "
-                                           f"token at {position}")
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+                    f"{position}..{last} (sequence of {len(input_ids)} tokens, {prefix_length} of them the "
+                    f"prompt prefix, which max_length does not count)")
+        input_ids, labels = input_ids[:limit], labels[:limit]
     if all(label == IGNORE for label in labels):
         raise EncodeError(f"{where}: nothing to learn (no assistant tokens within max_length {max_length})")
-    return Encoded(input_ids=input_ids, labels=labels, media_positions=media_positions, sample=sample)
+    return Encoded(input_ids=input_ids, labels=labels, media_positions=media_positions, sample=sample,
+                   signal_blocks=blocks)
 
 
 def prompt_for_generation(prompt: str | Sequence[Turn], media: Sequence[Media], tokenizer, token_ids) -> Encoded:
@@ -211,32 +238,8 @@ def prompt_for_generation(prompt: str | Sequence[Turn], media: Sequence[Media], 
     """
     turns = [Turn("human", prompt)] if isinstance(prompt, str) else list(prompt)
     sample = Sample(dataset="prompt", source="<prompt>", index=0, turns=turns, media=list(media))
-    input_ids, _, media_positions, _ = _build(turns, len(sample.media), tokenizer, token_ids, sample.where,
-                                              for_generation=True)
+    input_ids, _, media_positions, blocks, _ = _build(turns, len(sample.media), tokenizer, token_ids, sample.where,
+                                                      for_generation=True)
     return Encoded(input_ids=input_ids, labels=[IGNORE] * len(input_ids), media_positions=media_positions,
-                   sample=sample)
+                   sample=sample, signal_blocks=blocks)
 
-
-def signal_blocks(ids: Sequence[int], token_ids, where: str = "") -> list[tuple[str, int]]:
-    """[(modality, start)] of every complete signal block in `ids` (labels or generated ids), in order.
-
-    A signal id outside a complete, in-order block raises ValueError (naming `where`).
-    """
-    first = token_ids.modality_of_signal_start()
-    signal_ids = {i for ids_m in token_ids.signal.values() for i in ids_m}
-    blocks: list[tuple[str, int]] = []
-    position, n = 0, len(ids)
-    while position < n:
-        token = ids[position]
-        if token in first:
-            modality = first[token]
-            expected = token_ids.signal[modality]
-            if list(ids[position:position + len(expected)]) != expected:
-                raise ValueError(f"{where}: incomplete {modality} signal block at position {position}")
-            blocks.append((modality, position))
-            position += len(expected)
-            continue
-        if token in signal_ids:
-            raise ValueError(f"{where}: stray signal token id {token} at position {position}")
-        position += 1
-    return blocks

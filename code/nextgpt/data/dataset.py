@@ -121,8 +121,13 @@ def token_lengths(samples: list[Sample], tokenizer, token_ids, max_length: int, 
     The template's pieces are counted as encode() joins them: BOS; "### Human:" <Img> soft </Img> per medium
     (3 ids each) and the first question + "\n### Assistant: "; "Human: " + later questions + the same; each answer
     + "\n###", with its signal block's ids. Where encode() strips whitespace next to an added token the count
-    may differ by a token; only the order matters for grouping. Capped at max_length (encode() truncates)."""
-    from nextgpt.data.conversation import ASSISTANT, HUMAN_PREFIX, LATER_HUMAN, TURN_END
+    may differ by a token; only the order matters for grouping. Capped at prefix + max_length (encode() cuts the
+    ids after the prompt prefix to max_length, as the original did)."""
+    from nextgpt.data.conversation import template_of
+
+    template = template_of(token_ids)          # model.template's strings (vicuna_v0 or the tokenizer's chat)
+    HUMAN_PREFIX, LATER_HUMAN = template.first_human, template.later_human
+    ASSISTANT, TURN_END = template.assistant, template.turn_end
 
     backend = getattr(tokenizer, "backend_tokenizer", None)      # the Rust tokenizer of a fast tokenizer
 
@@ -138,16 +143,19 @@ def token_lengths(samples: list[Sample], tokenizer, token_ids, max_length: int, 
     for start in range(0, len(samples), chunk):
         texts: list[str] = []
         fixed: list[int] = []        # per sample: template ids not in `texts`
+        prefixes: list[int] = []     # per sample: the prompt prefix that max_length does not count
         owners: list[int] = []       # per text: the sample (index into this chunk) it belongs to
         for k, sample in enumerate(samples[start:start + chunk]):
-            total = 1                                                        # BOS
+            total = prefix = 1                                               # BOS
             for i, turn in enumerate(sample.turns):
                 if turn.role == "human":
                     if i == 0 and sample.media:
                         total += prefix_media + 3 * len(sample.media)        # <Img> soft </Img> per medium
+                        prefix = total - 1                                   # up to the last soft token
                         texts.append(turn.text.lstrip() + ASSISTANT)
                     elif i == 0:
                         total += prefix_plain
+                        prefix = total
                         texts.append(turn.text + ASSISTANT)
                     else:
                         texts.append(LATER_HUMAN + turn.text + ASSISTANT)
@@ -158,9 +166,10 @@ def token_lengths(samples: list[Sample], tokenizer, token_ids, max_length: int, 
                     texts.append(turn.text + TURN_END)
                 owners.append(k)
             fixed.append(total)
+            prefixes.append(prefix)
         for k, n in zip(owners, count(texts)):
             fixed[k] += n
-        out += [min(n, max_length) for n in fixed]
+        out += [min(n, prefix + max_length) for n, prefix in zip(fixed, prefixes)]
     return out
 
 
@@ -191,6 +200,17 @@ def caption_shapes(cfg) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def feature_fingerprint(cfg) -> str | None:
+    """The configured ImageBind checkpoint's fingerprint (nextgpt/store.py), which the feature store must match;
+    None when the checkpoint is not here (nothing to compare with: stage 1 then relies on the cache alone)."""
+    checkpoint = cfg.path(cfg.model.imagebind)
+    if not checkpoint.is_file():
+        return None
+    from nextgpt.imagebind.features import encoder_fingerprint
+
+    return encoder_fingerprint(checkpoint, cfg.model.imagebind_preset)
+
+
 def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, names: list[str] | None = None,
                  datasets: dict[str, NextGPTDataset] | None = None, log=_warn):
     """(DataLoader, MixtureSampler) over cfg.data.datasets: the stage's mixture, seeded by cfg.train.seed,
@@ -207,7 +227,8 @@ def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, 
                              world_size=world_size, group_by_length=cfg.data.group_by_length,
                              mode=cfg.data.mixture)
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
-    collator = Collator(token_ids, feature_dir=feature_dir, caption_shapes=caption_shapes(cfg))
+    collator = Collator(token_ids, feature_dir=feature_dir, caption_shapes=caption_shapes(cfg),
+                        caption_mode=cfg.data.caption_embeds, feature_fingerprint=feature_fingerprint(cfg))
     loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=collator,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=cfg.data.num_workers > 0)

@@ -15,13 +15,16 @@ How a record becomes a Sample depends on the catalog role:
   conversation(s)    the file's own turns; input placeholders / `input_modality` -> Media; output placeholders /
                      gpt `output_modality` -> Turn.output_modality + one Target per signal block.
 
-Caption normalisation (`normalize_caption`, the original's process_caption: lower-case; each of "()*#:;~ -> space;
-collapse whitespace; strip) is applied to every CAPTION: the caption of a pair record (both as the text and as
+Caption normalisation (`normalize_caption`, exactly the original's process_caption: lower-case; each of "()*#:;~
+-> space; runs of 2+ whitespace characters -> one space (a single newline or tab stays); trailing newlines and
+then spaces on both ends removed (a leading newline stays)) is applied to every CAPTION: the caption of a pair record (both as the text and as
 the target), the answer of a comprehension record, and every caption an embedding is computed from
 (`<m>_captions`, a legacy gpt turn's `caption`). `process_embeddings.py` embeds `Target.caption`, i.e. the same
 normalised string the model is trained to write. This fixes the original's defect §7.11 (it trained on the
 normalised caption but embedded the raw one). Free-form conversation text (instructions, chat answers) is
-kept as written.
+kept as written. Legacy `conversation` records keep their text verbatim, LLaVA's literal "<image>" included, as the
+original's build_one_instance_stage_3 fed it to the tokenizer; new-layout `conversations` records lose their
+placeholders, which mark where the media go (the medium itself is placed at the start of the first human turn).
 
 Bad records raise `RecordError` (a ValueError) naming file, record index and the reason; with `skip_bad` they are
 collected in `ReadResult.errors` instead and the record is left out.
@@ -41,14 +44,17 @@ from nextgpt.modalities import MODALITIES
 
 ROLES = ("enc", "dec", "instruction")
 _CAPTION_PUNCTUATION = re.compile(r"[\"()*#:;~]")
-_WHITESPACE = re.compile(r"\s+")
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
 _PLACEHOLDERS = {m.placeholder: m.name for m in MODALITIES.values()}
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in _PLACEHOLDERS))
 
 
 def normalize_caption(text: str) -> str:
-    """The original process_caption: lower-case, `"()*#:;~` -> space, whitespace runs -> one space, strip."""
-    return _WHITESPACE.sub(" ", _CAPTION_PUNCTUATION.sub(" ", text.lower())).strip()
+    """The original process_caption, step for step: lower-case, `"()*#:;~` -> space, runs of 2+ whitespace ->
+    one space (so a single "\\n" or "\\t" stays), trailing "\\n" removed, then spaces (only) stripped on both ends
+    (so a leading "\\n" stays)."""
+    text = _WHITESPACE_RUN.sub(" ", _CAPTION_PUNCTUATION.sub(" ", text.lower()))
+    return text.rstrip("\n").strip(" ")
 
 
 class RecordError(ValueError):
@@ -227,7 +233,7 @@ def _parse_pair(record: dict, index: int, ctx: Context) -> Sample:
         raise RecordError(ctx.source, index, f"ambiguous pair record: {', '.join(m.pair_key for m in present)}")
     name = _media_name(record[modality.pair_key], modality.pair_key, index, ctx)
     caption = normalize_caption(_text(_field(record, "caption", index, ctx), "caption", index, ctx))
-    if not caption:
+    if not caption.strip():
         raise RecordError(ctx.source, index, "caption: empty after normalisation")
     base = dict(dataset=ctx.dataset, source=ctx.source, index=index)
     if ctx.role == "enc":
@@ -249,7 +255,10 @@ def _as_list(value: Any, what: str, index: int, ctx: Context) -> list[str]:
 
 
 def _strip_placeholders(text: str) -> str:
-    """Remove <image>/<video>/<audio> and the whitespace (e.g. the newline) around each."""
+    """Remove <image>/<video>/<audio> and the whitespace (e.g. the newline) around each; text without one is
+    kept as written (a comprehension answer is the raw caption, normalised as the original's process_caption)."""
+    if not _PLACEHOLDER_RE.search(text):
+        return text
     return re.sub(r"\s*(" + _PLACEHOLDER_RE.pattern + r")\s*", " ", text).strip()
 
 
@@ -373,7 +382,7 @@ def _parse_legacy(record: dict, index: int, ctx: Context) -> Sample:
         raise RecordError(ctx.source, index, f"conversation[0].input_modality: {input_modality!r}; known: text, "
                           f"{', '.join(MODALITIES)}")
     for t, turn in enumerate(raw_turns):
-        text = _strip_placeholders(turn["value"])
+        text = turn["value"]            # verbatim, "<image>" included: the original tokenised it as written
         if turn["from"] == "human":
             turns.append(Turn("human", text))
             continue
