@@ -2,7 +2,8 @@
 #   make env check-ckpt features embeddings stage1 stage2 stage3     (real checkpoints, see README)
 #   make demo                                                         (tiny models + toy data, CPU, minutes)
 #   make test                                                         (pytest)
-# Variables: CONFIG=tiny (tiny configs), NUM_GPUS=N, HOSTFILE=path (multi-node), DS_CONFIG=path, ARGS="--set k=v"
+# Variables: CONFIG=tiny (tiny configs), NUM_GPUS=N, HOSTFILE=path (multi-node), DS_CONFIG=path, ARGS="--set k=v",
+#   MASTER_PORT=N (default: a free port per launch), MAKE_ENV_SCRIPT=path (what `make env` runs)
 
 SHELL := /bin/bash
 ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
@@ -11,17 +12,15 @@ NUM_GPUS ?=
 HOSTFILE ?=
 ARGS ?=
 
-# --- environment: conda env `nextgpt` when conda exists, else .venv -------------------------------------------
-CONDA := $(shell command -v conda 2>/dev/null)
+# --- environment: .venv, else the conda env `nextgpt`, else python3 ----------------------------------------------
+# scripts/python.sh picks the interpreter each time a recipe RUNS. Deciding here, when the Makefile is parsed, would
+# make `make env stage1 stage2 stage3` on a fresh clone run the stages with the system python (no torch yet).
 ENV_NAME ?= nextgpt
-ifneq ($(wildcard $(ROOT)/.venv/bin/python),)
-  PY := $(ROOT)/.venv/bin/python
-else ifneq ($(CONDA),)
-  PY := $(CONDA) run --no-capture-output -n $(ENV_NAME) python
-else
-  PY := python3
-endif
-DEEPSPEED := $(PY) -m deepspeed.launcher.runner
+export ENV_NAME
+MAKE_ENV_SCRIPT ?= scripts/make_env.sh
+PY := $(ROOT)/scripts/python.sh
+# DeepSpeed's runner defaults to port 29500, so two trainings on one machine collide: a free port per launch.
+DEEPSPEED = $(PY) -m deepspeed.launcher.runner --master_port $$($(ROOT)/scripts/free_port.sh)
 
 # --- which configs and where their outputs go (mirrors the YAML output_dir values) ------------------------------
 ifeq ($(CONFIG),tiny)
@@ -46,19 +45,17 @@ ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
 LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-PHONY_INTERNAL := _demo _test
-.PHONY: $(PHONY_INTERNAL) help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune infer demo test bench chaos clean-tiny
+.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune infer eval demo test bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
 
 env:
-	@bash scripts/make_env.sh && touch .env-ready
+	@bash $(MAKE_ENV_SCRIPT) && touch .env-ready
 
-# `make demo` / `make test` on a fresh clone set up the environment first (and again when requirements change),
-# then run in a sub-make so that PY points into the new environment.
+# `make demo` / `make test` on a fresh clone set up the environment first (and again when requirements change).
 .env-ready: requirements.txt env.yml
-	@bash scripts/make_env.sh && touch .env-ready
+	@bash $(MAKE_ENV_SCRIPT) && touch .env-ready
 
 check-ckpt:
 	$(PY) scripts/check_ckpt.py --config $(CFG_DIR)/stage_3.yaml
@@ -73,26 +70,29 @@ data/toy/.complete:
 
 # Caption embeddings (stage 2/3 targets) and ImageBind features (stage-1 cache) for the selected config.
 embeddings: $(PREREQ_CKPT) $(PREREQ_DATA)
-	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_3.yaml --all
+	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_3.yaml --all $(ARGS)
 features: $(PREREQ_CKPT) $(PREREQ_DATA)
-	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_1.yaml --all --features
+	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_1.yaml --all --features $(ARGS)
 
 validate:
-	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_1.yaml
-	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_2.yaml
-	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_3.yaml
+	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_1.yaml $(ARGS)
+	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_2.yaml $(ARGS)
+	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
 
 # Stages chain through their final checkpoints: `make stage3` runs whatever is missing before it, once.
+# The features / embeddings a stage needs get only the `--set key=value` overrides of ARGS (e.g. another data.root),
+# not train.py's own flags.
+SET_ARGS = $(foreach kv,$(filter-out -%,$(ARGS)),$(if $(findstring =,$(kv)),--set $(kv)))
 stage1: $(CKPT_OUT)/stage_1/done.json
 stage2: $(CKPT_OUT)/stage_2/done.json
 stage3: $(CKPT_OUT)/stage_3/done.json
 
 $(CKPT_OUT)/stage_1/done.json: | $(PREREQ_CKPT) $(PREREQ_DATA)
 	$(MAKE) --no-print-directory check-ckpt CONFIG=$(CONFIG)
-	$(MAKE) --no-print-directory features CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory features CONFIG=$(CONFIG) ARGS='$(SET_ARGS)'
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_1.yaml --ds_config $(call ds_config,stage_1) $(ARGS)
 $(CKPT_OUT)/stage_2/done.json: $(CKPT_OUT)/stage_1/done.json
-	$(MAKE) --no-print-directory embeddings CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory embeddings CONFIG=$(CONFIG) ARGS='$(SET_ARGS)'
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_2.yaml --ds_config $(call ds_config,stage_2) $(ARGS)
 $(CKPT_OUT)/stage_3/done.json: $(CKPT_OUT)/stage_2/done.json
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_3.yaml --ds_config $(call ds_config,stage_3) $(ARGS)
@@ -103,14 +103,16 @@ finetune: $(CKPT_OUT)/stage_3/done.json
 infer:
 	$(PY) code/inference.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
 
+# Held-out evaluation of checkpoints -> runs/eval/<name>/report.md (code/evaluate.py). CKPTS: what to compare,
+# default the base model and every stage's final checkpoint; CONFIG=tiny evaluates 8 records per dataset.
+CKPTS ?= base $(CKPT_OUT)/stage_1 $(CKPT_OUT)/stage_2 $(CKPT_OUT)/stage_3
+eval:
+	$(PY) code/evaluate.py --config $(CFG_DIR)/eval.yaml --ckpt $(CKPTS) --out runs/eval/$(if $(CONFIG),$(CONFIG),default) $(if $(filter tiny,$(CONFIG)),--limit 8,) $(ARGS)
+
 demo: .env-ready
-	@$(MAKE) --no-print-directory _demo
-_demo:
 	$(PY) scripts/demo.py $(ARGS)
 
 test: .env-ready
-	@$(MAKE) --no-print-directory _test
-_test:
 	$(PY) -m pytest -q $(ARGS)
 
 bench:
