@@ -1,0 +1,357 @@
+"""Turn raw (media, caption) collections into the NExT-GPT layout and name them in the dataset catalog.
+
+    # a folder of media + a CSV / JSONL / JSON list of (file, caption)
+    python scripts/prepare_data.py folder --name my_photos --modality image --media raw/photos --captions raw/photos.csv
+    # img2dataset output ("files" format: 00000/000000001.jpg + .txt and/or .json with "caption")
+    python scripts/prepare_data.py img2dataset --name laion_small --src raw/laion_out
+    # AudioCaps CSV (audiocap_id, youtube_id, start_time, caption) + the folder the clips were downloaded to
+    python scripts/prepare_data.py audiocaps --name audiocaps_train --csv train.csv --media raw/audiocaps
+    # WebVid CSV (videoid, name, page_dir, ...) + the folder the videos were downloaded to
+    python scripts/prepare_data.py webvid --name webvid_small --csv results_2M_val.csv --media raw/webvid
+
+Writes <data root>/T_X_pair_data/<name>/<name>.json (records {"<image|video|audio>_name": ..., "caption": ...}, the
+original's pair format) with the media beside it in images/ | videos/ | audios/ (copied, or symlinked with --link;
+file names prefixed with the dataset name so caption-embedding and feature caches, keyed by file name, never
+collide across datasets), then adds two catalog entries to --catalog:
+    <name>_enc   role enc: medium -> caption (stage 1, and comprehension data for stage 3)
+    <name>_dec   role dec: caption -> medium (stage 2, and generation data for stage 3)
+Rows whose media file is missing or empty, or whose caption is empty, are left out, counted, and listed in
+<name>/missing.txt; they never stop the conversion (at least one usable row is needed).
+
+Then: code/validate_data.py (decodes every file), code/process_embeddings.py for the caption embeddings of the
+_dec entry, and training with data.datasets naming the entries (see data/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nextgpt.io import atomic_dir, atomic_write_text
+from nextgpt.modalities import MODALITIES
+
+PAIR_FOLDER = "T_X_pair_data"
+FILE_COLUMNS = ("file", "file_name", "filename", "path", "image", "video", "audio", "image_name", "video_name",
+                "audio_name", "image_path", "url")
+CAPTION_COLUMNS = ("caption", "text", "description")
+
+
+@dataclass
+class Row:
+    source: Path | None          # the media file (None: not found)
+    caption: str
+    where: str                   # "<input file>:<line>" for the missing list
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading each raw format -> rows
+
+def _table(path: Path) -> list[tuple[str, dict]]:
+    """[(where, record)] of a CSV (header row), a JSONL file or a JSON list of objects."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    suffix = path.suffix.lower()
+    out: list[tuple[str, dict]] = []
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, record in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
+                out.append((f"{path}:{line}", record))
+    elif suffix == ".jsonl":
+        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if text.strip():
+                try:
+                    out.append((f"{path}:{line}", json.loads(text)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        out = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    else:
+        raise ValueError(f"{path}: unsupported caption file (use .csv, .tsv, .jsonl or .json)")
+    for where, record in out:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object / a row with named columns")
+    return out
+
+
+def _column(records: list[tuple[str, dict]], given: str | None, options: tuple[str, ...], what: str, path: Path) -> str:
+    columns = list(records[0][1]) if records else []
+    if given:
+        if given not in columns:
+            raise ValueError(f"{path}: no column {given!r} ({what}); columns: {', '.join(columns)}")
+        return given
+    found = next((c for c in options if c in columns), None)
+    if found is None:
+        raise ValueError(f"{path}: no {what} column (looked for {', '.join(options)}); name it with "
+                         f"--{'file' if what == 'file' else 'caption'}-column; columns: {', '.join(columns)}")
+    return found
+
+
+def read_folder(media: Path, captions: Path, file_column: str | None, caption_column: str | None) -> list[Row]:
+    """A folder of media + a table of (file relative to the folder, caption)."""
+    if not media.is_dir():
+        raise FileNotFoundError(f"{media}: media folder not found")
+    records = _table(captions)
+    if not records:
+        raise ValueError(f"{captions}: no records")
+    file_key = _column(records, file_column, FILE_COLUMNS, "file", captions)
+    caption_key = _column(records, caption_column, CAPTION_COLUMNS, "caption", captions)
+    rows = []
+    for where, record in records:
+        name = str(record.get(file_key) or "").strip()
+        path = media / name if name else None
+        rows.append(Row(path if path is not None and path.is_file() else None, str(record.get(caption_key) or ""),
+                        f"{where} ({name or 'no file name'})"))
+    return rows
+
+
+def read_img2dataset(src: Path) -> list[Row]:
+    """img2dataset's "files" output: <shard>/<key>.<jpg|png|webp> with <key>.txt and/or <key>.json beside it."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: img2dataset output folder not found")
+    image_ext = MODALITIES["image"].extensions
+    rows = []
+    for shard in sorted(p for p in src.iterdir() if p.is_dir()):
+        for image in sorted(p for p in shard.iterdir() if p.suffix.lower() in image_ext):
+            caption = ""
+            text, meta = image.with_suffix(".txt"), image.with_suffix(".json")
+            if text.is_file():
+                caption = text.read_text(encoding="utf-8")
+            elif meta.is_file():
+                try:
+                    caption = str(json.loads(meta.read_text(encoding="utf-8")).get("caption") or "")
+                except (json.JSONDecodeError, AttributeError):
+                    caption = ""
+            rows.append(Row(image, caption, str(image)))
+        # a key with a caption but no image (img2dataset failed to download it): reported as missing
+        for orphan in sorted(p for p in shard.glob("*.txt")
+                             if not any(p.with_suffix(e).is_file() for e in image_ext)):
+            rows.append(Row(None, orphan.read_text(encoding="utf-8"), f"{orphan} (no image)"))
+    if not rows:
+        raise ValueError(f"{src}: no shard folders with images (expected 00000/000000001.jpg + .txt; the "
+                         "webdataset .tar output is not read: rerun img2dataset with --output_format files)")
+    return rows
+
+
+def _find(media: Path, stems: list[str], extensions: tuple[str, ...], subdirs: list[str] = ()) -> Path | None:
+    for folder in [media, *(media / s for s in subdirs if s)]:
+        for stem in stems:
+            for ext in extensions:
+                path = folder / f"{stem}{ext}"
+                if path.is_file():
+                    return path
+    return None
+
+
+def read_audiocaps(table: Path, media: Path) -> list[Row]:
+    """AudioCaps CSV (audiocap_id, youtube_id, start_time, caption). Download tools name clips differently; tried, in
+    order: <audiocap_id>, <youtube_id>, Y<youtube_id> (AudioSet style), <youtube_id>_<start_time>, with any
+    audio extension."""
+    if not media.is_dir():
+        raise FileNotFoundError(f"{media}: audio folder not found")
+    records = _table(table)
+    for key in ("youtube_id", "caption"):
+        if records and key not in records[0][1]:
+            raise ValueError(f"{table}: no column {key!r}; an AudioCaps CSV has audiocap_id, youtube_id, start_time, "
+                             "caption")
+    rows = []
+    extensions = MODALITIES["audio"].extensions
+    for where, r in records:
+        ytid, start, capid = r.get("youtube_id", ""), str(r.get("start_time", "")), str(r.get("audiocap_id", ""))
+        stems = [s for s in (capid, ytid, f"Y{ytid}", f"{ytid}_{start}", f"{ytid}_{start}.000") if s and s != "Y"]
+        rows.append(Row(_find(media, stems, extensions), r.get("caption") or "", f"{where} ({ytid})"))
+    return rows
+
+
+def read_webvid(table: Path, media: Path) -> list[Row]:
+    """WebVid CSV (videoid, name = the caption, page_dir, ...). Tried: <media>/<page_dir>/<videoid>.mp4 (the
+    download script's layout), then <media>/<videoid>.<any video extension>."""
+    if not media.is_dir():
+        raise FileNotFoundError(f"{media}: video folder not found")
+    records = _table(table)
+    for key in ("videoid", "name"):
+        if records and key not in records[0][1]:
+            raise ValueError(f"{table}: no column {key!r}; a WebVid CSV has videoid, contentUrl, duration, "
+                             "page_dir, name")
+    rows = []
+    for where, r in records:
+        vid = str(r.get("videoid", ""))
+        path = _find(media, [vid], MODALITIES["video"].extensions, [r.get("page_dir", "")]) if vid else None
+        rows.append(Row(path, r.get("name") or "", f"{where} ({vid})"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the layout and the catalog entries
+
+def write_dataset(rows: list[Row], name: str, modality: str, root: Path, link: bool) -> tuple[Path, int, list[str]]:
+    """-> (pair JSON path, records written, missing descriptions). The folder is written atomically."""
+    spec = MODALITIES[modality]
+    folder = root / PAIR_FOLDER / name
+    missing: list[str] = []
+    records: list[dict] = []
+    used: set[str] = set()
+    with atomic_dir(folder) as tmp:
+        media_dir = tmp / spec.media_folder
+        media_dir.mkdir()
+        for row in rows:
+            caption = " ".join(row.caption.split())
+            if row.source is None:
+                missing.append(f"{row.where}: media file not found")
+                continue
+            if row.source.stat().st_size == 0:
+                missing.append(f"{row.where}: {row.source} is empty")
+                continue
+            if row.source.suffix.lower() not in spec.extensions:
+                missing.append(f"{row.where}: {row.source.name} is not a {modality} file "
+                               f"({', '.join(spec.extensions)})")
+                continue
+            if not caption:
+                missing.append(f"{row.where}: empty caption")
+                continue
+            target = f"{name}_{row.source.name}"
+            stem, k = Path(target).stem, 1
+            while target in used:                      # the same file name in two shards / folders
+                target, k = f"{stem}_{k}{row.source.suffix}", k + 1
+            used.add(target)
+            if link:
+                os.symlink(row.source.resolve(), media_dir / target)
+            else:
+                shutil.copy2(row.source, media_dir / target)
+            records.append({spec.pair_key: target, "caption": caption})
+        if not records:
+            first = missing[0] if missing else "no rows"
+            raise ValueError(f"dataset {name}: no usable rows ({len(missing)} missing or empty; first: {first})")
+        atomic_write_text(tmp / f"{name}.json", json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+        if missing:
+            atomic_write_text(tmp / "missing.txt", "".join(m + "\n" for m in missing))
+    return folder / f"{name}.json", len(records), missing
+
+
+def catalog_entries(name: str, modality: str) -> dict[str, dict]:
+    rel = f"{PAIR_FOLDER}/{name}/{name}.json"
+    return {f"{name}_enc": {"role": "enc", "modality": modality, "files": [rel]},
+            f"{name}_dec": {"role": "dec", "modality": modality, "files": [rel]}}
+
+
+def add_to_catalog(catalog: Path, entries: dict[str, dict]) -> list[str]:
+    """Append the entries under `datasets:` (text, so the file's comments stay) -> the names added. An existing
+    entry with the same content is left alone; one with other content is an error (edit it by hand)."""
+    import yaml
+
+    text = catalog.read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    datasets = data.get("datasets")
+    if not isinstance(datasets, dict):
+        raise ValueError(f"{catalog}: no 'datasets:' mapping")
+    if [k for k in data if k not in ("aliases", "datasets")] or list(data)[-1] != "datasets":
+        raise ValueError(f"{catalog}: 'datasets:' must be the last top-level key to append entries")
+    added = []
+    block = ""
+    for entry_name, spec in entries.items():
+        if entry_name in datasets:
+            if datasets[entry_name] != spec:
+                raise ValueError(f"{catalog}: dataset {entry_name} already exists with other settings "
+                                 f"({datasets[entry_name]}); choose another --name or edit the catalog")
+            continue
+        block += (f"  {entry_name}:\n    role: {spec['role']}\n    modality: {spec['modality']}\n"
+                  f"    files: [{spec['files'][0]}]\n")
+        added.append(entry_name)
+    if block:
+        header = "  # ---- added by scripts/prepare_data.py ----\n"
+        atomic_write_text(catalog, text.rstrip("\n") + "\n" + header + block)
+        check = yaml.safe_load(catalog.read_text(encoding="utf-8"))["datasets"]
+        assert all(check[n] == entries[n] for n in added), "catalog round trip"
+    return added
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="kind", required=True)
+
+    def common(p: argparse.ArgumentParser, modality: str | None) -> None:
+        p.add_argument("--name", required=True, help="dataset name (letters, digits, _); catalog names "
+                                                     "<name>_enc and <name>_dec")
+        if modality is None:
+            p.add_argument("--modality", required=True, choices=list(MODALITIES))
+        p.set_defaults(modality=modality) if modality else None
+        p.add_argument("--root", default="data", help="data root (data.root of your config; default: data)")
+        p.add_argument("--catalog", default="code/config/catalog.yaml", help="catalog to add the entries to")
+        p.add_argument("--link", action="store_true", help="symlink the media instead of copying them")
+
+    folder = sub.add_parser("folder", help="a folder of media + a CSV / JSONL / JSON of (file, caption)")
+    common(folder, None)
+    folder.add_argument("--media", required=True, type=Path, help="the folder the file column is relative to")
+    folder.add_argument("--captions", required=True, type=Path, help=".csv / .tsv / .jsonl / .json")
+    folder.add_argument("--file-column", default=None, help=f"default: the first of {', '.join(FILE_COLUMNS[:5])}...")
+    folder.add_argument("--caption-column", default=None, help=f"default: the first of {', '.join(CAPTION_COLUMNS)}")
+    img = sub.add_parser("img2dataset", help="img2dataset output folder (--output_format files)")
+    common(img, "image")
+    img.add_argument("--src", required=True, type=Path)
+    audio = sub.add_parser("audiocaps", help="AudioCaps CSV + downloaded clips")
+    common(audio, "audio")
+    audio.add_argument("--csv", required=True, type=Path)
+    audio.add_argument("--media", required=True, type=Path)
+    video = sub.add_parser("webvid", help="WebVid CSV + downloaded videos")
+    common(video, "video")
+    video.add_argument("--csv", required=True, type=Path)
+    video.add_argument("--media", required=True, type=Path)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import re
+
+    from nextgpt.config import resolve_path
+
+    if not re.fullmatch(r"[A-Za-z0-9_]+", args.name):
+        raise ValueError(f"--name {args.name!r}: use letters, digits and _ only (it becomes a folder and catalog key)")
+    if args.kind == "folder":
+        rows = read_folder(args.media, args.captions, args.file_column, args.caption_column)
+    elif args.kind == "img2dataset":
+        rows = read_img2dataset(args.src)
+    elif args.kind == "audiocaps":
+        rows = read_audiocaps(args.csv, args.media)
+    else:
+        rows = read_webvid(args.csv, args.media)
+    # --root / --catalog are config-style paths: relative ones resolve against the repository root
+    root, catalog = resolve_path(args.root), resolve_path(args.catalog)
+    if not catalog.is_file():
+        raise FileNotFoundError(f"{catalog}: catalog not found (--catalog)")
+    path, count, missing = write_dataset(rows, args.name, args.modality, root, args.link)
+    added = add_to_catalog(catalog, catalog_entries(args.name, args.modality))
+    return {"json": path, "records": count, "missing": missing, "added": added, "catalog": catalog}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result['json']}: {result['records']} {args.modality} record(s)")
+    if result["missing"]:
+        print(f"left out {len(result['missing'])} row(s) (missing/empty media or caption), listed in "
+              f"{result['json'].parent / 'missing.txt'}; first: {result['missing'][0]}")
+    names = [f"{args.name}_enc", f"{args.name}_dec"]
+    print(f"catalog {result['catalog']}: " + (f"added {', '.join(result['added'])}" if result["added"]
+                                             else f"{', '.join(names)} already present"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
