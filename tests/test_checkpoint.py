@@ -47,7 +47,8 @@ def batch_for(model):
             "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long),
             "media_positions": torch.tensor([[0, e.media_positions[0]]]), "media_features": torch.ones(1, 16),
             "media_paths": ["/none.jpg"], "media_modalities": ["image"],
-            "caption_embeds": {"audio": torch.ones(1, 1, 16)}, "samples": [s]}
+            "caption_embeds": {"audio": torch.ones(1, 1, 16)}, "samples": [s],
+            "signal_blocks": {m: torch.tensor([[0, start]]) for m, start in e.signal_blocks}}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nextgpt.data.collate import stack_signal_blocks
 from nextgpt.data.conversation import encode, signal_blocks
 from nextgpt.data.types import Media, Sample, Target, Turn
 from nextgpt.model import llm as llm_utils
@@ -41,6 +42,7 @@ def make_batch(model, samples, seed=0, max_length=256):
         "media_modalities": [m.modality for m in media], "media_names": [m.name for m in media],
         "media_paths": [m.path for m in media],
         "media_features": torch.randn(len(media), 16, generator=generator) if media else None,
+        "signal_blocks": stack_signal_blocks([e.signal_blocks for e in encoded]),
         "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
         "samples": list(samples),
     }

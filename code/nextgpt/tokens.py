@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from nextgpt.modalities import MEDIA_END, MEDIA_START, MODALITIES, added_tokens
+
+IGNORE = -100          # label of an unsupervised position (torch cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,60 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load the tokenizer ({e})") from None
     return tokenizer, add_nextgpt_tokens(tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signal blocks ([IMG0..3] / [VID0..23] / [AUD0..7]) in a list of ids. The one scanner: conversation.encode records
+# blocks while it builds a sample (and checks them with this), collate carries them to the model, generation scans
+# its output with it.
+
+@dataclass
+class SignalScan:
+    blocks: list[tuple[str, int]] = field(default_factory=list)      # (modality, start) of every complete block
+    truncated: list[tuple[str, int]] = field(default_factory=list)   # a block that starts right but the ids end
+    malformed: list[tuple[str, int]] = field(default_factory=list)   # signal ids out of order (a stray or a gap)
+
+
+def scan_signal_blocks(ids: Sequence[int], token_ids: TokenIds) -> SignalScan:
+    """Every signal block of `ids` in order, plus the truncated / malformed runs (never raises).
+
+    A run of signal ids that is not a complete in-order block is skipped as a whole, so one bad run is reported
+    once; a block cut off by the end of `ids` ends the scan (generation stopped inside it).
+    """
+    signal_of = {i: m for m, signal in token_ids.signal.items() for i in signal}
+    scan = SignalScan()
+    position, n = 0, len(ids)
+    while position < n:
+        modality = signal_of.get(ids[position])
+        if modality is None:
+            position += 1
+            continue
+        expected = token_ids.signal[modality]
+        got = list(ids[position:position + len(expected)])
+        if got == expected:
+            scan.blocks.append((modality, position))
+            position += len(expected)
+        elif len(got) < len(expected) and got == expected[:len(got)]:
+            scan.truncated.append((modality, position))
+            break
+        else:
+            scan.malformed.append((modality, position))
+            while position < n and ids[position] in signal_of:
+                position += 1
+    return scan
+
+
+def signal_blocks(ids: Sequence[int], token_ids: TokenIds, where: str = "") -> list[tuple[str, int]]:
+    """[(modality, start)] of every signal block in `ids` (training ids or labels); any other signal id -> ValueError
+    naming `where`."""
+    scan = scan_signal_blocks(ids, token_ids)
+    problems = sorted([(p, m, "incomplete") for m, p in scan.truncated] + [(p, m, "bad") for m, p in scan.malformed])
+    if problems:
+        position, modality, kind = problems[0]
+        token = ids[position]
+        if kind == "bad" and token == token_ids.signal[modality][0]:
+            kind = "incomplete"                 # starts like a block, breaks off inside it
+        if kind == "incomplete":
+            raise ValueError(f"{where}: incomplete {modality} signal block at position {position}")
+        raise ValueError(f"{where}: stray signal token id {token} at position {position}")
+    return scan.blocks

@@ -7,8 +7,10 @@
     media_modalities list[str] (N)       media_names list[str] (N)       media_paths list[str] (N)
     media_features   FloatTensor (N, F)  from <feature_dir>/<media name>.npy when EVERY medium of the batch is
                                          cached there, else None (the model then encodes media_paths live)
-    caption_embeds   {modality: FloatTensor (n_m, T_m, D_m)}: one row per signal block of that modality, ordered by
-                     (row, position); pooled decoders (AudioLDM) are stored (D,) and viewed (n, 1, D)
+    signal_blocks    {modality: LongTensor (n_m, 2)}: (row, start) of each signal block, ordered by (row, position),
+                     as conversation.encode recorded them (only modalities present in the batch)
+    caption_embeds   {modality: FloatTensor (n_m, T_m, D_m)}: one row per signal block of that modality, same order
+                     as signal_blocks[modality]; pooled decoders (AudioLDM) are stored (D,) and viewed (n, 1, D)
     samples          list[Sample] (B), for error messages
 
 Every caption embedding is checked against the shape its decoder consumes (a wrong shape names the .npy file and
@@ -26,6 +28,16 @@ import torch
 from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
 from nextgpt.embed_cache import item_path, load_item, read_manifest
+from nextgpt.tokens import IGNORE, signal_blocks
+
+
+def stack_signal_blocks(rows: list[list[tuple[str, int]]]) -> dict[str, torch.Tensor]:
+    """Per-row [(modality, start)] -> {modality: LongTensor (n_m, 2) of (row, start)}, in (row, position) order."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for row, blocks in enumerate(rows):
+        for modality, start in sorted(blocks, key=lambda b: b[1]):
+            out.setdefault(modality, []).append((row, int(start)))
+    return {m: torch.tensor(v, dtype=torch.long).reshape(-1, 2) for m, v in out.items()}
 
 
 class Collator:
@@ -49,13 +61,14 @@ class Collator:
         length = max(len(e.input_ids) for e in batch)
         size = (len(batch), length)
         input_ids = torch.full(size, self.token_ids.pad, dtype=torch.long)
-        labels = torch.full(size, -100, dtype=torch.long)
+        labels = torch.full(size, IGNORE, dtype=torch.long)
         attention_mask = torch.zeros(size, dtype=torch.long)
         positions: list[tuple[int, int]] = []
         modalities: list[str] = []
         names: list[str] = []
         paths: list[str] = []
         embeds: dict[str, list[torch.Tensor]] = {}
+        blocks: list[list[tuple[str, int]]] = []
         for row, enc in enumerate(batch):
             sample = enc.sample
             n = len(enc.input_ids)
@@ -72,7 +85,7 @@ class Collator:
                 modalities.append(medium.modality)
                 names.append(medium.name)
                 paths.append(medium.path)
-            self._check_blocks(enc)
+            blocks.append(self._blocks(enc))
             for target in sample.targets:
                 embeds.setdefault(target.modality, []).append(self._caption_embed(target, sample))
         return {
@@ -84,20 +97,29 @@ class Collator:
             "media_names": names,
             "media_paths": paths,
             "media_features": self._features(names, batch),
+            "signal_blocks": stack_signal_blocks(blocks),
             "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
             "samples": [e.sample for e in batch],
         }
 
     # ------------------------------------------------------------------------------------------------------------
-    def _check_blocks(self, enc: Encoded) -> None:
-        """Signal blocks in the ids (by the id of each modality's first signal token) == the sample's targets."""
-        ids = enc.input_ids
-        for m, signal in self.token_ids.signal.items():
-            blocks = sum(1 for i in ids if i == signal[0])
+    def _blocks(self, enc: Encoded) -> list[tuple[str, int]]:
+        """The sample's signal blocks (recorded by encode, or scanned once for a hand-made Encoded), checked: each
+        holds its modality's ids, and they match the sample's caption-embedding targets in number per modality."""
+        blocks = enc.signal_blocks
+        if blocks is None:
+            blocks = signal_blocks(enc.input_ids, self.token_ids, enc.sample.where)
+        for modality, start in blocks:
+            signal = self.token_ids.signal[modality]
+            if list(enc.input_ids[start:start + len(signal)]) != signal:
+                raise ValueError(f"{enc.sample.where}: no {modality} signal block at position {start}")
+        for m in self.token_ids.signal:
+            found = sum(1 for b, _ in blocks if b == m)
             targets = sum(1 for t in enc.sample.targets if t.modality == m)
-            if blocks != targets:
-                raise ValueError(f"{enc.sample.where}: {blocks} {m} signal block(s) in the tokens but {targets} "
+            if found != targets:
+                raise ValueError(f"{enc.sample.where}: {found} {m} signal block(s) in the tokens but {targets} "
                                  f"{m} caption embedding(s)")
+        return blocks
 
     def _caption_embed(self, target, sample) -> torch.Tensor:
         """(T, D) float32 tensor of one target (pooled: (1, D))."""

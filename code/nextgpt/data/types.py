@@ -57,3 +57,6 @@ class Encoded:
     labels: list[int]                  # same length; -100 where not supervised
     media_positions: list[int]         # index of each medium's soft token in input_ids (same order as sample.media)
     sample: Sample
+    # (modality, start) of each signal block in input_ids, recorded by conversation.encode as it builds them;
+    # None for an Encoded made by hand (collate then scans the ids once with tokens.signal_blocks)
+    signal_blocks: list[tuple[str, int]] | None = None

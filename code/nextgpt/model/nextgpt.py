@@ -3,7 +3,8 @@
     media feature (N, F) --input_proj--> (N, D) soft tokens, written at batch["media_positions"]
     inputs_embeds (B, L, D) --LLM--> logits (B, L, V) -> LM loss, token accuracy
                               \\--> hidden_states[cfg.model.hidden_layer] (B, L, D)
-    at every signal block (found by id in the labels): hidden (n, N, D) + input embeddings (n, N, D)
+    at every signal block (batch["signal_blocks"], recorded when the sample was encoded):
+        hidden (n, N, D) + input embeddings (n, N, D)
         --output_proj[modality]--> (n, T, D_out) -- l2 / mse --> caption_embeds[modality] (n, T, D_out)
 
 A stage is configuration: which modules train (set_trainable), which loss terms count (cfg.train.loss_weights).
@@ -13,17 +14,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextgpt.data.conversation import IGNORE, prompt_for_generation, signal_blocks
-from nextgpt.data.types import Media, Turn
 from nextgpt.model import llm as llm_utils
+from nextgpt.model import suffix
 from nextgpt.model.projectors import build_input_proj, build_output_proj
 from nextgpt.modalities import MODALITIES, conditioning_shape
+from nextgpt.tokens import IGNORE, scan_signal_blocks
+
+if TYPE_CHECKING:
+    from nextgpt.data.types import Media, Turn
+
 
 logger = logging.getLogger("nextgpt")
 
@@ -171,19 +176,24 @@ class NextGPT(nn.Module):
         positions, features = self._batch_media(batch)
         inputs_embeds, token_embeds = self.embed(input_ids, positions, features)
 
-        # Signal blocks by id in the labels, per modality in (row, position) order = caption_embeds order.
-        samples = batch.get("samples") or [None] * input_ids.shape[0]
-        blocks: dict[str, list[tuple[int, int]]] = {}
-        label_rows = labels.tolist()
-        for row, row_labels in enumerate(label_rows):
-            where = samples[row].where if samples[row] is not None else f"batch row {row}"
-            for modality, start in signal_blocks(row_labels, self.token_ids, where):
-                blocks.setdefault(modality, []).append((row, start))
+        # {modality: (n, 2) (row, start)} in (row, position) order = caption_embeds order (collate)
+        if "signal_blocks" not in batch:
+            raise ValueError("the batch has no signal_blocks (batches come from nextgpt.data.collate.Collator)")
+        blocks = {m: [tuple(b) for b in v.tolist()] for m, v in batch["signal_blocks"].items() if v.numel()}
         wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0]
 
-        out = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             output_hidden_states=bool(wanted), use_cache=False)
-        lm, accuracy = lm_loss_and_accuracy(out.logits, labels)
+        self._check_blocks(labels, blocks, batch.get("samples"))
+
+        split = self._split(input_ids, attention_mask, positions, blocks)
+        if split is None:                                   # one pass with gradients everywhere
+            out = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 output_hidden_states=bool(wanted), use_cache=False)
+            lm, accuracy = lm_loss_and_accuracy(out.logits, labels)
+            hidden_all = out.hidden_states if wanted else None
+        else:                                               # prefix no_grad + KV cache, suffix with gradients
+            lm, accuracy, hidden_all = suffix.split_forward(
+                self.causal_lm, inputs_embeds, attention_mask, labels, split, attention_mask.sum(1).tolist(),
+                output_hidden_states=bool(wanted))
         terms: dict[str, torch.Tensor] = {"lm": lm}
         caption_embeds = batch.get("caption_embeds") or {}
         for modality in wanted:
@@ -192,8 +202,8 @@ class NextGPT(nn.Module):
                                  f"projector (model.modalities: {list(self.output_proj)})")
             if modality not in caption_embeds:
                 raise ValueError(f"the batch has {modality} signal blocks but no caption_embeds[{modality!r}]")
-            hidden_states = out.hidden_states[self.cfg.model.hidden_layer]
-            prediction = self.project(modality, hidden_states, token_embeds, blocks[modality])
+            hidden_states = hidden_all[self.cfg.model.hidden_layer]
+            prediction = self.project(modality, hidden_states, token_embeds, blocks[modality], split)
             target = caption_embeds[modality].to(device)
             if target.shape[0] != prediction.shape[0]:
                 raise ValueError(f"{modality}: {prediction.shape[0]} signal blocks in the batch but "
@@ -206,13 +216,45 @@ class NextGPT(nn.Module):
         loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
         return {"loss": loss, **terms, "token_acc": accuracy}
 
+    def _check_blocks(self, labels: torch.Tensor, blocks: dict[str, list[tuple[int, int]]], samples) -> None:
+        """Every signal block is supervised with its own ids (a block the labels do not teach is a data bug)."""
+        for modality, starts in blocks.items():
+            n = MODALITIES[modality].num_signal_tokens
+            rows = torch.tensor([r for r, _ in starts for _ in range(n)], device=labels.device)
+            columns = torch.tensor([s + i for _, s in starts for i in range(n)], device=labels.device)
+            expected = torch.tensor(self.token_ids.signal[modality], device=labels.device).repeat(len(starts))
+            bad = (labels[rows, columns] != expected).view(len(starts), n).any(1)
+            if bool(bad.any()):
+                row, start = starts[int(bad.nonzero()[0, 0])]
+                where = samples[row].where if samples else f"batch row {row}"
+                raise ValueError(f"{where}: the labels do not hold the {modality} signal block at position {start}")
+
+    def _split(self, input_ids, attention_mask, media_positions, blocks) -> list[int] | None:
+        """Per-row prefix lengths for suffix backward (model/suffix.py), or None for one full pass."""
+        if not (self.cfg.train.suffix_backward and torch.is_grad_enabled()):
+            return None
+        causal_lm = self.causal_lm
+        if getattr(causal_lm, "is_activation_checkpointing", False):
+            return None                     # HF drops the KV cache of checkpointed layers while grad is on
+        if causal_lm.config._attn_implementation not in suffix.ATTENTION_WITH_4D_MASK:
+            return None
+        inputs = suffix.trainable_inputs(self)
+        if inputs is None:
+            return None
+        split = suffix.split_points(input_ids, attention_mask.sum(1).tolist(), media_positions, blocks, inputs)
+        return split if max(split) > 0 else None
+
     def project(self, modality: str, hidden_states: torch.Tensor, token_embeds: torch.Tensor,
-                starts: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Output projector on signal blocks at (row, start): (n, N, D) hidden + input embeddings -> (n, T, D_out)."""
+                starts: Sequence[tuple[int, int]], offsets: Sequence[int] | None = None) -> torch.Tensor:
+        """Output projector on signal blocks at (row, start): (n, N, D) hidden + input embeddings -> (n, T, D_out).
+
+        offsets: per row, where hidden_states begins in the sequence (suffix backward), else 0."""
         n = MODALITIES[modality].num_signal_tokens
         rows = torch.tensor([r for r, _ in starts for _ in range(n)], device=hidden_states.device)
         columns = torch.tensor([s + i for _, s in starts for i in range(n)], device=hidden_states.device)
-        hidden = hidden_states[rows, columns].view(len(starts), n, -1)
+        shift = torch.tensor([offsets[r] if offsets else 0 for r, _ in starts for _ in range(n)],
+                             device=hidden_states.device)
+        hidden = hidden_states[rows, columns - shift].view(len(starts), n, -1)
         inputs = token_embeds[rows, columns].view(len(starts), n, -1)
         projector = self.output_proj[modality]
         dtype = next(projector.parameters()).dtype
@@ -220,7 +262,7 @@ class NextGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: str | Sequence[Turn], media: Sequence[Media] = (), max_new_tokens: int | None = None,
+    def generate(self, prompt: "str | Sequence[Turn]", media: "Sequence[Media]" = (), max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None,
                  do_sample: bool | None = None) -> Generation:
         """Answer a prompt (text or turns ending with a human turn) about optional input media.
@@ -245,6 +287,8 @@ class NextGPT(nn.Module):
             self.train(was_training)
 
     def _generate(self, prompt, media, max_new_tokens, temperature, top_p, do_sample) -> Generation:
+        from nextgpt.data.conversation import prompt_for_generation   # the template (generation moves out of model/)
+
         encoded = prompt_for_generation(prompt, media, self.tokenizer, self.token_ids)
         device = self.device
         input_ids = torch.tensor([encoded.input_ids], device=device)
@@ -264,27 +308,11 @@ class NextGPT(nn.Module):
         generated = self._cut_at_stop(generated)
         text = self.tokenizer.decode(generated, skip_special_tokens=True).split("###")[0].strip()
 
-        outputs, truncated, malformed = [], [], []
-        starts: list[tuple[str, int]] = []
-        signal_of = {i: m for m, ids in self.token_ids.signal.items() for i in ids}
-        position = 0
-        while position < len(generated):
-            modality = signal_of.get(generated[position])
-            if modality is None:
-                position += 1
-                continue
-            expected = self.token_ids.signal[modality]
-            got = generated[position:position + len(expected)]
-            if got == expected:
-                starts.append((modality, prompt_length + position))
-                position += len(expected)
-                continue
-            if got == expected[:len(got)]:             # the block starts right but the answer ends inside it
-                truncated.append(modality)
-                break
-            malformed.append(modality)                 # out of order: skip this run of signal tokens
-            while position < len(generated) and generated[position] in signal_of:
-                position += 1
+        scan = scan_signal_blocks(generated, self.token_ids)
+        starts = [(modality, prompt_length + position) for modality, position in scan.blocks]
+        truncated = [m for m, _ in scan.truncated]
+        malformed = [m for m, _ in scan.malformed]
+        outputs = []
         for modality in truncated + malformed:
             logger.warning("generation: %s signal block %s; no %s output", modality,
                            "cut by max_new_tokens" if modality in truncated else "malformed", modality)
