@@ -74,7 +74,15 @@ def train(args: argparse.Namespace) -> dict:
     output_dir = cfg.path(cfg.train.output_dir)
     log = RunLog(output_dir, rt.is_main, cfg.train.tensorboard)
     try:
-        return _train(cfg, args, ds_config, ds_path, rt, output_dir, log)
+        # One run per output folder (nextgpt.runlock); its run id names this run's temporary folders.
+        lock, run_id = runlock.acquire_collective(output_dir, rt.is_main, "training")
+        cli.set_log(output_dir / "train.log")  # where main's error line sends the traceback
+        log = RunLog(output_dir, rt.is_main, cfg.train.report_to, cfg.to_dict())
+        for note in lock.notes if lock else []:
+            log(note)
+        # SIGINT / SIGTERM / a dead launcher: stop at the end of the step, save, exit 130/143 (nextgpt.stop).
+        with StopRequest(watch_launcher="LOCAL_RANK" not in rt.env_we_set) as stop:
+            return _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id)
     finally:
         log.close()
         runtime.shutdown(rt)

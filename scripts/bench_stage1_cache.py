@@ -114,7 +114,7 @@ def run(args) -> dict:
         preset_name = MID_PRESET_NAME if config else "tiny"
         feature_dir = work / f"stage1_features_{preset_label}_{'samples' if data_root == SAMPLES else 'toy'}"
         common = [f"data.root={data_root}", f"model.imagebind={checkpoint}", f"model.imagebind_preset={preset_name}",
-                  f"train.micro_batch_size={args.batch_size}", "train.save_every=0", "train.tensorboard=false"]
+                  f"train.micro_batch_size={args.batch_size}", "train.save_every=0", "train.report_to=[]"]
         # The cache: the real command (`make features`), once per preset; finished items are skipped later.
         features = peak_rss_of(child_command(preset_name, config, "code/process_embeddings.py",
                                              [*env.argv("stage_1", *common, f"data.feature_dir={feature_dir}"),

@@ -135,7 +135,7 @@ def last_line(text: str) -> str:
 
 def train_command(env, stage: int, out: Path, init_from: Path | None, *extra: str, args: tuple[str, ...] = ()
                   ) -> list[str]:
-    overrides = [f"train.output_dir={out}", f"train.save_every={SAVE_EVERY}", "train.tensorboard=false",
+    overrides = [f"train.output_dir={out}", f"train.save_every={SAVE_EVERY}", "train.report_to=[]",
                  "train.log_every=1", "train.keep_last=2"]
     overrides.append(f"train.init_from={init_from}" if init_from else "train.init_from=")
     return [PYTHON, TRAIN, *env.argv(f"stage_{stage}", *overrides, *extra), "--max-steps", str(STEPS), *args]
@@ -497,7 +497,7 @@ def train_case(stage: int, *overrides: str, args: tuple[str, ...] = (), data_fn=
         data = data_copy(case, env)
         extra = list(data_fn(data, case, env) or []) if data_fn else []
         return [PYTHON, TRAIN, *env.argv(f"stage_{stage}", *data_overrides(data), f"train.output_dir={case / 'out'}",
-                                          "train.init_from=", "train.tensorboard=false", *overrides, *extra),
+                                          "train.init_from=", "train.report_to=[]", *overrides, *extra),
                 "--max-steps", "2", *args]
     return build
 
@@ -614,7 +614,7 @@ def cases() -> list[Case]:
         data = data_copy(case, env)
         return [PYTHON, TRAIN, *env.argv("stage_1", *data_overrides(data, case / "no_features"),
                                          f"model.imagebind={case / 'nowhere' / 'imagebind_huge.pth'}",
-                                         f"train.output_dir={case / 'out'}", "train.tensorboard=false"),
+                                         f"train.output_dir={case / 'out'}", "train.report_to=[]"),
                 "--max-steps", "2"]
 
     def live_corrupt_image(case: Path, env) -> list[str]:
@@ -623,7 +623,7 @@ def cases() -> list[Case]:
         for image in sorted(images.iterdir()):                # every image: the first batch must meet one
             corrupt(image)
         return [PYTHON, TRAIN, *env.argv("stage_1", *data_overrides(data, case / "no_features"),
-                                         f"train.output_dir={case / 'out'}", "train.tensorboard=false",
+                                         f"train.output_dir={case / 'out'}", "train.report_to=[]",
                                          "data.datasets=[cc3m_enc]"),
                 "--max-steps", "2"]
 
@@ -634,7 +634,7 @@ def cases() -> list[Case]:
         (delta / "delta.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"bad\": json" + b"\0" * 64)
         (delta / "meta.json").write_text("{}")
         return [PYTHON, TRAIN, *env.argv("stage_2", *data_overrides(data), f"train.output_dir={case / 'out'}",
-                                         f"train.init_from={delta}", "train.tensorboard=false"), "--max-steps", "2"]
+                                         f"train.init_from={delta}", "train.report_to=[]"), "--max-steps", "2"]
 
     def inference_missing(case: Path, env) -> list[str]:
         return [PYTHON, INFERENCE, *env.argv("stage_3", f"inference.out_dir={case / 'out'}"),

@@ -40,17 +40,37 @@ class TermMeans:
 
 
 class RunLog:
-    """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl and TensorBoard scalars."""
+    """Rank-0 logging: tqdm-safe prints, <output_dir>/train.log, metrics.jsonl, and the trackers train.report_to
+    names: TensorBoard scalars (<output_dir>/tensorboard) and Weights & Biases (the resolved config + scalars;
+    files under <output_dir>/wandb; WANDB_MODE=offline runs without an account, `wandb sync` uploads later)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
-        self.text = self.metrics = self.writer = None
+    def __init__(self, output_dir: Path, enabled: bool, report_to: "list[str] | tuple[str, ...]" = ("tensorboard",),
+                 config: dict | None = None):
+        self.enabled, self.output_dir = enabled, output_dir
+        self.tensorboard = "tensorboard" in report_to
+        self.text = self.metrics = self.writer = self.wandb = None
         self.purge_step: int | None = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.text = open(output_dir / "train.log", "a", buffering=1)
         self.metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if "wandb" in report_to:
+            self.wandb = self._start_wandb(config or {})
+
+    def _start_wandb(self, config: dict):
+        """A W&B run whose id is derived from the output folder, so a resumed run continues the same W&B run."""
+        import hashlib
+        import os
+
+        try:
+            import wandb
+        except ImportError:
+            self("warning: train.report_to lists wandb but it is not installed (pip install wandb); not tracked")
+            return None
+        run_id = hashlib.sha1(str(self.output_dir.resolve()).encode()).hexdigest()[:16]
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "nextgpt-train"), name=self.output_dir.name,
+                          id=run_id, resume="allow", dir=str(self.output_dir), config=config)
 
     def resume_at(self, step: int) -> None:
         """Forget the scalars an interrupted run logged after the checkpoint it resumes from (they are redone)."""
@@ -80,8 +100,13 @@ class RunLog:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{name}": value for name, value in values.items()}, step=step)
 
     def close(self) -> None:
         for f in (self.text, self.metrics, self.writer):
             if f is not None:
                 f.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
