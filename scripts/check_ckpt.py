@@ -26,17 +26,19 @@ from pathlib import Path
 from nextgpt import config as config_lib
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
-# Where the real files come from (README "real checkpoints"; NExT-GPT's README steps).
+# Where the real files come from (README "real checkpoints"; NExT-GPT's README steps). Hub downloads use
+# huggingface-hub 2.x's `hf download` (the pinned version; `huggingface-cli` is gone).
 SOURCES = {
     "imagebind": "wget https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth -P {folder}",
-    "llm": "Vicuna-7B v0: LLaMA-7B (HF format) + the lmsys/vicuna-7b-delta-v0 delta, merged with FastChat: "
-           "python -m fastchat.model.apply_delta --base-model-path <llama-7b-hf> --target-model-path {path} "
-           "--delta-path lmsys/vicuna-7b-delta-v0",
-    "image": "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir {path} "
+    "llm": "Vicuna-7B v0 = LLaMA-7B (Hugging Face format) + the Vicuna v0 delta: "
+           "hf download lmsys/vicuna-7b-delta-v0 --local-dir ckpt/vicuna-7b-delta-v0 && "
+           "python scripts/prepare_vicuna.py --base <llama-7b-hf> --delta ckpt/vicuna-7b-delta-v0 --out {path} "
+           "(no FastChat needed)",
+    "image": "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir {path} "
              "(formerly runwayml/stable-diffusion-v1-5)",
-    "video": "huggingface-cli download cerspense/zeroscope_v2_576w --local-dir {path}",
-    "audio": "huggingface-cli download cvssp/audioldm-l-full --local-dir {path}",
-    "delta": "train it (make stage1 / stage2 / stage3), or the released NExT-GPT delta: huggingface-cli download "
+    "video": "hf download cerspense/zeroscope_v2_576w --local-dir {path}",
+    "audio": "hf download cvssp/audioldm-l-full --local-dir {path}",
+    "delta": "train it (make stage1 / stage2 / stage3), or the released NExT-GPT delta: hf download "
              "ChocoWu/nextgpt_7b_tiva_v0 pytorch_model.pt --local-dir <folder>",
 }
 TINY_SOURCE = "make tiny (scripts/make_tiny_ckpt.py --out ckpt/tiny)"
