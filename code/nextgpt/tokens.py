@@ -17,12 +17,14 @@ IGNORE = -100          # label of an unsupervised position (torch cross_entropy'
 
 @dataclass(frozen=True)
 class TokenIds:
-    bos: int
+    bos: int | None                        # None for tokenizers without one (Qwen2)
     eos: int
     pad: int
     media_start: int                       # <Img>
     media_end: int                         # </Img>
     signal: dict[str, list[int]] = field(default_factory=dict)   # modality -> ids of [IMG0..3] etc.
+    # The conversation format (model.template) resolved for this tokenizer; None means vicuna_v0.
+    template: "Template | None" = field(default=None, compare=False)
 
     def modality_of_signal_start(self) -> dict[int, str]:
         return {ids[0]: m for m, ids in self.signal.items()}
@@ -35,8 +37,11 @@ class TokenIds:
         return ids
 
 
-def add_nextgpt_tokens(tokenizer) -> TokenIds:
-    """Add the 38 tokens (idempotent: a tokenizer saved with them already keeps its ids) and return their ids."""
+def add_nextgpt_tokens(tokenizer, template: str = "vicuna_v0") -> TokenIds:
+    """Add the 38 tokens (idempotent: a tokenizer saved with them already keeps its ids) and return their ids,
+    with `template` (model.template) resolved for this tokenizer."""
+    from nextgpt.data.templates import resolve
+
     tokenizer.add_tokens([t for t in added_tokens() if t not in tokenizer.get_vocab()])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token      # as the original: pad = </s>, right padding
@@ -55,11 +60,13 @@ def add_nextgpt_tokens(tokenizer) -> TokenIds:
         media_start=one_id(MEDIA_START),
         media_end=one_id(MEDIA_END),
         signal={m.name: [one_id(t) for t in m.signal_tokens] for m in MODALITIES.values()},
+        template=resolve(template, tokenizer),
     )
 
 
-def load_tokenizer(path: str | Path):
-    """LlamaTokenizer from a Vicuna folder (or a saved delta checkpoint) -> (tokenizer, TokenIds)."""
+def load_tokenizer(path: str | Path, template: str = "vicuna_v0"):
+    """The LLM's tokenizer (Vicuna, any Llama-family or Qwen2 folder, or a saved delta checkpoint)
+    -> (tokenizer, TokenIds with `template` resolved)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -69,7 +76,7 @@ def load_tokenizer(path: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load the tokenizer ({e})") from None
-    return tokenizer, add_nextgpt_tokens(tokenizer)
+    return tokenizer, add_nextgpt_tokens(tokenizer, template)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -109,6 +109,13 @@ class NextGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     @property
+    @property
+    def stop(self) -> str:
+        """Generation stops at this text: "###" (vicuna_v0) or the chat template's turn end, e.g. <|im_end|>."""
+        from nextgpt.data.conversation import template_of
+
+        return template_of(self.token_ids).stop
+
     def causal_lm(self):
         return llm_utils.causal_lm(self.llm)
 
@@ -298,7 +305,7 @@ class NextGPT(nn.Module):
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         result = self.causal_lm.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens, stop_strings=["###"], tokenizer=self.tokenizer,
+            max_new_tokens=max_new_tokens, stop_strings=[self.stop], tokenizer=self.tokenizer,
             pad_token_id=self.token_ids.pad, eos_token_id=self.token_ids.eos, return_dict_in_generate=True,
             **sampling)
         sequence = result.sequences[0].tolist()
@@ -306,7 +313,7 @@ class NextGPT(nn.Module):
         # With input_ids given, transformers returns prompt + new tokens; without, only the new ones.
         generated = sequence[prompt_length:] if sequence[:prompt_length] == encoded.input_ids else sequence
         generated = self._cut_at_stop(generated)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True).split("###")[0].strip()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).split(self.stop)[0].strip()
 
         scan = scan_signal_blocks(generated, self.token_ids)
         starts = [(modality, prompt_length + position) for modality, position in scan.blocks]
@@ -334,7 +341,7 @@ class NextGPT(nn.Module):
         for k in range(len(generated)):
             if generated[k] == self.token_ids.eos:
                 return generated[:k]
-            if "###" in self.tokenizer.decode(generated[max(0, k - 3):k + 1]):
+            if self.stop in self.tokenizer.decode(generated[max(0, k - 3):k + 1]):
                 return generated[:k + 1]
         return generated
 
@@ -354,7 +361,7 @@ def build_model(cfg, device: str | torch.device | None = None, dtype: torch.dtyp
     from nextgpt.tokens import load_tokenizer
 
     llm_path = cfg.path(cfg.model.llm)
-    tokenizer, token_ids = load_tokenizer(llm_path)
+    tokenizer, token_ids = load_tokenizer(llm_path, cfg.model.template)
     shapes = conditioning_shapes(cfg)
     feature_dim = imagebind_dim(cfg.model.imagebind_preset)
     llm = llm_utils.load_llm(llm_path, dtype=dtype, device=device, quantization=cfg.model.quantization)
