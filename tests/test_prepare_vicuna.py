@@ -104,7 +104,7 @@ def test_check_ckpt_hints_use_the_pinned_hub_cli():
     import check_ckpt
 
     hints = " ".join(check_ckpt.SOURCES.values())
-    assert "huggingface-cli" not in hints and "fastchat" not in hints.lower()
+    assert "huggingface-cli" not in hints and "fastchat.model" not in hints.lower()
     assert "scripts/prepare_vicuna.py" in check_ckpt.SOURCES["llm"] and "hf download" in check_ckpt.SOURCES["llm"]
     hf = shutil.which("hf", path=str(Path(sys.executable).parent)) or shutil.which("hf")
     if hf is None:
