@@ -58,10 +58,30 @@ def load_config(checkpoint: Path, config: str | None, overrides: list[str]):
         raise FileNotFoundError(f"{saved}: missing (pass --config with the config the checkpoint was trained with)")
     data = yaml.safe_load(saved.read_text()) or {}
     data.pop("source", None)                        # where it came from, not a setting
+    if dropped := _prune(data, config_lib.Config):
+        print(f"warning: {saved}: ignoring setting(s) this version no longer has: {', '.join(dropped)}",
+              file=sys.stderr)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(data, f)
         f.flush()
         return config_lib.load(f.name, overrides)
+
+
+def _prune(data: dict, cls, prefix: str = "") -> list[str]:
+    """Drop (in place) keys of a saved config that the current schema does not have (a checkpoint written by an
+    older version, e.g. train.tensorboard before train.report_to) -> their dotted names."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    dropped = []
+    for key in list(data):
+        if key not in hints or key == "source":
+            dropped.append(prefix + key)
+            del data[key]
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(data[key], dict):
+            dropped += _prune(data[key], hints[key], f"{prefix}{key}.")
+    return dropped
 
 
 def build(cfg, checkpoint: Path, dtype):

@@ -37,6 +37,7 @@ from nextgpt.io import atomic_dir, atomic_write_text
 from nextgpt.modalities import MODALITIES
 
 PAIR_FOLDER = "T_X_pair_data"
+DEFAULT_CATALOG = "code/config/catalog.yaml"
 FILE_COLUMNS = ("file", "file_name", "filename", "path", "image", "video", "audio", "image_name", "video_name",
                 "audio_name", "image_path", "url")
 CAPTION_COLUMNS = ("caption", "text", "description")
@@ -289,7 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.add_argument("--modality", required=True, choices=list(MODALITIES))
         p.set_defaults(modality=modality) if modality else None
         p.add_argument("--root", default="data", help="data root (data.root of your config; default: data)")
-        p.add_argument("--catalog", default="code/config/catalog.yaml", help="catalog to add the entries to")
+        p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to add the entries to (data.catalog); "
+                       "a new file starts as a copy of the standard catalog")
         p.add_argument("--link", action="store_true", help="symlink the media instead of copying them")
 
     folder = sub.add_parser("folder", help="a folder of media + a CSV / JSONL / JSON of (file, caption)")
@@ -329,8 +331,9 @@ def run(args: argparse.Namespace) -> dict:
         rows = read_webvid(args.csv, args.media)
     # --root / --catalog are config-style paths: relative ones resolve against the repository root
     root, catalog = resolve_path(args.root), resolve_path(args.catalog)
-    if not catalog.is_file():
-        raise FileNotFoundError(f"{catalog}: catalog not found (--catalog)")
+    if not catalog.is_file():           # a catalog of your own: start from the standard one, so its names stay
+        catalog.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(catalog, resolve_path(DEFAULT_CATALOG).read_text(encoding="utf-8"))
     path, count, missing = write_dataset(rows, args.name, args.modality, root, args.link)
     added = add_to_catalog(catalog, catalog_entries(args.name, args.modality))
     return {"json": path, "records": count, "missing": missing, "added": added, "catalog": catalog}
