@@ -45,7 +45,7 @@ ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
 LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune infer eval demo test bench chaos clean-tiny
+.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune finetune-own infer export data-report eval demo test bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
@@ -100,8 +100,29 @@ $(CKPT_OUT)/stage_3/done.json: $(CKPT_OUT)/stage_2/done.json
 finetune: $(CKPT_OUT)/stage_3/done.json
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/fine_tuning.yaml --ds_config $(call ds_config,fine_tuning) $(ARGS)
 
+# Fine-tune the released model on your own data (code/config/finetune_own.yaml, data/README.md): the caption
+# embeddings of its datasets, then LoRA (+ projectors) training. train.py picks the dsconfig (8-bit: fine_tuning.json)
+# unless DS_CONFIG is given.
+finetune-own: $(PREREQ_CKPT)
+	$(PY) code/process_embeddings.py --config $(CFG_DIR)/finetune_own.yaml --all $(SET_ARGS)
+	$(LAUNCH) code/train.py --config $(CFG_DIR)/finetune_own.yaml $(if $(DS_CONFIG),--ds_config $(DS_CONFIG),) $(ARGS)
+
 infer:
 	$(PY) code/inference.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
+
+# Export a checkpoint (code/export.py): EXPORT_FORMAT=hf a merged Hugging Face folder (LoRA + token rows merged,
+# tokenizer with the 38 tokens, projectors.safetensors, model card), legacy the original's pytorch_model.pt.
+EXPORT_CKPT ?= $(CKPT_OUT)/stage_3
+EXPORT_FORMAT ?= hf
+EXPORT_OUT ?= exports/$(notdir $(EXPORT_CKPT))-$(EXPORT_FORMAT)
+export:
+	$(PY) code/export.py --ckpt $(EXPORT_CKPT) --out $(EXPORT_OUT) --format $(EXPORT_FORMAT) $(ARGS)
+
+# What each stage trains on: modality mix, counts, word/token-length histograms (runs/data_report/<config>.png) and
+# the missing/corrupt records (cheap checks; `make validate` decodes every file). REPORT_CONFIGS: which configs.
+REPORT_CONFIGS ?= $(CFG_DIR)/stage_1.yaml $(CFG_DIR)/stage_2.yaml $(CFG_DIR)/stage_3.yaml
+data-report:
+	@for config in $(REPORT_CONFIGS); do $(PY) code/validate_data.py --config $$config --no-decode --report $(ARGS) || exit $$?; done
 
 # Held-out evaluation of checkpoints -> runs/eval/<name>/report.md (code/evaluate.py). CKPTS: what to compare,
 # default the base model and every stage's final checkpoint; CONFIG=tiny evaluates 8 records per dataset.

@@ -4,6 +4,7 @@ embedding and cached feature are read: the manifest's dtype, all finite (--no-de
 value reads).
 
     python code/validate_data.py --config code/config/stage_2.yaml [--datasets cc3m_dec ...] [--no-decode]
+    python code/validate_data.py --config code/config/stage_3.yaml --report [PNG]     # + the data report
 
 Prints a table per dataset (records, ok, missing, corrupt) and every bad record (file + record index + reason).
 Exit 0: all good; 1: problems found; 2: the check could not run (bad config, unknown dataset name, unreadable
@@ -30,6 +31,9 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--no-decode", action="store_true",
                    help="cheap mode (as train.py): existence and .npy header checks only, no media decoding")
     p.add_argument("--max-problems", type=int, default=None, help="print at most this many bad records")
+    p.add_argument("--report", nargs="?", const="auto", default=None, metavar="PNG",
+                   help="also print the data report (nextgpt.data.report: modality mix, counts, word/token lengths, "
+                        "missing/corrupt list) and write its histograms (default: runs/data_report/<config>.png)")
     args = p.parse_args(argv)
     from nextgpt.data.validate import validate
 
@@ -38,6 +42,14 @@ def _main(argv: list[str] | None) -> int:
     print(report.format(args.max_problems))
     if report.errors and not report.datasets:
         return 2
+    if args.report is not None:
+        from pathlib import Path
+
+        from nextgpt.data.report import data_report
+
+        png = (Path(args.report) if args.report != "auto" else
+               cfg.path(f"runs/data_report/{Path(cfg.source).stem if cfg.source else 'data'}.png"))
+        print(data_report(cfg, args.datasets, png, validation=report))
     print("data OK" if report.ok else "data has problems (see above)")
     return 0 if report.ok else 1
 
