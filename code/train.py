@@ -22,14 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `deepspeed code/trai
 import torch  # noqa: E402
 
 from nextgpt import config as config_lib  # noqa: E402
-from nextgpt import resume, runtime  # noqa: E402
+from nextgpt import cli, resume, runlock, runtime  # noqa: E402
 from nextgpt.modalities import MODALITIES  # noqa: E402
 from nextgpt.runlog import RunLog, TermMeans  # noqa: E402
 from nextgpt.runtime import to_device  # noqa: E402,F401  (scripts/bench_pipeline.py imports it from here)
+from nextgpt.stop import StopRequest  # noqa: E402
 
 
 class TrainingAborted(RuntimeError):
     """The run cannot go on (too many non-finite losses); the message says why."""
+
+    exit_code = 1  # nextgpt.cli: documented "training aborted" status
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto",
                         help="auto (continue from <output_dir>/latest if present) | none | a checkpoint folder")
     parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
-                        help="stop after this many optimizer steps (overrides train.max_steps)")
+                        help="stop after this many optimizer steps (overrides train.max_steps; 0: check config, "
+                             "model and data, train nothing)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config changed (learning rate, steps, batch, ...); the change "
+                             "is recorded in every later checkpoint's meta.json")
     parser.add_argument("--export-legacy", action="store_true",
                         help="also write pytorch_model.pt in the original key layout beside the final delta")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -66,13 +73,15 @@ def evaluate(engine, loader, sampler, device) -> dict[str, float]:
 def train(args: argparse.Namespace) -> dict:
     cfg = config_lib.from_args(args)
     if args.max_steps is not None:
+        if args.max_steps < 0:
+            raise ValueError(f"--max-steps: must be >= 0, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
     ds_path = Path(args.ds_config) if args.ds_config else runtime.default_ds_config(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
     rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False)  # the reason goes to the run log
     output_dir = cfg.path(cfg.train.output_dir)
-    log = RunLog(output_dir, rt.is_main, cfg.train.tensorboard)
+    lock = log = None
     try:
         # One run per output folder (nextgpt.runlock); its run id names this run's temporary folders.
         lock, run_id = runlock.acquire_collective(output_dir, rt.is_main, "training")
@@ -84,15 +93,21 @@ def train(args: argparse.Namespace) -> dict:
         with StopRequest(watch_launcher="LOCAL_RANK" not in rt.env_we_set) as stop:
             return _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+        if lock is not None:
+            lock.release()
         runtime.shutdown(rt)
 
 
-def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
+def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
     from nextgpt import checkpoint
     from nextgpt.data.loaders import build_run_data
     from nextgpt.model.nextgpt import build_model, set_trainable
 
+    # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config
+    # unless --allow-config-change; checked before anything is loaded or written (nextgpt.resume).
+    start, changes = resume.plan(output_dir, args.resume, cfg.to_dict(), rt.world_size, args.allow_config_change, log)
     if rt.is_main:
         config_lib.save(cfg, output_dir / "config.yaml")
         log(f"config {cfg.source} (resolved, saved to {output_dir / 'config.yaml'}):\n{cfg.dump()}")
@@ -112,6 +127,9 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
 
     train_loader, train_sampler, eval_loader, eval_sampler = build_run_data(cfg, model.tokenizer, model.token_ids,
                                                                             rt.rank, rt.world_size, log)
+    if args.max_steps == 0:
+        log("--max-steps 0: config, model and data checked; trained 0 steps, nothing saved")
+        return {"step": 0, "checkpoint": None, "bad_steps": 0}
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_sampler) // accum
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -130,7 +148,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
     # Resume: trainable weights, optimizer, scheduler, RNGs, sampler position.
     step, bad_steps, saved_at = 0, 0, -1
     consumed = 0  # micro-batches of the current epoch taken from the loader (workers fetch ahead of this)
-    start = resume.find_resume(output_dir, args.resume)
+    history: list[dict] = []  # config changes made on resume: [{"step", "changes"}], in meta.json from then on
     if rt.is_main and (partial := resume.remove_partial(output_dir)):
         log(f"removed {len(partial)} partial file(s) of an interrupted save: {', '.join(p.name for p in partial)}")
     if start is not None:
@@ -138,16 +156,19 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         step, bad_steps, saved_at = state["step"], state["bad_steps"], state["step"]
         train_sampler.load_state_dict(state["sampler"])
         consumed = train_sampler.position
+        history = state.get("config_changes", []) + ([{"step": step, "changes": changes}] if changes else [])
         log(f"resumed from {start} at step {step}")
         log.resume_at(step)
     else:
         runtime.seed_everything(cfg.train.seed + rt.rank)  # per-rank dropout streams
 
     def save(step: int) -> Path:
-        meta = {"stage": cfg.train.stage, "step": step}
+        meta = {"stage": cfg.train.stage, "step": step, **({"config_changes": history} if history else {})}
         path = resume.save(engine, output_dir, step, rt.rank,
-                           {"bad_steps": bad_steps, "sampler": train_sampler.state_dict(consumed=consumed)},
-                           lambda folder: checkpoint.save_delta(engine.module, folder, cfg, meta), cfg.train.keep_last)
+                           {"bad_steps": bad_steps, "sampler": train_sampler.state_dict(consumed=consumed),
+                            "config_changes": history},
+                           lambda folder: checkpoint.save_delta(engine.module, folder, cfg, meta), cfg.train.keep_last,
+                           run_id)
         log(f"saved {path}")
         return path
 
@@ -161,6 +182,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
         batches = iter(train_loader)
         window = {"time": time.time(), "samples": 0, "tokens": 0}
         terms = TermMeans()
+        stop.arm()  # from here a signal stops the loop at the end of the step instead of raising at once
         while step < max_steps:
             try:
                 batch = next(batches)
@@ -210,6 +232,12 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
                 save(step)
                 saved_at = step
+            if step < max_steps and runtime.any_rank(stop.requested, rt.device):  # all ranks stop after this step
+                if saved_at != step:
+                    save(step)
+                    saved_at = step
+                raise stop.interrupted(step, f"checkpoint-{step}",
+                                       f"the same command (--resume auto continues from checkpoint-{step})")
             window = {"time": time.time(), "samples": 0, "tokens": 0}  # rates exclude eval and save time
 
     final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
@@ -225,15 +253,9 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except TrainingAborted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # Every failure ends in one `error:` line (exit 2; TrainingAborted 1; 130/143 interrupted), the traceback in
+    # <output_dir>/train.log (nextgpt.cli).
+    return cli.run(lambda: train(args) and 0, "train")
 
 
 if __name__ == "__main__":
