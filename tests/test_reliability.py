@@ -290,3 +290,76 @@ def test_validate_reads_values_finite_dtype_shape(tmp_path):
     assert kind == CORRUPT and "dtype float16, the manifest says float32" in reason
     assert check_values(good, (4, 4), None, full=True)[1].endswith("shape (4, 3), expected (4, 4)")
     assert check_values(tmp_path / "absent.npy", None, None, True, "ImageBind feature")[0] == MISSING
+
+
+# ---------------------------------------------------------------------------------------------- image modes
+
+def _rgb_of(image):
+    import numpy as np
+
+    from nextgpt.imagebind.preprocess import to_rgb
+
+    out = to_rgb(image)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def test_image_modes_decode_to_what_a_viewer_shows():
+    import numpy as np
+    from PIL import Image
+
+    gray16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))             # mid-grey at 16 bits (mode I;16)
+    assert gray16.mode == "I;16"
+    assert np.all(_rgb_of(gray16) == 128)                                   # convert("RGB") gives 255 (white)
+    gray_i = Image.fromarray(np.full((4, 4), 65535, np.int32), "I")
+    assert np.all(_rgb_of(gray_i) == 255)
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))                          # fully transparent, black underneath
+    rgba.putpixel((0, 0), (200, 10, 10, 255))
+    pixels = _rgb_of(rgba)
+    assert tuple(pixels[0, 0]) == (200, 10, 10) and tuple(pixels[3, 3]) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert tuple(_rgb_of(palette)[0, 0]) == (10, 200, 30)
+    palette.info["transparency"] = 1
+    assert tuple(_rgb_of(palette)[0, 0]) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))                      # pure red in CMYK
+    assert tuple(_rgb_of(cmyk)[0, 0]) == (255, 0, 0)
+
+
+def test_exif_orientation_is_ignored_as_the_original_does(tmp_path):
+    """ImageBind's loader is Image.open(...).convert("RGB"): the stored pixels, EXIF orientation not applied."""
+    import numpy as np
+    from PIL import Image
+
+    from nextgpt.imagebind.preprocess import load_image
+
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                        # "rotate 90 CW to display"
+    image.save(tmp_path / "rotated.png", exif=exif)
+    image.save(tmp_path / "plain.png")
+    assert np.array_equal(load_image(tmp_path / "rotated.png").numpy(), load_image(tmp_path / "plain.png").numpy())
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    from nextgpt.imagebind.preprocess import MediaError, load_image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def png(name, width, height):  # a PNG header promising width x height RGB pixels, a few bytes of data
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
+                                      chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+        return tmp_path / name
+
+    # 60 M pixels (180 MB as RGB): below PIL's own guard, refused by ours at the header, before decoding.
+    with pytest.raises(MediaError, match=r"big.png: 10000x6000 pixels, more than .*decompression-bomb guard"):
+        load_image(png("big.png", 10000, 6000))
+    # 400 M pixels: PIL's own guard fires inside Image.open; still one MediaError naming the file.
+    with pytest.raises(MediaError, match=r"bomb.png: .*decompression-bomb guard"):
+        load_image(png("bomb.png", 20000, 20000))

@@ -57,6 +57,26 @@ def _first_line(text: str) -> str:
     return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
 
 
+# How libraries that do their own I/O (safetensors' Rust writer, DeepSpeed) word a storage failure.
+_STORAGE_TEXT = ((errno.ENOSPC, ("no space left on device", "os error 28", "code: 28", "storagefull")),
+                 (errno.EROFS, ("read-only file system", "os error 30", "code: 30", "readonlyfilesystem")),
+                 (errno.EDQUOT, ("disk quota exceeded", "os error 122", "code: 122")))
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """ENOSPC / EROFS / EDQUOT when `e` (or what it wraps) is a storage failure, else None."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            return e.errno
+        text = str(e).lower()
+        for code, words in _STORAGE_TEXT:
+            if any(w in text for w in words):
+                return code
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _os_error(e: OSError) -> str | None:
     """A one-line description of an OSError naming its path, or None when it carries no errno."""
     path = e.filename if e.filename is not None else ""
@@ -90,6 +110,8 @@ def describe(e: BaseException) -> tuple[str, int, bool]:
         return str(e), e.exit_code, False
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C)", 130, False
+    if not isinstance(e, OSError) and (storage := storage_errno(e)) is not None:  # e.g. SafetensorError(ENOSPC)
+        return f"{os.strerror(storage).lower()} ({type(e).__name__}: {_first_line(str(e))[:160]})", code or 2, True
     if isinstance(e, OSError):
         own = e.errno is None or (e.filename is None and e.args and len(e.args) == 1)
         message = _first_line(str(e)) if own else _os_error(e)
@@ -124,7 +146,8 @@ def write_traceback(e: BaseException, name: str) -> Path | None:
 def report(e: BaseException, name: str) -> int:
     """Print the one `error:` line for `e` (traceback to the log) and return the exit code."""
     message, code, unexpected = describe(e)
-    log = write_traceback(e, name)
+    # A run's own log always gets the traceback; without one, only an unexpected failure leaves a temp-folder log.
+    log = write_traceback(e, name) if (unexpected or _log_path is not None) else None
     if unexpected and log is not None:
         message += f" (traceback in {log})"
     try:

@@ -3,6 +3,7 @@
     <output_dir>/checkpoint-<step>/   delta.safetensors (+ adapter/, tokenizer files, config.yaml, meta.json) from
                                       nextgpt.checkpoint.save_delta: what the next stage's init_from loads
         state/deepspeed/              engine.save_checkpoint(exclude_frozen_parameters=True): optimizer, scheduler
+        state/latest                  "deepspeed": DeepSpeed's own tag file, so its zero_to_fp32.py needs no -t
         state/rank_<r>.pt             step, sampler position, every RNG (python, numpy, torch) of rank r and a
                                       sha256 of its trainable weights (all ranks must agree; checked at save)
     <output_dir>/latest               text: the name of the newest complete checkpoint
@@ -37,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from nextgpt.cli import storage_errno
 from nextgpt.io import atomic_write_text, publish_dir
 from nextgpt.runtime import barrier
 
@@ -103,6 +105,22 @@ def choose(output_dir: str | os.PathLike, resume: str, verify_files: bool = True
         raise FileNotFoundError(f"{output_dir}: no checkpoint verifies ({notes[0]}); use --resume none to start "
                                 "over")
     return None, []
+
+
+def plan(output_dir: str | os.PathLike, resume: str, config: dict[str, Any], world_size: int, allow_change: bool,
+         log: Callable[[str], None]) -> tuple[Path | None, list[str]]:
+    """What a starting run resumes from, checked before anything is loaded or written: choose() (the newest
+    checkpoint that verifies), check_world_size and check_config. -> (checkpoint or None, allowed config changes)."""
+    start, notes = choose(output_dir, resume)
+    for note in notes:
+        log(note)
+    if start is None:
+        return None, []
+    check_world_size(start, world_size)
+    changes = check_config(start, config, allow_change)
+    for change in changes:
+        log(f"config changed on resume (--allow-config-change): {change}")
+    return start, changes
 
 
 def _sha256(path: Path) -> str:
@@ -249,21 +267,34 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
     output_dir = Path(output_dir)
     final = checkpoint_path(output_dir, step)
     tmp = output_dir / (f".{final.name}.{run_id}.tmp" if run_id else f".{final.name}.tmp")
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
+            tmp.mkdir(parents=True)
+            write_delta(tmp)  # before the state: save_delta may replace its target folder as a whole
+        barrier()
+        # save_latest writes state/latest (the tag), which DeepSpeed's zero_to_fp32.py reads when run without -t
+        engine.save_checkpoint(str(tmp / "state"), tag=DS_TAG, client_state={"step": step}, save_latest=True,
+                               exclude_frozen_parameters=True)
+        digest = check_ranks_agree(engine.module, step)
+        torch.save({**train_state, "step": step, "weights_sha256": digest, "rng": rng_state()},
+                   tmp / "state" / f"rank_{rank}.pt")
+        barrier()
+        if rank == 0:
+            state = tmp / "state"
+            hashes = {str(p.relative_to(state)): _sha256(p) for p in _state_files(state)}
+            atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
+    except Exception as e:
+        # Disk full / read-only mid-save: drop the partial copy (frees its space); the previous checkpoint and
+        # `latest` were never touched. A library's own error type (safetensors, DeepSpeed) becomes the OSError it
+        # wraps, naming the checkpoint being written.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = storage_errno(e)
+        if code is not None and not (isinstance(e, OSError) and e.filename):
+            raise OSError(code, os.strerror(code), str(final)) from e
+        raise
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
-        tmp.mkdir(parents=True)
-        write_delta(tmp)  # before the state: save_delta may replace its target folder as a whole
-    barrier()
-    engine.save_checkpoint(str(tmp / "state"), tag=DS_TAG, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
-    digest = check_ranks_agree(engine.module, step)
-    torch.save({**train_state, "step": step, "weights_sha256": digest, "rng": rng_state()},
-               tmp / "state" / f"rank_{rank}.pt")
-    barrier()
-    if rank == 0:
-        state = tmp / "state"
-        hashes = {str(p.relative_to(state)): _sha256(p) for p in _state_files(state)}
-        atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
         publish_dir(tmp, final)  # an earlier run that reached the same step is replaced
         atomic_write_text(output_dir / "latest", final.name + "\n")
         rotate(output_dir, keep_last, final)

@@ -154,3 +154,24 @@ def describe(path: Path, owner: dict, what: str) -> str:
            f"if that run is gone, delete {path}")
     return (f"{path.parent}: another {what} is using this folder (pid {pid} on {host}, started "
             f"{owner.get('started', '?')}); {how}")
+
+
+def acquire_collective(folder: str | os.PathLike, is_main: bool, what: str = "training") -> tuple[RunLock | None, str]:
+    """Rank 0 takes the lock; every rank learns the outcome (collective when torch.distributed is up).
+    -> (the lock on rank 0 else None, the run id every rank shares). A refusal raises on every rank."""
+    import torch.distributed as dist
+
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock.acquire(folder, what)
+        except (ValueError, OSError) as e:
+            error = e
+    box = [lock.run_id if lock else None, str(error) if error else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise RunLockedError(f"rank 0: {box[1]}")
+    return lock, box[0]

@@ -121,7 +121,8 @@ class StopRequest:
     def interrupted(self, step: int, saved: str | None, resume_hint: str) -> Interrupted:
         """The exception ending an interrupted run: where it stopped and how to go on."""
         where = f"saved {saved}" if saved else "nothing saved"
-        return Interrupted(f"interrupted at step {step} ({self.reason}; {where}); resume with {resume_hint}",
+        reason = self.reason or "another rank was stopped"
+        return Interrupted(f"interrupted at step {step} ({reason}; {where}); resume with {resume_hint}",
                            self.signum or signal.SIGTERM)
 
     def __enter__(self) -> "StopRequest":
