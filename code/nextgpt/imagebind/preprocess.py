@@ -95,17 +95,54 @@ def image_transform(image) -> torch.Tensor:
     return pixels.sub(mean).div(std)
 
 
+# Decoding a larger image is refused before any pixel is read (a decompression-bomb guard far below PIL's own
+# 179 M): 50 M pixels are at most 200 MB as RGBA; real photo datasets are a few megapixels.
+MAX_IMAGE_PIXELS = 50_000_000
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image):
+    """A decoded PIL image of any mode -> RGB, the pixels a viewer shows.
+
+    The original does image.convert("RGB"), which is right for RGB, L, P, CMYK, YCbCr and 1 and is what this does
+    for them, but wrong for two kinds: high bit depth grayscale (I;16*, I, F: convert clips at 255, so a 16-bit PNG
+    comes out nearly white) is scaled to 8 bits instead; transparency (RGBA, LA, PA, or a palette / L / RGB
+    image with a transparency key: convert drops alpha and shows whatever colour is stored under transparent
+    pixels, often black) is composited over white. EXIF orientation is not applied, as in the original
+    (ImageBind's loader ignores it), so a file gives the same features as the original computes for it."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)                        # (H, W)
+        # 16-bit data (PNG I;16, or "I" holding 16-bit values) spans 0..65535; 8-bit-range data stays as is.
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path) -> torch.Tensor:
-    """Image file -> (3, 224, 224) float32."""
+    """Image file -> (3, 224, 224) float32 (to_rgb, then ImageBind's transform)."""
     from PIL import Image, UnidentifiedImageError
 
     path = _check_file(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:                    # reads the header only
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise MediaError(f"{path}: {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                 "this loader decodes (decompression-bomb guard)")
             image.load()        # decode now: a truncated file fails here, not half-way through a batch
-            image = image.convert("RGB")
+            image = to_rgb(image)
+    except MediaError:
+        raise
     except UnidentifiedImageError:
         raise MediaError(f"{path}: not a readable image (truncated, or not an image file)") from None
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{path}: {_first_line(e)} (decompression-bomb guard)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
     return image_transform(image)
