@@ -111,6 +111,20 @@ def test_resume_is_bit_exact_and_layout(rt, tmp_path):
         assert torch.equal(value, ref_head[name]), name
 
 
+def test_state_converts_with_zero_to_fp32_without_a_tag(rt, tmp_path):
+    """<checkpoint>/state is a DeepSpeed checkpoint folder with its own `latest`, so DeepSpeed's zero_to_fp32
+    finds the tag by itself (`python zero_to_fp32.py <checkpoint>/state out/`, no -t)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine = make_engine(rt)
+    run(engine, 0, 1)
+    path = resume.save(engine, tmp_path, 1, 0, {}, lambda folder: (folder / "delta.safetensors").write_bytes(b"x"),
+                       keep_last=1)
+    assert (path / "state" / "latest").read_text().strip() == resume.DS_TAG
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path / "state"))
+    assert torch.equal(state["head.weight"], engine.module.head.weight.detach().float())
+
+
 def test_save_replaces_stale_temp_and_same_step(rt, tmp_path):
     engine = make_engine(rt)
     run(engine, 0, 1)
