@@ -85,6 +85,7 @@ IDS = TokenIds(bos=1, eos=2, pad=2, media_start=100, media_end=101,
     ([110, 111, 112, 113, 110, 111, 112, 113], "image", metrics.EXTRA),
     ([5, 110, 112, 111, 113], "image", metrics.MALFORMED),
     ([5, 111], "image", metrics.MALFORMED),
+    ([5, 110, 111], "image", metrics.TRUNCATED),
     ([5, 6], "text", metrics.OK),
     ([5, 6], None, metrics.OK),
     ([5, 130, 131], "text", metrics.EXTRA),
@@ -97,8 +98,7 @@ def test_emission_outcomes(ids, requested, expected):
 def test_emission_rates_on_programmed_replies():
     replies = [([110, 111, 112, 113], "image"), ([5], "image"), ([5, 110, 111], "image"), ([5], "text"),
                ([130, 131], "text"), ([130, 131], "audio")]
-    records = [(requested, metrics.emission(ids, requested, IDS, truncated=(ids == [5, 110, 111])))
-               for ids, requested in replies]
+    records = [(requested, metrics.emission(ids, requested, IDS)) for ids, requested in replies]
     rates = metrics.emission_rates(records)
     assert rates["image"] == {"rate": pytest.approx(1 / 3), "n": 3, "ok": 1, "none": 1, "truncated": 1}
     assert rates["text"]["rate"] == 0.5 and rates["text"]["extra_blocks"] == 1

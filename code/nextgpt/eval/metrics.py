@@ -84,34 +84,29 @@ def caption_scores(candidates: Mapping[object, str], references: Mapping[object,
 # --------------------------------------------------------------------------------------------------------------
 # Signal-token emission
 
-def emission(ids: Sequence[int], requested: str | None, token_ids, truncated: bool = False) -> str:
+def emission(ids: Sequence[int], requested: str | None, token_ids) -> str:
     """How the signal tokens of one generated reply (ids after the prompt) came out, for a request of `requested`
     modality (None or "text": a request that should get no medium).
 
     ok: exactly one complete, in-order block, of the requested modality (or, for a text request, no signal token);
     none: no signal token although a medium was asked for; wrong_modality: one complete block of another modality;
-    extra_blocks: more than one block, or any block for a text request; malformed: a signal token outside a
-    complete in-order block; truncated: the reply stopped (max_new_tokens) inside a block (`truncated`, from the
-    generator, which knows why the reply ended).
+    extra_blocks: more than one block, or any block for a text request; malformed: signal ids out of order (a stray
+    or a gap); truncated: the reply ends inside a block (max_new_tokens cut it).
     """
-    try:
-        from nextgpt.tokens import signal_blocks
-    except ImportError:                                  # until the scanner has moved out of data.conversation
-        from nextgpt.data.conversation import signal_blocks
+    from nextgpt.tokens import scan_signal_blocks
 
-    if truncated:
-        return TRUNCATED
-    try:
-        blocks = signal_blocks(list(ids), token_ids, "generated reply")
-    except ValueError:
+    scan = scan_signal_blocks(list(ids), token_ids)
+    if scan.malformed:
         return MALFORMED
+    if scan.truncated:
+        return TRUNCATED
     if requested in (None, TEXT):
-        return OK if not blocks else EXTRA
-    if not blocks:
+        return OK if not scan.blocks else EXTRA
+    if not scan.blocks:
         return NONE
-    if len(blocks) > 1:
+    if len(scan.blocks) > 1:
         return EXTRA
-    return OK if blocks[0][0] == requested else WRONG
+    return OK if scan.blocks[0][0] == requested else WRONG
 
 
 def emission_rates(records: Iterable[tuple[str | None, str]]) -> dict[str, dict]:

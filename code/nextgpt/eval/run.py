@@ -1,0 +1,342 @@
+"""Evaluate a loaded NExT-GPT on held-out records: what code/evaluate.py runs per checkpoint, and what train.py's
+held-out evaluation adds (GenerationChecks).
+
+    sets  = held_out_datasets(cfg, tokenizer, token_ids)          # data.eval_datasets, else data.eval_fraction
+    items = build_items(cfg, sets, limit)                         # records -> requests + what to compare with
+    metrics, records = evaluate_model(model, items, cfg, options)
+
+A held-out record becomes one request (its turns up to the asked human turn, its input media) of one kind:
+    caption   the record has an input medium and a text answer (stage 1, LLaVA): BLEU-4 / CIDEr-D of the reply
+              against the answer; the reply must carry no signal block
+    generate  an answer with a signal block (stage 2 captions, T->T+X instructions): the reply must carry exactly
+              one complete block of that modality (emission rate); its projector output is compared with the
+              record's caption embedding (l2, cos); decoded, the medium is scored against the caption by ImageBind
+    text      no medium in, none out (Alpaca): the reply must carry no signal block
+Replies are greedy by default, so a request's reply does not depend on its batch; --sample uses cfg.inference's
+sampling under the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from nextgpt.eval import metrics as M
+
+CAPTION, GENERATE, TEXT = "caption", "generate", "text"
+# Requests per requested modality (and per "text") that train.py's held-out evaluation generates for the emission
+# rate: enough to see it move, few enough that an evaluation costs seconds on the tiny models.
+TRAINING_REQUESTS = 16
+
+
+@dataclass
+class Item:
+    key: str                              # "<dataset>/<record index>"
+    dataset: str
+    kind: str                             # caption | generate | text
+    conversation: object                  # nextgpt.generate.Conversation
+    requested: str                        # modality asked for, or "text"
+    references: list[str] = field(default_factory=list)    # reference answers (caption / text items)
+    embed_path: str = ""                  # caption embedding of the asked medium (generate items)
+    score_text: str = ""                  # what the generated medium should show: the caption, else the request
+
+
+@dataclass
+class Options:
+    seed: int = 13
+    batch_size: int = 8
+    sample: bool = False                  # sample as cfg.inference says (else greedy)
+    decode: int = 4                       # generated media decoded (and ImageBind-scored) per modality; 0: none
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The held-out split
+
+def held_out_datasets(cfg, tokenizer, token_ids, log=print) -> dict:
+    """{name: NextGPTDataset} of the held-out split, as train.py holds it out: data.eval_datasets, else the
+    data.eval_fraction share of every data.datasets entry (the same seeded split). ValueError when there is none."""
+    from nextgpt.data.dataset import build_datasets
+
+    where = cfg.source or "the config"
+    if cfg.data.eval_datasets:
+        sets = build_datasets(cfg, tokenizer, token_ids, cfg.data.eval_datasets, log=log)
+    elif cfg.data.eval_fraction > 0:
+        sets = {}
+        for dataset in build_datasets(cfg, tokenizer, token_ids, cfg.data.datasets, log=log).values():
+            held = dataset.split(cfg.data.eval_fraction, cfg.train.seed)[1]
+            sets[held.name] = held
+    else:
+        raise ValueError(f"empty held-out split: {where} sets neither data.eval_datasets nor data.eval_fraction "
+                         "(e.g. --set data.eval_fraction=0.1)")
+    if not any(len(d) for d in sets.values()):
+        raise ValueError(f"empty held-out split: no records in {', '.join(sets)} ({where})")
+    return sets
+
+
+def build_items(cfg, datasets: dict, limit: int = 0) -> list[Item]:
+    """Held-out records -> requests, in dataset order, at most `limit` per dataset (0: all)."""
+    from nextgpt.data.types import Turn
+    from nextgpt.generate import Conversation
+
+    items: list[Item] = []
+    for name, dataset in datasets.items():
+        samples = dataset.samples[:limit] if limit else dataset.samples
+        for sample in samples:
+            turns = list(sample.turns)
+            if turns and turns[0].role == "human" and not turns[0].text.strip():
+                turns[0] = Turn("human", cfg.train.prompt)        # a pair record: "caption this medium"
+            asked = next((i for i, t in enumerate(turns) if t.role == "gpt" and t.output_modality), None)
+            key = f"{name}/{sample.index}"
+            if asked is not None:
+                modality = turns[asked].output_modality
+                target = next((t for t in sample.targets if t.modality == modality), None)
+                request = turns[asked - 1].text
+                caption = target.caption if target is not None and target.caption else request
+                items.append(Item(key, name, GENERATE, Conversation(turns[:asked], list(sample.media)), modality,
+                                  embed_path=target.embed_path if target is not None else "", score_text=caption))
+                continue
+            last = max((i for i, t in enumerate(turns) if t.role == "gpt"), default=None)
+            if last is None:
+                continue
+            kind = CAPTION if sample.media else TEXT
+            items.append(Item(key, name, kind, Conversation(turns[:last], list(sample.media)), M.TEXT,
+                              references=[turns[last].text]))
+    if not items:
+        raise ValueError(f"empty held-out split: no request could be made from {', '.join(datasets)}")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One model
+
+def _bar(iterable, total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _sampling(cfg, options: Options):
+    from nextgpt.generate import Sampling
+
+    return Sampling.from_config(cfg.inference, **({} if options.sample else {"do_sample": False}))
+
+
+def generate_replies(model, items: Sequence[Item], cfg, options: Options) -> list:
+    """Replies to every item, in batches of options.batch_size (one seed per batch, derived from options.seed)."""
+    from nextgpt.generate import generate
+
+    sampling = _sampling(cfg, options)
+    batches = [list(items[i:i + options.batch_size]) for i in range(0, len(items), options.batch_size)]
+    replies = []
+    for index, batch in enumerate(_bar(batches, len(batches), "generate", options.progress)):
+        replies += generate(model, [item.conversation for item in batch], sampling, seed=options.seed + index)
+    return replies
+
+
+def teacher_forced(model, cfg, datasets: dict, options: Options) -> dict[str, float]:
+    """Held-out LM loss, token accuracy and alignment terms with the answers given (as train.py's evaluation),
+    token-weighted over every batch."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from nextgpt.data.collate import Collator
+    from nextgpt.data.dataset import caption_shapes
+
+    collator = Collator(model.token_ids, feature_dir=cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None,
+                        caption_shapes=caption_shapes(cfg))
+    parts = [d for d in datasets.values() if len(d)]
+    loader = DataLoader(ConcatDataset(parts), batch_size=options.batch_size, collate_fn=collator)
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _bar(loader, len(loader), "held-out loss", options.progress):
+                out = model(batch)
+                tokens = float((batch["labels"][:, 1:] != -100).sum())
+                for name, value in out.items():
+                    weight = tokens if name in ("loss", "lm", "token_acc") else 1.0
+                    sums[name] = sums.get(name, 0.0) + float(value) * weight
+                    weights[name] = weights.get(name, 0.0) + weight
+    finally:
+        model.train(was_training)
+    result = {name: sums[name] / weights[name] for name in sums if weights[name]}
+    return {("heldout_" + k if k in ("loss", "lm") else "token_acc" if k == "token_acc" else f"heldout_l2.{k}"): v
+            for k, v in result.items()}
+
+
+def _load_embedding(path: str) -> torch.Tensor:
+    import numpy as np
+
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"{path or '<none>'}: caption embedding missing (run `make embeddings`)")
+    return torch.from_numpy(np.load(path).astype("float32"))
+
+
+def evaluate_model(model, items: Sequence[Item], cfg, options: Options, media_dir: Path | None = None,
+                   decoders=None, scorer=None, clip=None, datasets: dict | None = None,
+                   replies: list | None = None) -> tuple[dict[str, float], list[dict]]:
+    """-> (metrics {name: value}, one record per item). See the module docstring for what is measured.
+
+    decoders / scorer / clip: nextgpt.model.decoders.Decoders, eval.embedders.ImageBindScorer / ClipScorer, or
+    None to skip decoding / the ImageBind score / the CLIP score. datasets: the held-out NextGPTDatasets, for the
+    teacher-forced loss (skipped when None). media_dir: where decoded media are written.
+    """
+    replies = generate_replies(model, items, cfg, options) if replies is None else replies
+    records: list[dict] = []
+    alignments: dict[str, list[dict]] = {}
+    to_decode: list[tuple[int, object]] = []
+    decoded_count: dict[str, int] = {}
+    for index, (item, reply) in enumerate(zip(items, replies)):
+        outcome = M.emission(reply.token_ids, item.requested, model.token_ids)
+        record = {"key": item.key, "kind": item.kind, "requested": item.requested, "reply": reply.display_text,
+                  "emission": outcome}
+        if item.kind == GENERATE and outcome == M.OK and reply.outputs:
+            conditioning = reply.outputs[0].conditioning                      # (1, T, D_out)
+            if item.embed_path:
+                scores = M.alignment(conditioning.float().cpu(), _load_embedding(item.embed_path).unsqueeze(0))
+                alignments.setdefault(item.requested, []).append(scores)
+                record.update(scores)
+            if decoders is not None and decoded_count.get(item.requested, 0) < options.decode:
+                decoded_count[item.requested] = decoded_count.get(item.requested, 0) + 1
+                to_decode.append((index, conditioning))
+        if item.references:
+            record["references"] = item.references
+        records.append(record)
+
+    out: dict[str, float] = {}
+    rates = M.emission_rates((item.requested, record["emission"]) for item, record in zip(items, records))
+    for requested, value in rates.items():
+        out[f"emission.{requested}"] = value["rate"]
+    captions = {item.key: record["reply"] for item, record in zip(items, records) if item.kind == CAPTION}
+    if captions:
+        references = {item.key: item.references for item in items if item.kind == CAPTION}
+        out.update(M.caption_scores(captions, references))
+    for modality, values in alignments.items():
+        out[f"l2.{modality}"] = M.mean([v["l2"] for v in values])
+        out[f"cos.{modality}"] = M.mean([v["cos"] for v in values])
+
+    if to_decode:
+        media_dir = Path(media_dir) if media_dir is not None else None
+        counts: dict[str, int] = {}
+        for index, conditioning in _bar(to_decode, len(to_decode), "decode", options.progress):
+            item = items[index]
+            decoded = decoders.decode(item.requested, conditioning, seed=options.seed)
+            records[index]["decoded"] = decoded
+            if media_dir is not None:
+                path = decoders.write(decoded, media_dir, counts.get(item.requested, 0))
+                counts[item.requested] = counts.get(item.requested, 0) + 1
+                records[index]["media"] = str(path)
+        written = [i for i, _ in to_decode if "media" in records[i]]
+        if scorer is not None and written:
+            scores = scorer.score([records[i]["media"] for i in written], [items[i].requested for i in written],
+                                  [items[i].score_text for i in written])
+            by_modality: dict[str, list[float]] = {}
+            for i, score in zip(written, scores.tolist()):
+                records[i]["imagebind"] = score
+                by_modality.setdefault(items[i].requested, []).append(score)
+            out.update({f"imagebind.{m}": M.mean(v) for m, v in by_modality.items()})
+        images = [i for i in written if items[i].requested == "image"]
+        if clip is not None and images:
+            scores = clip.score([records[i]["media"] for i in images], [items[i].score_text for i in images])
+            for i, score in zip(images, scores.tolist()):
+                records[i]["clip"] = score
+            out["clip.image"] = M.mean(scores.tolist())
+    if datasets is not None:
+        out.update(teacher_forced(model, cfg, datasets, options))
+    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}, records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# During training (train.eval_every; train.eval_generate)
+
+class GenerationChecks:
+    """What train.py's held-out evaluation adds: the emission rate on up to TRAINING_REQUESTS held-out requests per
+    requested modality, and with train.eval_generate = N, N fixed generation requests per modality decoded, their
+    ImageBind score, and the media for TensorBoard (write_media).
+
+    Every rank runs the same greedy generation (no collective inside, so ZeRO-3 and ranks without data work alike);
+    only the caller's main rank writes."""
+
+    def __init__(self, cfg, datasets: Sequence, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        sets = {d.name: d for d in datasets if len(d)}
+        items = build_items(cfg, sets) if sets else []
+        self.items: list[Item] = []
+        per_kind: dict[str, int] = {}
+        for item in items:
+            if per_kind.get(item.requested, 0) < TRAINING_REQUESTS:
+                per_kind[item.requested] = per_kind.get(item.requested, 0) + 1
+                self.items.append(item)
+        self.decoders = self.scorer = None
+        self.pending: list[tuple[str, object, float | None]] = []
+
+    def _media_tools(self, device, dtype) -> None:
+        if self.decoders is not None:
+            return
+        from nextgpt.eval.embedders import ImageBindScorer
+        from nextgpt.model.decoders import Decoders
+
+        cfg = self.cfg
+        self.decoders = Decoders(cfg, device=device, dtype=dtype, seed=cfg.train.seed)
+        if "image" in cfg.model.decoders:
+            self.scorer = ImageBindScorer(cfg.path(cfg.model.imagebind), cfg.model.imagebind_preset,
+                                          cfg.path(cfg.model.decoders["image"]) / "tokenizer", device=device,
+                                          dtype=dtype)
+
+    def run(self, model, step: int) -> dict[str, float]:
+        """-> {"emission.<modality>": rate, "emission.text": rate, "imagebind.<modality>": mean score}."""
+        if not self.items:
+            return {}
+        options = Options(seed=self.cfg.train.seed, batch_size=8, decode=self.cfg.train.eval_generate,
+                          progress=False)
+        if options.decode:
+            self._media_tools(model.device, next(model.output_proj.parameters()).dtype)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result, records = evaluate_model(model, self.items, self.cfg, options, media_dir=Path(tmp),
+                                             decoders=self.decoders if options.decode else None, scorer=self.scorer)
+        self.pending = [(f"generate/{item.requested}_{n}", record["decoded"], record.get("imagebind"))
+                        for n, (item, record) in enumerate(zip(self.items, records)) if "decoded" in record]
+        return result
+
+    def write_media(self, writer, step: int) -> None:
+        """The media of the last run() to a TensorBoard SummaryWriter (images, audio, videos as animated GIFs)."""
+        if writer is None:
+            return
+        for tag, decoded, score in self.pending:
+            add_media(writer, tag, decoded, step, caption=None if score is None else f"ImageBind score {score:.3f}")
+        self.pending = []
+
+
+def add_media(writer, tag: str, decoded, step: int, caption: str | None = None) -> None:
+    """One decoded medium to TensorBoard: add_image (HWC), add_audio, and for video the animated-GIF image summary
+    that add_video writes (made with PIL here: add_video itself needs moviepy 1.x's editor module)."""
+    import io
+
+    import numpy as np
+
+    if decoded.modality == "image":
+        writer.add_image(tag, np.asarray(decoded.data.convert("RGB")), step, dataformats="HWC")
+    elif decoded.modality == "audio":
+        writer.add_audio(tag, torch.from_numpy(np.clip(decoded.data, -1, 1)).float(), step,
+                         sample_rate=int(decoded.rate))
+    else:
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        frames = [Image.fromarray(frame) for frame in decoded.data]            # (F, H, W, 3) uint8
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / max(decoded.rate, 1)), loop=0)
+        height, width = decoded.data.shape[1:3]
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    if caption:
+        writer.add_text(tag + "/score", caption, step)
