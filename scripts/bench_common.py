@@ -1,6 +1,6 @@
 """Helpers the benchmark and fault-injection scripts share: a cached tiny workspace, timing, tables, JSON.
 
-    env = workspace(Path("runs/bench/work"))      # tiny checkpoints + toy data (tests/conftest.build_tiny_env), once
+    env = workspace(Path("runs/bench/work"))      # tiny checkpoints + toy data (scripts/tiny_workspace.py), once
     cfg = env.config("stage_1", "train.micro_batch_size=8")
     print_table("title", ["col", ...], rows);  write_json(path, {...})
 
@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO / "code", REPO / "scripts", REPO / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 SAMPLES = REPO.parent / "shared" / "samples" / "nextgpt"      # real NExT-GPT records + media, when present
 ENV_RECORD = "workspace.json"
@@ -35,20 +32,20 @@ class BenchError(ValueError):
 # The tiny workspace: built once per folder, reused by every later run (process_embeddings skips finished items).
 
 def workspace(root: Path, log: Callable[[str], None] = print):
-    """A conftest.TinyEnv in `root` (tiny checkpoints, toy data, caption embeddings, ImageBind features)."""
-    import conftest
+    """A tiny_workspace.TinyEnv in `root` (tiny checkpoints, toy data, caption embeddings, ImageBind features)."""
+    from tiny_workspace import TinyEnv, build_tiny_env
 
     root = Path(root).resolve()
     record = root / ENV_RECORD
     if record.is_file():
         saved = json.loads(record.read_text())
-        env = conftest.TinyEnv(root=root, ckpt=root / "ckpt", data=root / "data", delta=root / "ckpt" / "delta",
+        env = TinyEnv(root=root, ckpt=root / "ckpt", data=root / "data", delta=root / "ckpt" / "delta",
                                overrides=saved["overrides"])
         env._built.update(saved.get("built", []))
         return env
     log(f"building the tiny workspace in {root} (tiny checkpoints, toy data, embeddings, features; ~30 s, once)")
     with quiet():
-        env = conftest.build_tiny_env(root)
+        env = build_tiny_env(root)
         env.embeddings()
         env.features()
     from nextgpt.io import atomic_write_text

@@ -153,7 +153,7 @@ def toy_chat_corpus() -> list[str]:
     """The toy world's text in the conversation template: captions, captions after caption requests, requests for
     media answered in words ("Here is a video for you."), and the text-only questions. No media and no signal
     tokens: describing media and producing them are what the three stages teach."""
-    from nextgpt import toy
+    import toyworld as toy
     from nextgpt.data.conversation import ASSISTANT, HUMAN_PREFIX, TURN_END
 
     def chat(question: str, answer: str) -> str:
@@ -440,7 +440,7 @@ def demo(args) -> int:
     inference_dir = layout.runs / "inference"
     image, caption = first_toy_image(layout.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
-                # the toy instruction data's wording (nextgpt.toy.GENERATION_PROMPTS + a toy caption)
+                # the toy instruction data's wording (toyworld.GENERATION_PROMPTS + a toy caption)
                 "Can you show me a picture of a red circle on a black background",
                 "Please generate a video of a blue square moving left",
                 "I would like you to make a sound of a high beeping tone"]

@@ -26,7 +26,7 @@ import random
 import sys
 from pathlib import Path
 
-from nextgpt import toy
+import toyworld as toy
 from nextgpt.io import atomic_dir, atomic_write_text
 
 PAIR_SETS = {"image": "cc3m", "video": "webvid", "audio": "audiocap"}    # modality -> T_X_pair_data folder

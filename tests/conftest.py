@@ -1,160 +1,18 @@
-"""Shared fixtures. `tiny_env`: the tiny checkpoints and the toy data, built once per test session in tmp dirs.
+"""Shared fixtures. `tiny_env`: a tiny workspace (scripts/tiny_workspace.py: tiny checkpoints, toy data, the
+config overrides pointing the tiny configs at them), built once per test session in a tmp dir.
 
     def test_something(tiny_env):
         cfg = tiny_env.config("stage_2", "train.max_steps=3")     # code/config/tiny/stage_2.yaml, paths -> tmp
         main(tiny_env.argv("stage_2", "train.max_steps=3"))        # the same as script arguments
 
-tiny_env.ckpt        folder laid out like ckpt/tiny (vicuna/, imagebind/imagebind_tiny.pth, stable-diffusion/,
-                     zeroscope/, audioldm/)
-tiny_env.data        folder laid out like data/toy (T_X_pair_data/, IT_data/; embed/ and features/ once built)
-tiny_env.delta       where the stages' checkpoints go (the tiny configs' ckpt/tiny/delta)
-tiny_env.overrides   --set strings pointing every tiny-config path (model.*, data.*, inference.*) at those folders
-tiny_env.config(stage, *extra_overrides) -> Config; stage: "stage_1".."stage_3", "fine_tuning", "base" or 1..3.
-                     train.output_dir / train.init_from are remapped into tiny_env.delta as well; a test that writes
-                     a checkpoint and must not share it passes its own f"train.output_dir={tmp_path}".
-tiny_env.imagebind   Path of the tiny ImageBind .pth, built on first use (ImportError text if the module is missing)
-tiny_env.embeddings() / tiny_env.features()   build caption embeddings / ImageBind features once per session
-                     with code/process_embeddings.py (the same commands as `make embeddings` / `make features`)
+scripts/ and code/ are on the import path through pyproject.toml's [tool.pytest.ini_options] pythonpath.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIGS = REPO / "code" / "config" / "tiny"
-for _p in (REPO / "code", REPO / "scripts"):      # also when pytest runs without the pyproject settings
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-
-def _stage_file(stage: str | int) -> Path:
-    name = f"stage_{stage}" if isinstance(stage, int) or str(stage).isdigit() else str(stage)
-    path = TINY_CONFIGS / f"{name}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in TINY_CONFIGS.glob("*.yaml")))
-        raise ValueError(f"tiny_env: no tiny config {path.name}; known: {known}")
-    return path
-
-
-@dataclass
-class TinyEnv:
-    root: Path
-    ckpt: Path
-    data: Path
-    delta: Path
-    overrides: list[str] = field(default_factory=list)
-    imagebind_error: str | None = None
-    _built: set[str] = field(default_factory=set)
-
-    # -- configs ---------------------------------------------------------------------------------------------
-    def _remap(self, value: str) -> str | None:
-        """A tiny-config path -> the same path under this environment's folders (None: not a tiny path)."""
-        for prefix, target in (("ckpt/tiny/delta", self.delta), ("ckpt/tiny", self.ckpt), ("data/toy", self.data),
-                               ("runs", self.root / "runs")):
-            if value == prefix or value.startswith(prefix + "/"):
-                return str(target / value[len(prefix):].lstrip("/"))
-        return None
-
-    def _path_overrides(self, stage: str | int, sections: tuple[str, ...]) -> list[str]:
-        from nextgpt import config
-
-        found: list[str] = []
-
-        def walk(node, keys):
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(v, keys + [k])
-            elif isinstance(node, str) and (new := self._remap(node)) is not None:
-                found.append(f"{'.'.join(keys)}={new}")
-
-        data = config.load(_stage_file(stage)).to_dict()
-        for section in sections:
-            walk(data[section], [section])
-        return found
-
-    def stage_overrides(self, stage: str | int) -> list[str]:
-        """self.overrides + this stage's train.* paths (output_dir, init_from) moved into self.delta."""
-        return self.overrides + self._path_overrides(stage, ("train",))
-
-    def config(self, stage: str | int, *extra_overrides: str):
-        from nextgpt import config
-
-        return config.load(_stage_file(stage), [*self.stage_overrides(stage), *extra_overrides])
-
-    def argv(self, stage: str | int, *extra_overrides: str) -> list[str]:
-        """['--config', <tiny yaml>, '--set', k=v, ...] for a script's main(argv)."""
-        args = ["--config", str(_stage_file(stage))]
-        for text in [*self.stage_overrides(stage), *extra_overrides]:
-            args += ["--set", text]
-        return args
-
-    # -- lazily built parts ----------------------------------------------------------------------------------
-    @property
-    def imagebind(self) -> Path:
-        path = self.ckpt / "imagebind" / "imagebind_tiny.pth"
-        if not path.exists():
-            self._build_imagebind()
-            if not path.exists():
-                raise RuntimeError(f"tiny ImageBind checkpoint could not be built: {self.imagebind_error}")
-        return path
-
-    def _build_imagebind(self) -> None:
-        import make_tiny_ckpt
-
-        try:
-            make_tiny_ckpt.write_imagebind(self.ckpt / "imagebind" / "imagebind_tiny.pth")
-            self.imagebind_error = None
-        except ImportError as e:            # nextgpt.imagebind.model not there yet: the rest still works
-            self.imagebind_error = f"{type(e).__name__}: {e}"
-
-    def _process(self, what: str, stages: tuple[str, ...], extra: tuple[str, ...]) -> None:
-        if what in self._built:
-            return
-        try:
-            import process_embeddings
-        except ImportError as e:
-            raise RuntimeError(f"tiny_env.{what}(): code/process_embeddings.py is not importable ({e})") from None
-        for stage in stages:
-            rc = process_embeddings.main([*self.argv(stage), "--all", *extra])
-            if rc not in (0, None):
-                raise RuntimeError(f"tiny_env.{what}(): process_embeddings {stage} --all {' '.join(extra)} "
-                                   f"exited {rc}")
-        self._built.add(what)
-
-    def embeddings(self) -> Path:
-        """Caption embeddings of every stage-2/3 target, as `make embeddings` (once per session)."""
-        self._process("embeddings", ("stage_3",), ())      # --all: every catalog dataset, stage 2's included
-        return self.data / "embed"
-
-    def features(self) -> Path:
-        """ImageBind features of every stage-1/3 input medium, as `make features` (once per session)."""
-        _ = self.imagebind
-        self._process("features", ("stage_1",), ("--features",))     # --all: stage 3's inputs too
-        return self.data / "features"
-
-
-def build_tiny_env(root: Path) -> TinyEnv:
-    """Toy data (make_toy_data.main) and tiny checkpoints (make_tiny_ckpt.main) under `root`."""
-    import make_tiny_ckpt
-    import make_toy_data
-
-    env = TinyEnv(root=root, ckpt=root / "ckpt", data=root / "data", delta=root / "ckpt" / "delta")
-    if make_toy_data.main(["--out", str(env.data)]) != 0:
-        raise RuntimeError("tiny_env: make_toy_data failed (see its error line above)")
-    if make_tiny_ckpt.main(["--out", str(env.ckpt), "--data", str(env.data), "--only", "llm", "pipelines"]) != 0:
-        raise RuntimeError("tiny_env: make_tiny_ckpt failed (see its error line above)")
-    env._build_imagebind()
-    # every model/data/inference path of the tiny configs (the same in every stage file) -> these folders
-    env.overrides = env._path_overrides("stage_3", ("model", "data", "inference"))
-    if not any(o.startswith("inference.ckpt=") for o in env.overrides):
-        # the tiny configs inherit the real inference.ckpt; the tiny stage-3 delta is the one to decode with
-        env.overrides.append(f"inference.ckpt={env.delta / 'stage_3'}")
-    return env
+from tiny_workspace import TinyEnv, build_tiny_env
 
 
 @pytest.fixture(scope="session")

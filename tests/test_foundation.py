@@ -16,7 +16,7 @@ import check_ckpt
 import make_tiny_ckpt
 import make_toy_data
 from nextgpt import config as config_lib
-from nextgpt import toy
+import toyworld as toy
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
 REPO = Path(__file__).resolve().parents[1]
