@@ -115,6 +115,25 @@ def resolve(cfg, name: str, require_file: bool = True) -> CatalogEntry:
                         modality=spec.get("modality"), media_dirs=media_dirs, embed_dir=embed_dir)
 
 
+def spelled_path(path: str | Path, catalog_path: str | Path | None = None) -> Path:
+    """A path given on the command line, with the catalog's folder aliases applied (`T-X_pair_data` <->
+    `T_X_pair_data`): `path` when it exists, else the first existing respelling of one of its folders, else `path`.
+    catalog_path: the catalog whose `aliases` apply (default code/config/catalog.yaml)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    from nextgpt.config import REPO_ROOT
+
+    aliases = load_catalog(catalog_path or REPO_ROOT / "code" / "config" / "catalog.yaml").get("aliases") or {}
+    parts = path.parts
+    for i, part in enumerate(parts):
+        for alt in aliases.get(part) or []:
+            candidate = Path(*parts[:i], alt, *parts[i + 1:])
+            if candidate.exists():
+                return candidate
+    return path
+
+
 def default_media_dirs(json_path: str | Path) -> dict[str, Path]:
     """Media folders beside a JSON file, as the NExT-GPT layout has them (cc3m/images, MosIT_data/videos, ...)."""
     parent = Path(json_path).resolve().parent

@@ -126,11 +126,11 @@ def read_file(path: str | Path, *, dataset: str, role: str, embed_dir: str | Pat
               media_dirs: dict[str, Path] | None = None, modality: str | None = None,
               skip_bad: bool = False) -> ReadResult:
     """Every record of one JSON file as a Sample. Bad records raise RecordError, or are collected with skip_bad."""
-    from nextgpt.data.catalog import default_media_dirs
+    from nextgpt.data.catalog import default_media_dirs, spelled_path
 
     if role not in ROLES:
         raise ValueError(f"role {role!r}; allowed: {', '.join(ROLES)}")
-    path = Path(path)
+    path = spelled_path(path)           # a command-line path may say T-X_pair_data for T_X_pair_data or back
     dirs = default_media_dirs(path)
     dirs.update({m: Path(d) for m, d in (media_dirs or {}).items()})
     ctx = Context(dataset=dataset, source=str(path), role=role, prompt=prompt, embed_dir=Path(embed_dir),
