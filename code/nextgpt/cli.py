@@ -126,9 +126,21 @@ def describe(e: BaseException) -> tuple[str, int, bool]:
     return f"{type(e).__name__}: {message}" if message else type(e).__name__, 2, True
 
 
-def write_traceback(e: BaseException, name: str) -> Path | None:
-    """Append the traceback to the run's log (or a temp-folder file when that cannot be written); its path."""
-    text = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name} failed (pid {os.getpid()}):\n"
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a launcher-started run (RANK / WORLD_SIZE), (0, 1) otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def write_traceback(e: BaseException, name: str, message: str = "") -> Path | None:
+    """Append the error line and the traceback to the run's log (or a temp-folder file when that cannot be
+    written); its path."""
+    rank, world = process_rank()
+    who = f"pid {os.getpid()}" + (f", rank {rank} of {world}" if world > 1 else "")
+    text = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name} failed ({who}):\n"
+            + (f"error: {message}\n" if message else "")
             + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
     candidates = [_log_path] if _log_path is not None else []
     candidates.append(Path(tempfile.gettempdir()) / f"nextgpt-{name}-{os.getpid()}.log")
@@ -144,10 +156,15 @@ def write_traceback(e: BaseException, name: str) -> Path | None:
 
 
 def report(e: BaseException, name: str) -> int:
-    """Print the one `error:` line for `e` (traceback to the log) and return the exit code."""
+    """Print the one `error:` line for `e` (line and traceback to the log) and return the exit code.
+
+    In a multi-rank run every rank usually fails the same way at once (a config, data or checkpoint error), so
+    only rank 0 prints; every rank's line and traceback go to the run's log (train.log), tagged with its rank."""
     message, code, unexpected = describe(e)
     # A run's own log always gets the traceback; without one, only an unexpected failure leaves a temp-folder log.
-    log = write_traceback(e, name) if (unexpected or _log_path is not None) else None
+    log = write_traceback(e, name, message) if (unexpected or _log_path is not None) else None
+    if process_rank()[0] != 0:
+        return code
     if unexpected and log is not None:
         message += f" (traceback in {log})"
     try:
