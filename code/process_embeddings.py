@@ -153,7 +153,8 @@ def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str 
     hashes = {n: store.caption_hash(c) for n, c in items.items()}
     mine = store.share_batches(list(items), batch_size, rank, world)
     names = [n for batch in mine for n in batch]
-    done = set() if overwrite else store.done_names(out_dir, modality, layout, names, shape, hashes)
+    done = set() if overwrite else store.done_names(out_dir, modality, layout, names, shape, hashes,
+                                                                section.dtype)
     todo = [[n for n in batch if n not in done] for batch in mine]
     todo = [batch for batch in todo if batch]
     tag = f"{rank}of{world}"

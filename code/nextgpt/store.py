@@ -276,7 +276,8 @@ class StoreWriter:
         hashes = list(hashes) if hashes is not None else [""] * len(names)
         if not (len(names) == len(arrays) == len(hashes)):
             raise StoreError(f"{self.folder}: {len(names)} names, {len(arrays)} arrays, {len(hashes)} hashes")
-        stored = arrays.astype(self.dtype)                     # (B, *shape) in the store's dtype
+        with np.errstate(over="ignore"):                       # an overflow to inf is reported below
+            stored = arrays.astype(self.dtype)                 # (B, *shape) in the store's dtype
         if tuple(stored.shape[1:]) != self.shape:
             raise StoreError(f"{self.folder}: computed {self.modality} {self.kind} of shape "
                              f"{tuple(stored.shape[1:])}, the manifest says {self.shape} (first item {names[0]})")
@@ -365,9 +366,10 @@ def remove_orphans(folder: str | Path, modality: str, tag: str) -> int:
 
 
 def done_names(folder: str | Path, modality: str, layout: str, names: Sequence[str], shape: Sequence[int],
-               hashes: dict[str, str] | None = None) -> set[str]:
+               hashes: dict[str, str] | None = None, dtype: str | None = None) -> set[str]:
     """Of `names`, those already stored complete, of `shape`, and (when `hashes` is given) made from the same
-    caption. The files layout checks each .npy header against its size (no array load)."""
+    caption. The files layout checks each .npy header against its size (no array load). A shard of another
+    `dtype` holding one of them is an error (a store has one dtype per modality)."""
     from nextgpt.data.embeddings import check_npy
 
     folder = Path(folder)
@@ -381,6 +383,9 @@ def done_names(folder: str | Path, modality: str, layout: str, names: Sequence[s
                 continue
             if entry[0] not in shapes_ok:
                 index = _read_index(entry[0].with_name(entry[0].name[:-4] + ".index.json"))
+                if dtype is not None and index.get("dtype") != dtype:
+                    raise StoreError(f"{entry[0]}: {index.get('dtype')} shard, this run writes {dtype} (pass the "
+                                     "same --fp16 / --fp32, or use another folder)")
                 shapes_ok[entry[0]] = list(index.get("shape", [])) == list(shape) and entry[0].is_file()
             if shapes_ok[entry[0]]:
                 done.add(name)
@@ -419,6 +424,7 @@ def merge(folder: str | Path, kind: str, modality: str, section: Section, layout
     section = Section(**{**asdict(section), "count": count(folder, modality, layout)})
     manifest.modalities[modality] = section
     write_manifest(folder, manifest)
+    forget_reader(folder)
     return manifest
 
 
@@ -523,32 +529,113 @@ class StoreReader:
             self._hashes[modality] = read_file_hashes(self.folder, modality)
         return self._hashes[modality].get(name)
 
-    def get(self, name: str, caption: str | None = None) -> np.ndarray:
+    def stale(self, name: str, caption: str) -> str | None:
+        """None when the item was made from `caption` (or the store records no caption hashes for its
+        modality: an older folder), else the reason naming the item and its file / shard row."""
         modality = modality_of_name(name)
         section = self.section(modality) if modality else None
-        check_hash = caption is not None and section is not None and section.hashed
+        if section is None or not section.hashed:
+            return None
+        if self.layout == "shards":
+            entry = self._entry(name)
+            if entry is None:
+                return None
+            digest, where = entry[2], f"{entry[0]} row {entry[1]}"
+        else:
+            digest, where = self._stored_hash(name, modality), str(item_path(self.folder, name))
+        if digest == caption_hash(caption):
+            return None
+        state = "no caption hash recorded" if not digest else "made from another caption"
+        return f"{where}: stale caption embedding of {name} ({state}; rerun process_embeddings.py)"
+
+    def get(self, name: str, caption: str | None = None) -> np.ndarray:
+        """(*shape) float32 copy of the item; with `caption`, a stale item raises StoreError."""
+        if caption is not None:
+            reason = self.stale(name, caption)
+            if reason is not None:
+                raise StoreError(reason)
         if self.layout == "shards":
             entry = self._entry(name)
             if entry is None:
                 raise FileNotFoundError(f"{self.folder / SHARD_DIR}: no item {name} in any shard")
-            path, row, digest = entry
-            where = f"{path} row {row}"
+            path, row, _ = entry
             if path not in self._maps:
                 data = _read_index(path.with_name(path.name[:-4] + ".index.json"))
                 _check_shard(path, len(data["names"]), data["shape"])
-                self._maps[path] = np.load(path, mmap_mode="r")
-            array = np.asarray(self._maps[path][row], dtype=np.float32)
-        else:
-            from nextgpt.embed_cache import load_item
+                self._maps[path] = np.load(path, mmap_mode="r")       # (rows, *shape), no copy until indexed
+            return np.asarray(self._maps[path][row], dtype=np.float32)
+        from nextgpt.embed_cache import load_item
 
-            path = item_path(self.folder, name)
-            where = str(path)
-            array = np.asarray(load_item(path), dtype=np.float32)
-            digest = self._stored_hash(name, modality) if check_hash else None
-        if check_hash and digest != caption_hash(caption):
-            state = "no caption hash recorded" if not digest else "made from another caption"
-            raise StoreError(f"{where}: stale caption embedding of {name} ({state}; rerun process_embeddings.py)")
-        return array
+        return np.asarray(load_item(item_path(self.folder, name)), dtype=np.float32)
+
+
+_READERS: dict[str, tuple[tuple, float, StoreReader]] = {}
+
+
+def open_reader(folder: str | Path) -> StoreReader:
+    """A StoreReader per folder and process, reopened when the folder changed (a rerun, a convert: the manifest,
+    the folder or its shards/ folder has a new mtime); looked at no more than once a second, so reading items
+    costs no extra system calls."""
+    folder = Path(folder)
+    key = os.path.abspath(folder)
+    now = time.monotonic()
+    cached = _READERS.get(key)
+    if cached is not None and now - cached[1] < 1.0:
+        return cached[2]
+    stamp = []
+    for path in (folder / MANIFEST, folder, folder / SHARD_DIR):
+        try:
+            stamp.append(path.stat().st_mtime_ns)
+        except OSError:
+            stamp.append(-1)
+    if cached is None or cached[0] != tuple(stamp):
+        cached = (tuple(stamp), now, StoreReader(folder))
+    _READERS[key] = (cached[0], now, cached[2])
+    return cached[2]
+
+
+def forget_reader(folder: str | Path) -> None:
+    """Drop the cached reader of a folder this process just wrote (merge, convert)."""
+    _READERS.pop(os.path.abspath(folder), None)
+
+
+def split_item_path(path: str | Path) -> tuple[Path, str]:
+    """`<folder>/<name>.npy` (what readers put in Target.embed_path) -> (folder, name)."""
+    path = Path(path)
+    return path.parent, path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name
+
+
+def check_item(path: str | Path, shape: Sequence[int] | None = None, caption: str | None = None,
+               values: bool = False) -> str | None:
+    """None when the item `<folder>/<name>.npy` is stored complete (either layout), of `shape`, made from
+    `caption` (when hashes are recorded) and, with values=True, finite; else the reason ("missing" when absent).
+    The files layout reads only the .npy header unless values=True."""
+    from nextgpt.data.embeddings import check_npy
+
+    folder, name = split_item_path(path)
+    try:
+        reader = open_reader(folder)
+        if reader.layout == "files":
+            reason = check_npy(item_path(folder, name), tuple(shape) if shape is not None else None)
+            if reason is not None:
+                return reason
+        else:
+            if not reader.has(name):
+                return "missing"
+            section = reader.section(modality_of_name(name) or "")
+            if shape is not None and section is not None and tuple(section.shape) != tuple(shape):
+                return f"shape {tuple(section.shape)} ({reader.folder / MANIFEST}), expected {tuple(shape)}"
+        if caption is not None and (reason := reader.stale(name, caption)) is not None:
+            return reason
+        if values:
+            array = reader.get(name)
+            if shape is not None and tuple(array.shape) != tuple(shape):
+                return f"shape {tuple(array.shape)}, expected {tuple(shape)}"
+            if not np.isfinite(array).all():
+                return "non-finite values"
+    except (StoreError, FileNotFoundError) as e:
+        return str(e)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,6 +684,7 @@ def convert(folder: str | Path, to: str, log=print) -> Manifest:
         new.modalities[modality] = out_section
         log(f"{modality}: {out_section.count} items -> {to}")
     write_manifest(folder, new)
+    forget_reader(folder)
     # The new layout is now what the manifest names: remove the old one.
     if manifest.store != to:
         if manifest.store == "shards":

@@ -124,7 +124,7 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = store.share_batches(list(paths), batch_size, rank, world)
     names = [n for batch in mine for n in batch]
-    done = store.done_names(out_dir, modality, layout, names, (out_dim,))
+    done = store.done_names(out_dir, modality, layout, names, (out_dim,), dtype=section.dtype)
     todo = [[n for n in batch if n not in done] for batch in mine]
     todo = [batch for batch in todo if batch]
     tag = f"{rank}of{world}"
