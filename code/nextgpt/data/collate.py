@@ -27,7 +27,8 @@ import torch
 
 from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
-from nextgpt.embed_cache import item_path, load_item, read_manifest
+from nextgpt import store
+from nextgpt.embed_cache import read_manifest
 from nextgpt.tokens import IGNORE, signal_blocks
 
 
@@ -43,10 +44,15 @@ def stack_signal_blocks(rows: list[list[tuple[str, int]]]) -> dict[str, torch.Te
 class Collator:
     def __init__(self, token_ids, feature_dir: str | Path | None = None,
                  caption_shapes: dict[str, tuple[int, int]] | None = None,
-                 feature_shape: tuple[int, ...] | None = None):
+                 feature_shape: tuple[int, ...] | None = None, caption_mode: str = "precomputed",
+                 feature_fingerprint: str | None = None):
         """caption_shapes: modality -> (T, D) the decoder consumes (nextgpt.modalities.conditioning_shape);
-        feature_shape: expected ImageBind feature shape, default: the feature cache manifest's."""
-        self.token_ids = token_ids
+        feature_shape: expected ImageBind feature shape, default: the feature cache manifest's;
+        caption_mode: precomputed (caption_embeds read from the store, checked against the caption's hash) |
+        online (caption_texts {modality: [caption]} instead: model/caption_encoder.py embeds them in the step);
+        feature_fingerprint: the configured ImageBind's (imagebind.features.encoder_fingerprint): features made
+        by another checkpoint are refused."""
+        self.token_ids, self.caption_mode = token_ids, caption_mode
         self.feature_dir = Path(feature_dir) if feature_dir else None
         self.caption_shapes = {m: tuple(s) for m, s in (caption_shapes or {}).items()}
         self.feature_shape = tuple(feature_shape) if feature_shape else None
@@ -54,6 +60,12 @@ class Collator:
             manifest = read_manifest(self.feature_dir)
             if manifest is not None:
                 self.feature_shape = tuple(manifest.shape)
+        if feature_fingerprint and self.feature_dir is not None and self.feature_dir.is_dir():
+            from nextgpt.imagebind.features import KIND
+
+            reader = store.StoreReader(self.feature_dir, KIND)
+            for modality in (reader.manifest.modalities if reader.manifest else {}):
+                reader.check(modality, fingerprint=feature_fingerprint)
 
     def __call__(self, batch: list[Encoded]) -> dict:
         if not batch:
@@ -68,6 +80,7 @@ class Collator:
         names: list[str] = []
         paths: list[str] = []
         embeds: dict[str, list[torch.Tensor]] = {}
+        texts: dict[str, list[str]] = {}             # online caption embeddings: the captions, same order
         blocks: list[list[tuple[str, int]]] = []
         for row, enc in enumerate(batch):
             sample = enc.sample
@@ -87,7 +100,10 @@ class Collator:
                 paths.append(medium.path)
             blocks.append(self._blocks(enc))
             for target in sample.targets:
-                embeds.setdefault(target.modality, []).append(self._caption_embed(target, sample))
+                if self.caption_mode == "online":
+                    texts.setdefault(target.modality, []).append(target.caption)
+                else:
+                    embeds.setdefault(target.modality, []).append(self._caption_embed(target, sample))
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -99,6 +115,7 @@ class Collator:
             "media_features": self._features(names, batch),
             "signal_blocks": stack_signal_blocks(blocks),
             "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
+            **({"caption_texts": texts} if self.caption_mode == "online" else {}),
             "samples": [e.sample for e in batch],
         }
 
@@ -124,8 +141,9 @@ class Collator:
     def _caption_embed(self, target, sample) -> torch.Tensor:
         """(T, D) float32 tensor of one target (pooled: (1, D))."""
         expected = self.caption_shapes.get(target.modality)
-        try:
-            array = load_item(target.embed_path)
+        folder, name = store.split_item_path(target.embed_path)
+        try:       # either store layout; an item made from another caption (hash) raises, naming its file/shard
+            array = store.open_reader(folder).get(name, caption=target.caption)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e} (caption embedding of {sample.where})") from None
         if expected is not None:
@@ -142,12 +160,16 @@ class Collator:
         if not names:
             return None
         if self.feature_dir is not None:
-            files = [item_path(self.feature_dir, n) for n in names]
-            if all(f.is_file() for f in files):
+            reader = store.open_reader(self.feature_dir)             # files or memory-mapped shards
+            if all(reader.has(n) for n in names):
                 arrays = []
-                for f, enc in zip(files, (e for e in batch for _ in e.sample.media)):
+                for name, enc in zip(names, (e for e in batch for _ in e.sample.media)):
                     try:
-                        arrays.append(load_item(f, self.feature_shape))
+                        array = reader.get(name)
+                        if self.feature_shape is not None and tuple(array.shape) != self.feature_shape:
+                            raise ValueError(f"{store.item_path(self.feature_dir, name)}: shape {array.shape}, "
+                                             f"expected {self.feature_shape}")
+                        arrays.append(array)
                     except (FileNotFoundError, ValueError) as e:
                         raise type(e)(f"{e} (ImageBind feature of {enc.sample.where})") from None
                 shapes = {a.shape for a in arrays}
