@@ -179,6 +179,17 @@ def check_values(path: str | Path, shape: tuple[int, ...] | None, dtype: str | N
     """None when the .npy at `path` is usable, else (kind, reason). Always: complete file of `shape` (header and
     size). full=True also reads the values: of the dtype the manifest names and all finite (a NaN or inf vector
     would poison every step it is in; float16 stores overflow to inf)."""
+    from nextgpt import store
+
+    try:
+        sharded = store.open_reader(Path(path).parent).layout == "shards"
+    except ValueError:
+        sharded = False
+    if sharded:          # <folder>/<name>.npy names a row of a memory-mapped shard (nextgpt/store.py)
+        reason = store.check_item(path, shape, values=full)
+        if reason is None:
+            return None
+        return (MISSING, f"{path}: {what} missing") if reason == "missing" else (CORRUPT, f"{path}: {reason}")
     reason = check_npy(path, shape)
     if reason == "missing":
         return MISSING, f"{path}: {what} missing"
@@ -237,6 +248,7 @@ def _expected_shapes(cfg, report: Report, dtypes: dict[str, str] | None = None) 
 
 def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None) -> Report:
     """Check the catalog datasets `names` (default cfg.data.datasets) of cfg; see the module docstring."""
+    from nextgpt import store
     from nextgpt.data.catalog import resolve
     from nextgpt.data.readers import read_entry
 
@@ -257,13 +269,13 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None)
         except ValueError as e:
             report.errors.append(str(e))
     media_cache: dict[tuple[str, str], tuple[str, str] | None] = {}
-    embed_cache: dict[str, tuple[str, str] | None] = {}
+    embed_cache: dict[tuple[str, str], tuple[str, str] | None] = {}
 
     def medium_problem(medium) -> tuple[str, str] | None:
         key = (medium.modality, medium.path)
         if key not in media_cache:
             feature = item_path(feature_dir, medium.name) if feature_dir is not None else None
-            if feature is not None and check_npy(feature, feature_shape) is None:
+            if feature is not None and store.check_item(feature, feature_shape) is None:
                 # cached feature: the file itself is not needed, but the feature's values are (full mode)
                 media_cache[key] = check_values(feature, feature_shape, feature_dtype, decode, "ImageBind feature")
             else:
@@ -271,10 +283,17 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None)
         return media_cache[key]
 
     def embedding_problem(target) -> tuple[str, str] | None:
-        if target.embed_path not in embed_cache:
-            embed_cache[target.embed_path] = _check_embedding(target.embed_path, shapes.get(target.modality), decode,
-                                                              dtypes.get(target.modality))
-        return embed_cache[target.embed_path]
+        if cfg.data.caption_embeds == "online":      # made in the training step from the caption itself
+            return None
+        key = (target.embed_path, target.caption)
+        if key not in embed_cache:
+            embed_cache[key] = _check_embedding(target.embed_path, shapes.get(target.modality), decode,
+                                                dtypes.get(target.modality))
+            # made from this caption? (the hash recorded with it; an edited caption is stale)
+            stale = None if embed_cache[key] else store.check_item(target.embed_path, caption=target.caption)
+            if stale is not None:
+                embed_cache[key] = (CORRUPT, stale)
+        return embed_cache[key]
 
     for name in names:
         try:
