@@ -17,16 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `deepspeed code/train.py` from anywhere
+import torch
 
-import torch  # noqa: E402
-
-from nextgpt import config as config_lib  # noqa: E402
-from nextgpt import cli, resume, runlock, runtime  # noqa: E402
-from nextgpt.modalities import MODALITIES  # noqa: E402
-from nextgpt.runlog import RunLog, TermMeans  # noqa: E402
-from nextgpt.runtime import to_device  # noqa: E402,F401  (scripts/bench_pipeline.py imports it from here)
-from nextgpt.stop import StopRequest  # noqa: E402
+from nextgpt import config as config_lib
+from nextgpt import cli, resume, runlock, runtime
+from nextgpt.modalities import MODALITIES
+from nextgpt.runlog import RunLog, TermMeans
+from nextgpt.runtime import to_device
+from nextgpt.stop import StopRequest
 
 
 class TrainingAborted(RuntimeError):
@@ -101,9 +99,10 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
-    from nextgpt import checkpoint
+    from nextgpt import checkpoint, legacy
     from nextgpt.data.loaders import build_run_data
     from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model import caption_encoder
 
     # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config
     # unless --allow-config-change; checked before anything is loaded or written (nextgpt.resume).
@@ -116,6 +115,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     # Model: the same seed on every rank so the randomly initialised projectors agree before DeepSpeed starts.
     runtime.seed_everything(cfg.train.seed)
     model = build_model(cfg, device=rt.device, dtype=rt.dtype)
+    caption_encoder.attach(model, cfg, rt.device, rt.dtype)  # data.caption_embeds=online: targets made in the step
     if cfg.train.init_from:  # a delta folder, a run folder (its `latest`) or an original pytorch_model.pt
         source = cfg.path(cfg.train.init_from)
         loaded = checkpoint.init_from(model, cfg)
@@ -196,12 +196,13 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
             if runtime.any_rank(not bool(torch.isfinite(loss)), rt.device):
                 # Skip the micro-batch on every rank (no backward: its gradients never reach the optimizer).
                 bad_steps += 1
-                log(f"step {step}: non-finite loss {loss.item()} ({bad_steps} so far) in "
-                    f"{[s.where for s in batch['samples']][:4]}")
+                where = ", ".join(s.where for s in batch["samples"][:4]) + (", ..." if len(batch["samples"]) > 4
+                                                                           else "")
+                log(f"step {step}: non-finite loss {loss.item()} ({bad_steps} so far) in {where}")
                 if bad_steps > cfg.train.max_bad_steps:
                     raise TrainingAborted(f"{bad_steps} non-finite losses, more than train.max_bad_steps "
-                                          f"({cfg.train.max_bad_steps}); last at step {step}: lower train.lr or "
-                                          "check the data")
+                                          f"({cfg.train.max_bad_steps}); last at step {step} in {where}: lower "
+                                          "train.lr or check the data")
                 continue
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -242,7 +243,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
 
     final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
     if args.export_legacy and rt.is_main:
-        checkpoint.export_legacy(engine.module, final / "pytorch_model.pt")
+        legacy.export_legacy(engine.module, final / "pytorch_model.pt")
         log(f"exported {final / 'pytorch_model.pt'}")
     if rt.is_main:
         resume.write_done(output_dir, step, final, {"stage": cfg.train.stage, "bad_steps": bad_steps})
