@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nextgpt import checkpoint
+from nextgpt import legacy as legacy_lib
 from nextgpt.data.types import Media, Sample, Target, Turn
+from nextgpt.io import sha256_file
 from nextgpt.model import llm as llm_utils
 from nextgpt.model.nextgpt import build_model, set_trainable
 
@@ -125,7 +127,7 @@ def _rewrite(folder, tensors):
     """Replace delta.safetensors and keep meta.json's sha256 consistent, so only the key check can object."""
     save_file(tensors, str(folder / checkpoint.DELTA_FILE))
     meta = json.loads((folder / checkpoint.META_FILE).read_text())
-    meta["files"]["delta.safetensors"] = checkpoint._sha256(folder / checkpoint.DELTA_FILE)
+    meta["files"]["delta.safetensors"] = sha256_file(folder / checkpoint.DELTA_FILE)
     (folder / checkpoint.META_FILE).write_text(json.dumps(meta))
 
 
@@ -281,7 +283,7 @@ def test_legacy_stage_3_imports_strictly_and_exports_the_same_keys(tiny_env, tmp
                        legacy["llama_model.base_model.model.lm_head.weight"].float())
     lora_a = legacy["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
     assert torch.equal(model.causal_lm.model.layers[1].self_attn.v_proj.lora_A["default"].weight, lora_a.float())
-    exported = checkpoint.export_legacy(model, tmp_path / "export")
+    exported = legacy_lib.export_legacy(model, tmp_path / "export")
     back = torch.load(exported, map_location="cpu", weights_only=True)
     assert list(back) and set(back) == set(legacy)
     for key in legacy:
@@ -299,10 +301,10 @@ def test_legacy_stage_3_imports_strictly_and_exports_the_same_keys(tiny_env, tmp
 def test_legacy_stage_1_2_layout(tiny_env, tmp_path):
     model = built(tiny_env, 2, seed=10)
     legacy = legacy_checkpoint(model, lora=False, seed=1)
-    assert checkpoint.import_legacy(model, legacy) == all_groups(model) - {"lora"}
+    assert legacy_lib.import_legacy(model, legacy) == all_groups(model) - {"lora"}
     assert torch.equal(llm_utils.effective_token_matrix(model.llm, "embed_tokens"),
                        legacy["llama_model.model.embed_tokens.weight"].float())
-    back = checkpoint.legacy_state(model)
+    back = legacy_lib.legacy_state(model)
     assert set(back) == set(legacy)
     assert all(torch.equal(back[k], legacy[k].data) for k in legacy)
 
@@ -311,17 +313,17 @@ def test_legacy_errors_list_the_keys(tiny_env):
     stage_3 = built(tiny_env, 3, seed=11)
     legacy = legacy_checkpoint(stage_3, lora=True)
     with pytest.raises(ValueError, match=r"outside the NExT-GPT layout: visual_encoder\.trunk\.x"):
-        checkpoint.import_legacy(stage_3, {**legacy, "visual_encoder.trunk.x": torch.zeros(1)})
+        legacy_lib.import_legacy(stage_3, {**legacy, "visual_encoder.trunk.x": torch.zeros(1)})
     missing = {k: v for k, v in legacy.items() if k != "gen_text_hidden_fcs_audio.0.query_embs"}
     with pytest.raises(ValueError, match=r"missing key.*output_proj\.audio\.query_embs"):
-        checkpoint.import_legacy(stage_3, missing)
+        legacy_lib.import_legacy(stage_3, missing)
     stage_2 = built(tiny_env, 2, seed=12)          # no LoRA: the stage-3 LoRA keys have no place
     with pytest.raises(ValueError, match=r"unexpected key.*lora\.base_model\.model\.model\.layers\.0"):
-        checkpoint.import_legacy(stage_2, legacy)
+        legacy_lib.import_legacy(stage_2, legacy)
     both = {**legacy, "llama_model.model.embed_tokens.weight": legacy[
         "llama_model.base_model.model.model.embed_tokens.weight"]}
     with pytest.raises(ValueError, match="several keys map onto token_rows.embed_tokens"):
-        checkpoint.import_legacy(stage_3, both)
+        legacy_lib.import_legacy(stage_3, both)
 
 
 def _drop_hashes(folder):

@@ -150,12 +150,9 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found (give --ckpt, or train one: `make stage3`)")
-    if path.is_file():
-        return CheckpointInfo(str(path), "legacy")
-    if (path / checkpoint_lib.LEGACY_FILE).is_file() and not (path / checkpoint_lib.DELTA_FILE).exists() \
-            and not (path / checkpoint_lib.LATEST_FILE).exists():
-        return CheckpointInfo(str(path / checkpoint_lib.LEGACY_FILE), "legacy")
-    folder = checkpoint_lib.resolve_checkpoint(path)
+    kind, folder = checkpoint_lib.locate(path)  # the same decision load_checkpoint makes
+    if kind == "legacy":
+        return CheckpointInfo(str(folder), "legacy")
     meta_path = folder / checkpoint_lib.META_FILE
     meta = read_json(meta_path) if meta_path.is_file() else {}
     fingerprint = meta.get("base_fingerprint") or meta.get("fingerprint") or ""

@@ -41,6 +41,23 @@ def read_json(path: str | os.PathLike, missing: str = "missing"):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library's message, for a one-line error (torch's unpickling errors run to a dozen)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_yaml(path: str | os.PathLike, missing: str = "missing") -> dict:
     """Parse a YAML file whose top level is a mapping (an empty file is {}); any failure is one line naming it."""
     import yaml
@@ -51,7 +68,7 @@ def read_yaml(path: str | os.PathLike, missing: str = "missing") -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {missing}") from None
     except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ValueError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from nextgpt.cli import storage_errno
-from nextgpt.io import atomic_write_text, publish_dir
+from nextgpt.io import atomic_write_text, publish_dir, sha256_file
 from nextgpt.runtime import barrier
 
 DS_TAG = "deepspeed"
@@ -123,14 +123,6 @@ def plan(output_dir: str | os.PathLike, resume: str, config: dict[str, Any], wor
     return start, changes
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _state_files(state: Path) -> list[Path]:
     return sorted(p for p in state.rglob("*") if p.is_file() and p.name != STATE_HASHES)
 
@@ -156,7 +148,7 @@ def verify(checkpoint: str | os.PathLike) -> list[str]:
             path = folder / name
             if not path.is_file():
                 problems.append(f"{path}: listed in {listing.name}, missing")
-            elif _sha256(path) != digest:
+            elif sha256_file(path) != digest:
                 problems.append(f"{path}: sha256 differs from {listing.name} (truncated or corrupt)")
     return problems
 
@@ -282,7 +274,7 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
         barrier()
         if rank == 0:
             state = tmp / "state"
-            hashes = {str(p.relative_to(state)): _sha256(p) for p in _state_files(state)}
+            hashes = {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)}
             atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
     except Exception as e:
         # Disk full / read-only mid-save: drop the partial copy (frees its space); the previous checkpoint and
