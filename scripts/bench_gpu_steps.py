@@ -1,0 +1,171 @@
+"""7B-shaped NExT-GPT training steps through deepspeed.initialize: tokens/s, samples/s, MFU, peak memory per stage.
+
+    python scripts/bench_gpu_steps.py --json runs/gpu_check/steps.json                  # one GPU (bf16)
+    deepspeed --num_gpus 2 scripts/bench_gpu_steps.py --stages 2 --equality --json ...  # 2 ranks: identical weights
+    python scripts/bench_gpu_steps.py --device cpu --shape mid --stages 1 2 3 --steps 2  # dry run of the same code
+
+The model is build_7b of bench_pipeline (Vicuna-7B's shape, random init, the tiny tokenizer's ids, NExT-GPT's
+projectors at their real size) around the real NextGPT; the engine is runtime.build_engine with the stage's
+DeepSpeed JSON (code/dsconfig/stage_<N>.json, "auto" filled from the stage YAML) -- the objects train.py builds;
+each step is engine(batch) -> engine.backward(loss) -> engine.step() on batches from the real loader (toy data,
+the tiny tokenizer). Timing: the median of --steps steps after --warmup, synchronised.
+
+MFU = 4·N·tokens/s / peak (N: LLM parameters without the input embedding; the 4N convention of a full backward,
+so a stage-2 step that runs suffix backward can exceed the hardware's real utilisation); "run FLOPs share" is
+what suffix backward actually runs of that 4N (bench_pipeline.flop_share). With --equality on 2+ ranks, every
+rank's trainable weights after the steps must be bit-identical (sha256 over the trainable tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import REPO, BenchError, machine, print_table, run_cli, write_json, workspace
+from bench_pipeline import (MID, REAL_PROJECTORS, STAGES, VICUNA_7B, build_7b, flop_share, llm_flop_params,
+                            peak_tflops)
+
+SHAPES = {"7b": VICUNA_7B, "mid": {**MID, "vocab_size": 32000}}
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stage_run(env, work: Path, stage: int, args, rt) -> dict:
+    import torch
+
+    from nextgpt import runtime
+    from nextgpt.data.dataset import build_loader
+    from nextgpt.model.nextgpt import set_trainable
+
+    overrides = [f"train.micro_batch_size={args.batch_size}", "train.init_from=", "model.max_length=512",
+                 f"train.max_steps={args.warmup + args.steps}", *REAL_PROJECTORS]
+    cfg = env.config(STAGES[stage], *overrides)
+    ds_path = Path(args.ds_config or REPO / "code" / "dsconfig" / (f"stage_{stage}.json" if rt.device.type == "cuda"
+                                                                   else "cpu.json"))
+    ds = runtime.load_ds_config(ds_path, cfg, rt.world_size)
+    runtime.fill_ds_config(ds, cfg, rt.world_size, args.warmup + args.steps, ds_path)
+    torch.manual_seed(0)
+    model, _ = build_7b(cfg, rt.device, rt.dtype, SHAPES[args.shape], with_bare=False)
+    counts = set_trainable(model, cfg)
+    engine = runtime.build_engine(model, cfg, ds)
+    loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size)
+    batches = []
+    for batch in loader:
+        batches.append(runtime.to_device(batch, rt.device))
+        if len(batches) == args.warmup + args.steps:
+            break
+    while len(batches) < args.warmup + args.steps:       # a small toy dataset: cycle it
+        batches.append(batches[len(batches) % max(1, len(batches))])
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    times, tokens, samples, shares, losses = [], [], [], [], []
+    for i, batch in enumerate(batches):
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        start = time.perf_counter()
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(int(batch["attention_mask"].sum()))
+            samples.append(batch["input_ids"].shape[0])
+            shares.append(flop_share(model, batch))
+            losses.append(float(out["loss"]))
+    step = statistics.median(times)
+    n = llm_flop_params(model)
+    tokens_per_s = statistics.mean(tokens) / step
+    peak = peak_tflops(rt.device, args.peak_tflops)
+    result = dict(stage=stage, shape=args.shape, world_size=rt.world_size, batch_size=args.batch_size,
+                  zero=engine.zero_optimization_stage(), step_ms=1000 * step, tokens_per_s_per_gpu=tokens_per_s,
+                  samples_per_s_per_gpu=statistics.mean(samples) / step, flop_params=n,
+                  model_tflops=4 * n * tokens_per_s / 1e12, mfu_4n=4 * n * tokens_per_s / (peak * 1e12) if peak else None,
+                  run_flops_share=statistics.mean(shares), trainable=counts["total"], losses=losses,
+                  peak_allocated_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30
+                  if rt.device.type == "cuda" else None, ds_config=str(ds_path))
+    if args.equality and rt.world_size > 1:
+        import torch.distributed as dist
+
+        mine = weights_digest(model)
+        digests = [None] * rt.world_size
+        dist.all_gather_object(digests, mine)
+        result["ranks_identical"] = len(set(digests)) == 1
+    del engine, model
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run(args) -> dict:
+    import json
+
+    from nextgpt import runtime
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError("--device cuda: no CUDA device here (use --device cpu --shape mid for a dry run)")
+        ds_probe = {"bf16": {"enabled": True}}
+    else:
+        ds_probe = json.loads((REPO / "code" / "dsconfig" / "cpu.json").read_text())
+    rt = runtime.setup(ds_probe, "bench_gpu_steps", verbose=False)
+    try:
+        env = workspace(Path(args.workdir).resolve() / "tiny", log=print if rt.is_main else (lambda m: None))
+        results = [stage_run(env, Path(args.workdir), stage, args, rt) for stage in args.stages]
+    finally:
+        runtime.shutdown(rt)
+    if not rt.is_main:
+        return {}
+    rows = [[f"stage {r['stage']}", f"ZeRO-{r['zero']}", r["step_ms"], r["tokens_per_s_per_gpu"],
+             r["samples_per_s_per_gpu"], r["mfu_4n"] if r["mfu_4n"] is not None else float("nan"),
+             r["run_flops_share"], r["peak_allocated_gib"] or float("nan"), r.get("ranks_identical", "")]
+            for r in results]
+    print_table(f"{args.shape}-shaped NExT-GPT steps through deepspeed.initialize ({rt.device.type}, "
+                f"{str(rt.dtype).removeprefix('torch.')}, {rt.world_size} rank(s), micro-batch {args.batch_size})",
+                ["stage", "ZeRO", "step ms", "tokens/s/GPU", "samples/s/GPU", "MFU (4N)", "run FLOPs share",
+                 "peak GiB", "ranks identical"], rows)
+    result = {"machine": machine(), "device": str(rt.device), "runs": results,
+              "command": "python scripts/bench_gpu_steps.py " + " ".join(args.argv)}
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch per GPU (default 8)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--ds_config", help="DeepSpeed JSON for every stage (default: the stage's; cpu.json on CPU)")
+    p.add_argument("--equality", action="store_true", help="with 2+ ranks: trainable weights identical on all ranks")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)      # deepspeed launcher
+    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
+    p.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
