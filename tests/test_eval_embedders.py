@@ -12,7 +12,7 @@ import torch
 from nextgpt.eval.embedders import ClipScorer, ImageBindScorer, ImageBindTokenizer, clip_bpe_files
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = (REPO.parent / "shared").resolve() / "reference"
 BPE = REFERENCE / "bpe_simple_vocab_16e6.txt.gz"
 TOKENS = REFERENCE / "imagebind_text_tokens.json"
 

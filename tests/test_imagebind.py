@@ -24,7 +24,7 @@ from nextgpt.imagebind.model import ImageBindModel, load_imagebind, preset, sele
 from nextgpt.imagebind.preprocess import MediaError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = (REPO.parent / "shared").resolve()          # ../shared may be a symlink; code resolves paths
 REFERENCE = SHARED / "reference"
 SAMPLES = SHARED / "samples" / "nextgpt" / "T_X_pair_data"
 PARITY = REFERENCE / "imagebind_tiny_parity.safetensors"

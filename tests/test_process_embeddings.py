@@ -18,7 +18,7 @@ from nextgpt.data import embeddings as emb
 from nextgpt.data.readers import normalize_caption
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "samples" / "nextgpt"
+SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
 
 
 @pytest.fixture(scope="module")

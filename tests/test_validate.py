@@ -15,7 +15,7 @@ from nextgpt.config import load
 from nextgpt.data.validate import CORRUPT, MISSING, check_media, validate
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "samples" / "nextgpt"
+SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
 needs_samples = pytest.mark.skipif(not (SAMPLES / "T_X_pair_data").is_dir(),
                                    reason=f"real NExT-GPT samples not present at {SAMPLES}")
 ENC = ["cc3m_enc", "webvid_enc", "audiocap_enc"]
