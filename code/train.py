@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     config_lib.add_config_args(parser)
     parser.add_argument("--ds_config", "--ds-config", default=None,
-                        help="DeepSpeed JSON (default: code/dsconfig/stage_<N>.json on GPUs, cpu.json on CPU)")
+                        help="DeepSpeed JSON (default: code/dsconfig/gpu.json on GPUs, cpu.json on CPU)")
     parser.add_argument("--resume", default="auto",
                         help="auto (continue from <output_dir>/latest if present) | none | a checkpoint folder")
     parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
@@ -74,7 +74,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.max_steps < 0:
             raise ValueError(f"--max-steps: must be >= 0, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
-    ds_path = Path(args.ds_config) if args.ds_config else runtime.default_ds_config(cfg)
+    ds_path = Path(args.ds_config) if args.ds_config else runtime.default_ds_config()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
     rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False)  # the reason goes to the run log

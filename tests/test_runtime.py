@@ -25,7 +25,9 @@ def write_json(tmp_path, data, name="ds.json"):
 
 
 def test_required_dsconfigs_exist_and_are_all_auto():
-    for name in ("stage_1", "stage_2", "stage_3", "fine_tuning", "cpu", "offload"):
+    for name in ("stage_1", "stage_2", "stage_3", "fine_tuning"):  # the documented names: one file, gpu.json
+        assert (DSCONFIG / f"{name}.json").resolve() == (DSCONFIG / "gpu.json").resolve(), name
+    for name in ("gpu", "cpu", "offload"):
         ds = json.loads((DSCONFIG / f"{name}.json").read_text())
         assert ds["train_batch_size"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
         assert ds["optimizer"]["params"]["lr"] == "auto"

@@ -23,6 +23,7 @@ from nextgpt.io import read_json
 # Variables every process of a torch.distributed job needs (a launcher sets them; a plain `python` run does not).
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 CPU_DS_CONFIG = "code/dsconfig/cpu.json"
+GPU_DS_CONFIG = "code/dsconfig/gpu.json"
 
 
 @dataclass
@@ -52,14 +53,12 @@ def to_device(value, device: torch.device):
     return value
 
 
-def default_ds_config(cfg: Any) -> Path:
-    """The DeepSpeed JSON a run uses without --ds_config: the stage's (or fine-tuning's) on GPUs, cpu.json on CPU."""
+def default_ds_config() -> Path:
+    """The DeepSpeed JSON a run uses without --ds_config: gpu.json (every stage: the YAML owns the numbers,
+    code/dsconfig/README.md), cpu.json without a GPU."""
     from nextgpt.config import REPO_ROOT
 
-    if not torch.cuda.is_available():
-        return REPO_ROOT / CPU_DS_CONFIG
-    name = "fine_tuning.json" if cfg.model.quantization != "none" else f"stage_{cfg.train.stage}.json"
-    return REPO_ROOT / "code" / "dsconfig" / name
+    return REPO_ROOT / (GPU_DS_CONFIG if torch.cuda.is_available() else CPU_DS_CONFIG)
 
 
 def param_groups(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any]) -> list:
