@@ -151,12 +151,14 @@ def _main(argv: list[str] | None) -> int:
                                  dtype=dtype)
         clip = ClipScorer(args.clip, device=device) if args.clip else None
     options = evaluation.Options(seed=seed, batch_size=args.batch_size, sample=args.sample, decode=args.decode)
+    features = evaluation.FeatureMemo()          # the inputs' ImageBind features, encoded once for all checkpoints
     runs = []
     from tqdm import tqdm
 
     for entry in tqdm(entries, desc="checkpoints", dynamic_ncols=True):
         start = time.time()
         model, loaded = load(cfg, entry, device, dtype)
+        features.attach(model)
         torch.manual_seed(seed)
         metrics, records = evaluation.evaluate_model(
             model, items, cfg, options, media_dir=out_dir / entry["slug"] / "media", decoders=decoders,

@@ -30,7 +30,7 @@ from nextgpt.eval import metrics as M
 CAPTION, GENERATE, TEXT = "caption", "generate", "text"
 # Requests per requested modality (and per "text") that train.py's held-out evaluation generates for the emission
 # rate: enough to see it move, few enough that an evaluation costs seconds on the tiny models.
-TRAINING_REQUESTS = 16
+TRAINING_REQUESTS = 8
 
 
 @dataclass
@@ -113,6 +113,27 @@ def build_items(cfg, datasets: dict, limit: int = 0) -> list[Item]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # One model
+
+class FeatureMemo:
+    """ImageBind features of input media by path, kept across models: they do not depend on the checkpoint, so
+    evaluating k checkpoints encodes every held-out input once, not k times."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] = {}           # path -> (F,) float32 on the CPU
+
+    def attach(self, model) -> None:
+        """Route model.encode_media (used by nextgpt.generate) through the memo."""
+        encode = model.encode_media
+
+        def encode_media(paths: Sequence[str], modalities: Sequence[str]) -> torch.Tensor:     # -> (N, F)
+            missing = [(p, m) for p, m in dict.fromkeys(zip(paths, modalities)) if p not in self.features]
+            if missing:
+                encoded = encode([p for p, _ in missing], [m for _, m in missing])
+                for (path, _), row in zip(missing, encoded):
+                    self.features[path] = row.float().cpu()
+            return torch.stack([self.features[p] for p in paths]).to(model.device)
+
+        model.encode_media = encode_media
 
 def _bar(iterable, total: int, desc: str, enabled: bool):
     from tqdm import tqdm
