@@ -105,71 +105,72 @@ def test_shards_default_to_float16_and_half_written_shards_are_never_read(image_
         store.StoreReader(out).get(next(iter(first)))
 
 
-def test_killed_share_resumes(tiny_env, tmp_path, monkeypatch):
-    """Share 1/2 is killed after its first batch; share 0/2 finishes (no manifest yet); rerunning share 1/2
+def test_killed_share_resumes(image_pairs, tmp_path, monkeypatch):
+    """Share 1/2 is killed in its second batch; share 0/2 finishes (no manifest yet); rerunning share 1/2
     computes only what was lost, merges, and the result equals one uninterrupted process."""
-    from nextgpt.imagebind.encode import Encoder
+    from nextgpt.data import embeddings as emb
 
-    args = lambda out, *more: [*tiny_env.argv("stage_1", f"data.feature_dir={out}"), "--all", "--features",  # noqa: E731
-                                "--datasets", "cc3m_enc", "--batch-size", "4", "--workers", "0", *more]
+    json_path, decoder = image_pairs
     reference = tmp_path / "one"
-    assert process_embeddings.main(args(reference)) == 0
+    assert _embed(json_path, decoder, reference, "--store", "shards") == 0
     expected = _items(reference)
 
     out = tmp_path / "split"
-    calls = {"n": 0}
-    original = Encoder.encode_tensors
+    seen: list[int] = []
+    original = emb.CaptionEncoder.encode
 
-    def killed_on_second_batch(self, modality, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def killed_on_second_batch(self, captions):
+        seen.append(len(captions))
+        if len(seen) == 2:
             raise KeyboardInterrupt
-        return original(self, modality, batch)
+        return original(self, captions)
 
-    monkeypatch.setattr(Encoder, "encode_tensors", killed_on_second_batch)
+    monkeypatch.setattr(emb.CaptionEncoder, "encode", killed_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        process_embeddings.main(args(out, "--shard", "1/2", "--store", "shards"))
-    monkeypatch.undo()
-    assert len(store.shard_table(out)) == 4                  # the first batch reached the disk
-    assert process_embeddings.main(args(out, "--shard", "0/2", "--store", "shards")) == 0
+        _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards")
+    assert len(store.shard_table(out)) == 8                  # the first batch reached the disk
+    monkeypatch.setattr(emb.CaptionEncoder, "encode", original)
+    assert _embed(json_path, decoder, out, "--shard", "0/2", "--store", "shards") == 0
     assert not (out / "manifest.json").exists()              # share 1 is not complete
-    calls["n"] = 0
-    monkeypatch.setattr(Encoder, "encode_tensors", lambda self, m, b: (calls.__setitem__("n", calls["n"] + len(b)),
-                                                                     original(self, m, b))[1])
-    assert process_embeddings.main(args(out, "--shard", "1/2", "--store", "shards", "--fp32")) == 1  # dtype differs
-    assert process_embeddings.main(args(out, "--shard", "1/2", "--store", "shards")) == 0
-    share1 = sum(len(b) for b in store.share_batches(sorted(expected), 4, 1, 2))
-    assert calls["n"] == share1 - 4                          # only what the kill lost
+    assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards", "--fp32") == 1   # dtype differs
+    seen.clear()
+    monkeypatch.setattr(emb.CaptionEncoder, "encode", lambda self, c: (seen.append(len(c)), original(self, c))[1])
+    assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards") == 0
+    share1 = sum(len(b) for b in store.share_batches(list(expected), 8, 1, 2))
+    assert sum(seen) == share1 - 8                           # only what the kill lost
     manifest = store.read_manifest(out)
     assert manifest.store == "shards" and manifest.modalities["image"].count == len(expected)
     got = _items(out)
-    assert got.keys() == expected.keys()
-    # float16 store vs float32 reference: the same vectors rounded once
-    assert all(np.array_equal(got[n], expected[n].astype(np.float16).astype(np.float32)) for n in expected)
+    assert got.keys() == expected.keys() and all(np.array_equal(got[n], expected[n]) for n in expected)
 
 
 def test_two_processes_equal_one_process_bit_for_bit(tiny_env, tmp_path):
-    """Two concurrent plain subprocesses with RANK / WORLD_SIZE (what deepspeed / torchrun set) == one process."""
-    def command(out: Path) -> list[str]:
-        return [sys.executable, str(REPO / "code" / "process_embeddings.py"),
-                *tiny_env.argv("stage_1", f"data.feature_dir={out}"), "--all", "--features", "--datasets",
-                "cc3m_enc", "--batch-size", "4", "--workers", "1"]
+    """ImageBind features: two concurrent plain subprocesses with RANK / WORLD_SIZE (what deepspeed / torchrun
+    set) write exactly the files one process writes, and one manifest."""
+    records = json.loads((tiny_env.data / "T_X_pair_data" / "cc3m" / "cc3m.json").read_text())[:12]
+    for r in records:
+        r["image_name"] = str(tiny_env.data / "T_X_pair_data" / "cc3m" / "images" / r["image_name"])
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(records))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def argv(out: Path) -> list[str]:
+        return [str(pairs), "image", str(out), "--features", "--imagebind", str(tiny_env.imagebind), "--preset",
+                "tiny", "--batch-size", "4", "--workers", "1"]
+
     one = tmp_path / "one"
-    subprocess.run(command(one), check=True, capture_output=True, env=env, timeout=300)
+    assert process_embeddings.main(argv(one)) == 0
     two = tmp_path / "two"
-    procs = [subprocess.Popen(command(two), env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "code" / "process_embeddings.py"), *argv(two)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
-    a, b = _items(one), _items(two)
-    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
-    assert {p.name for p in one.glob("*.npy")} == {p.name for p in two.glob("*.npy")}
-    for name in a:
-        assert (one / f"{name}.npy").read_bytes() == (two / f"{name}.npy").read_bytes()
-    assert json.loads((one / "manifest.json").read_text()) == json.loads((two / "manifest.json").read_text())
+    names = sorted(p.name for p in one.glob("*.npy"))
+    assert len(names) == 12 and names == sorted(p.name for p in two.glob("*.npy"))
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+    assert (one / "manifest.json").read_text() == (two / "manifest.json").read_text()
 
 
 def test_edited_caption_is_recomputed_and_reported_stale(image_pairs, tmp_path, tiny_env, capsys):
@@ -231,17 +232,27 @@ def test_non_finite_vectors_are_refused_or_counted(tmp_path):
     assert list(store.shard_table(tmp_path / "b")) == ["a.jpg"]
 
 
-def test_training_refuses_features_of_another_imagebind(tiny_env, tmp_path):
+def test_training_refuses_features_of_another_imagebind(tmp_path):
     from nextgpt.data.collate import Collator
-    from nextgpt.imagebind.features import encoder_fingerprint
+    from nextgpt.imagebind.features import KIND, encoder_fingerprint
 
-    features = tiny_env.features()
-    assert Collator(None, feature_dir=features,
-                    feature_fingerprint=encoder_fingerprint(tiny_env.imagebind, "tiny")).feature_dir == features
-    other = tmp_path / "imagebind_other.pth"
+    checkpoint, other = tmp_path / "imagebind_huge.pth", tmp_path / "imagebind_other.pth"
+    checkpoint.write_bytes(b"weights")
     other.write_bytes(b"other weights")
+    features = tmp_path / "features"
+    section = store.Section(encoder=f"{checkpoint}#huge", shape=[4], dtype="float32",
+                            fingerprint=encoder_fingerprint(checkpoint, "huge"))
+    writer = store.StoreWriter(features, KIND, "image", section, layout="shards")
+    writer.put(["a.jpg"], np.ones((1, 4)))
+    writer.close()
+    store.merge(features, KIND, "image", section, "shards")
+    assert Collator(None, feature_dir=features, feature_fingerprint=encoder_fingerprint(checkpoint, "huge"))
     with pytest.raises(store.StoreError, match="not by the configured imagebind_other.pth"):
-        Collator(None, feature_dir=features, feature_fingerprint=encoder_fingerprint(other, "tiny"))
+        Collator(None, feature_dir=features, feature_fingerprint=encoder_fingerprint(other, "huge"))
+    with pytest.raises(ValueError, match="refusing features of"):       # and process_embeddings refuses them
+        from nextgpt.imagebind.features import write_feature_cache
+
+        write_feature_cache([("a.jpg", tmp_path / "a.jpg")], "image", features, other, "huge", layout="shards")
 
 
 def test_online_caption_embeddings_equal_precomputed(tiny_env, tmp_path):
