@@ -90,14 +90,6 @@ def added_tokens() -> list[str]:
     return tokens
 
 
-def modality_of_file(path: str | Path) -> str:
-    ext = Path(path).suffix.lower()
-    for m in MODALITIES.values():
-        if ext in m.extensions:
-            return m.name
-    raise ValueError(f"{path}: cannot tell the modality from the extension {ext!r}")
-
-
 def conditioning_shape(modality: str, decoder_dir: str | Path) -> tuple[int, int]:
     """(tokens, dim) that the decoder's text encoder produces, read from the pipeline folder's JSON configs.
 

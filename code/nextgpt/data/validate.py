@@ -120,14 +120,6 @@ class Report:
 # ----------------------------------------------------------------------------------------------------------------
 # Single files
 
-def _preprocess_module():
-    try:
-        from nextgpt.imagebind import preprocess
-    except ImportError:
-        return None
-    return preprocess
-
-
 def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[str, str] | None:
     """None when the medium is usable, else (kind, reason). decode=False: existence only."""
     path = Path(path)
@@ -137,41 +129,15 @@ def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[s
         return CORRUPT, f"{path}: empty file"
     if not decode:
         return None
-    preprocess = _preprocess_module()
-    loader = getattr(preprocess, f"load_{modality}", None) if preprocess is not None else None
+    from nextgpt.imagebind import preprocess
+
     try:
-        if loader is not None:
-            loader(str(path))               # the exact decoding + transforms training uses
-        else:
-            _header_check(path, modality)
+        getattr(preprocess, f"load_{modality}")(str(path))  # the exact decoding + transforms training uses
     except (ValueError, OSError, RuntimeError, EOFError, StopIteration, IndexError, MemoryError) as e:
         # what PIL / soundfile / PyAV / MediaError raise on a bad file: this file cannot be trained on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return CORRUPT, reason if reason.startswith(str(path)) else f"{path}: cannot decode ({reason})"
     return None
-
-
-def _header_check(path: Path, modality: str) -> None:
-    """Fallback decoding without the ImageBind preprocessing module: open and decode the first unit."""
-    if modality == "image":
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image.load()
-    elif modality == "audio":
-        import soundfile
-
-        with soundfile.SoundFile(str(path)) as f:
-            if f.frames == 0:
-                raise ValueError("no audio frames")
-            f.read(min(f.frames, 1024))
-    else:
-        import av
-
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            next(container.decode(video=0))
 
 
 def check_values(path: str | Path, shape: tuple[int, ...] | None, dtype: str | None, full: bool,
