@@ -135,6 +135,11 @@ class FeatureMemo:
 
         model.encode_media = encode_media
 
+    @staticmethod
+    def detach(model) -> None:
+        """Back to the model's own encode_media (training reads its inputs without the memo)."""
+        model.__dict__.pop("encode_media", None)
+
 def _bar(iterable, total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -295,6 +300,7 @@ class GenerationChecks:
                 per_kind[item.requested] = per_kind.get(item.requested, 0) + 1
                 self.items.append(item)
         self.decoders = self.scorer = None
+        self.features = FeatureMemo()           # the requests' input media, encoded at the first evaluation only
         self.pending: list[tuple[str, object, float | None]] = []
 
     def _media_tools(self, device, dtype) -> None:
@@ -320,9 +326,14 @@ class GenerationChecks:
             self._media_tools(model.device, next(model.output_proj.parameters()).dtype)
         import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:
-            result, records = evaluate_model(model, self.items, self.cfg, options, media_dir=Path(tmp),
-                                             decoders=self.decoders if options.decode else None, scorer=self.scorer)
+        self.features.attach(model)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                result, records = evaluate_model(model, self.items, self.cfg, options, media_dir=Path(tmp),
+                                                 decoders=self.decoders if options.decode else None,
+                                                 scorer=self.scorer)
+        finally:
+            self.features.detach(model)
         self.pending = [(f"generate/{item.requested}_{n}", record["decoded"], record.get("imagebind"))
                         for n, (item, record) in enumerate(zip(self.items, records)) if "decoded" in record]
         return result
