@@ -69,10 +69,13 @@ data/toy/.complete:
 	$(PY) scripts/make_toy_data.py --out data/toy
 
 # Caption embeddings (stage 2/3 targets) and ImageBind features (stage-1 cache) for the selected config.
+# NUM_GPUS / HOSTFILE: one process per GPU / node slot through the DeepSpeed launcher, each computing a disjoint
+# share of the batches (the share that finishes last writes the one manifest); otherwise one plain process.
+PRECOMPUTE = $(if $(NUM_GPUS)$(HOSTFILE),$(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),),$(PY))
 embeddings: $(PREREQ_CKPT) $(PREREQ_DATA)
-	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_3.yaml --all $(ARGS)
+	$(PRECOMPUTE) code/process_embeddings.py --config $(CFG_DIR)/stage_3.yaml --all $(ARGS)
 features: $(PREREQ_CKPT) $(PREREQ_DATA)
-	$(PY) code/process_embeddings.py --config $(CFG_DIR)/stage_1.yaml --all --features $(ARGS)
+	$(PRECOMPUTE) code/process_embeddings.py --config $(CFG_DIR)/stage_1.yaml --all --features $(ARGS)
 
 validate:
 	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_1.yaml $(ARGS)
