@@ -350,3 +350,26 @@ def test_module_lr_groups_follow_the_schedule(tiny_env):
         now["input_proj"] / 10)
     with pytest.raises(config_lib.ConfigError, match="module_lr"):
         tiny_env.config("stage_3", "train.module_lr={projector: 1.0}")
+
+
+def test_wandb_media_are_written_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import numpy as np
+    from PIL import Image
+
+    from nextgpt.model.decoders import Decoded
+    from nextgpt.runlog import RunLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = RunLog(tmp_path, True, ["wandb"], {"train": {"lr": 1.0}})
+    log.media(3, [("generate/image_0", Decoded("image", Image.new("RGB", (16, 16), (255, 0, 0))), "score 0.5"),
+                  ("generate/audio_0", Decoded("audio", np.zeros(1600, np.float32), 16000), None),
+                  ("generate/video_0", Decoded("video", np.zeros((4, 16, 16, 3), np.uint8), 4), None)])
+    log.close()
+    media = sorted(p.suffix for p in (tmp_path / "wandb").glob("offline-run-*/files/media/*/generate/*"))
+    assert media == [".gif", ".png", ".wav"]
+    quiet = RunLog(tmp_path / "none", True, ["tensorboard"])
+    quiet.media(3, [("generate/image_0", Decoded("image", Image.new("RGB", (4, 4))), None)])   # no W&B: nothing
+    quiet.close()
+    assert not (tmp_path / "none" / "wandb").exists()

@@ -21,18 +21,27 @@ TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
 
 
 class TermMeans:
-    """Sums and counts of the loss terms over micro-batches; `means()` averages them over every rank.
+    """Sums and counts of the loss terms over micro-batches; `means()` averages them over every rank. Made at the
+    start of a window (a training step, an evaluation); `rates()` gives its samples and tokens per second.
 
     A term may be missing from a micro-batch (no such modality in it), so each term keeps its own count."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, float] = {}
+        self.start, self.samples, self.tokens = time.time(), 0, 0
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
+    def add(self, out: dict[str, torch.Tensor], batch: dict | None = None, world_size: int = 1) -> None:
         for name, value in out.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
             self.counts[name] = self.counts.get(name, 0.0) + 1.0
+        if batch is not None:  # estimate: this rank's batch x world size
+            self.samples += batch["input_ids"].shape[0] * world_size
+            self.tokens += int(batch["attention_mask"].sum()) * world_size
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
 
     def means(self, device: torch.device) -> dict[str, float]:
         """{term: mean} of the global batch (every rank calls this), not rank 0's share."""
@@ -102,6 +111,34 @@ class RunLog:
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{name}": value for name, value in values.items()}, step=step)
+
+    def media(self, step: int, items) -> None:
+        """Generated media to W&B: items of (tag, Decoded, caption or None), e.g. eval.run.GenerationChecks.pending
+        (its write_media sends the same media to TensorBoard). Image: PIL; video: (F, H, W, 3) uint8 frames, logged
+        as an animated GIF (raw frames would need moviepy); audio: float samples at Decoded.rate."""
+        if self.wandb is None or not items:
+            return
+        import tempfile
+
+        import numpy as np
+        import wandb
+        from PIL import Image
+
+        logged = {}
+        with tempfile.TemporaryDirectory() as tmp:     # W&B copies the GIFs into the run when log() is called
+            for n, (tag, decoded, caption) in enumerate(items):
+                if decoded.modality == "image":
+                    logged[tag] = wandb.Image(decoded.data, caption=caption)
+                elif decoded.modality == "video":
+                    frames = [Image.fromarray(frame) for frame in np.asarray(decoded.data)]
+                    gif = Path(tmp) / f"video_{n}.gif"
+                    frames[0].save(gif, save_all=True, append_images=frames[1:], loop=0,
+                                   duration=int(1000 / max(decoded.rate, 1)))
+                    logged[tag] = wandb.Video(str(gif), caption=caption, format="gif")
+                else:
+                    logged[tag] = wandb.Audio(np.clip(np.asarray(decoded.data, dtype=np.float32), -1, 1),
+                                              sample_rate=int(decoded.rate), caption=caption)
+            self.wandb.log(logged, step=step)
 
     def close(self) -> None:
         for f in (self.text, self.metrics, self.writer):
