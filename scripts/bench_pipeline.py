@@ -253,13 +253,13 @@ def saved_activation_bytes(model, batch) -> int:
 
 
 def overhead_stage(env, work: Path, stage: int, args, device, dtype, datasets: list[str] | None = None,
-                   suffix_backward: bool = True, label: str = "") -> dict:
+                   suffix_backward: bool | None = None, label: str = "") -> dict:
     import torch
 
     from nextgpt.data.dataset import build_loader
     from nextgpt.model.nextgpt import build_model, set_trainable
 
-    extra = [f"train.suffix_backward={str(suffix_backward).lower()}"]
+    extra = [] if suffix_backward is None else [f"train.suffix_backward={str(suffix_backward).lower()}"]
     if datasets:
         extra.append(f"data.datasets=[{','.join(datasets)}]")
     cfg = env.config(STAGES[stage], *stage_overrides(env, work, stage, args.batch_size, args), *extra)
@@ -309,7 +309,7 @@ def overhead_stage(env, work: Path, stage: int, args, device, dtype, datasets: l
     trainable_bare = sum(p.numel() for p in baseline.parameters() if p.requires_grad)
     # FLOP limit weighted like the overhead (by the bare step time of each batch)
     flop_limit = sum(s * t for s, t in zip(shares, bare_times)) / sum(bare_times)
-    result = dict(stage=stage, label=label or f"stage {stage}", suffix_backward=suffix_backward,
+    result = dict(stage=stage, label=label or f"stage {stage}", suffix_backward=cfg.train.suffix_backward,
                   target=OVERHEAD_TARGETS[stage] if not label else None, flop_limit=flop_limit,
                   saved_activation_mib=saved / 2**20, peak_allocated_mib=peak / 2**20 if peak else None,
                   data=data_source(args, stage), batches=len(batches), batch_size=args.batch_size,
@@ -412,6 +412,10 @@ def run(args) -> dict:
     if not args.skip_overhead:
         for stage in args.stages:
             overhead.append(overhead_stage(env, work, stage, args, device, dtype))
+            if stage == 1 and not args.no_modalities:       # the stage-1 prefix split: the other setting
+                other = not overhead[-1]["suffix_backward"]
+                overhead.append(overhead_stage(env, work, 1, args, device, dtype, suffix_backward=other,
+                                               label=f"stage 1, suffix backward {'on' if other else 'off'}"))
             if stage == 2 and not args.no_modalities:       # per modality, and the full-autograd path
                 cfg = env.config(STAGES[2], *stage_overrides(env, work, 2, args.batch_size, args))
                 for dataset in cfg.data.datasets:
@@ -478,7 +482,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 dense TFLOP/s for MFU")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--no-modalities", action="store_true",
-                   help="stage 2 only as configured (no per-modality and suffix-backward-off runs)")
+                   help="stages 1-2 only as configured (no per-modality and suffix-backward-off runs)")
     p.add_argument("--skip-padding", action="store_true")
     p.add_argument("--quick", action="store_true", help="3 batches, 3 repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")

@@ -86,3 +86,28 @@ def test_suffix_backward_falls_back_when_the_llm_body_trains(tiny_env):
     assert model._split(batch["input_ids"], batch["attention_mask"], batch["media_positions"], blocks) is None
     with torch.no_grad():             # nothing to differentiate: one plain pass
         assert model._split(batch["input_ids"], batch["attention_mask"], None, blocks) is None
+
+
+def test_collate_carries_the_blocks_encode_recorded(tiny_env, tmp_path):
+    """Blocks are found once (encode), carried by collate as {modality: (n, 2) (row, start)} in caption order."""
+    import numpy as np
+
+    from nextgpt.data.collate import Collator
+    from nextgpt.data.conversation import encode
+    from nextgpt.tokens import load_tokenizer, signal_blocks
+
+    tokenizer, token_ids = load_tokenizer(tiny_env.ckpt / "vicuna")
+    samples = []
+    for i, (caption, modality) in enumerate(CAPTIONS):
+        path = tmp_path / f"{i}.npy"
+        np.save(path, np.full((2, 3), float(i), dtype=np.float32))
+        samples.append(sample([Turn("human", caption), Turn("gpt", caption, modality)],
+                              targets=[Target(modality, str(path), caption)], index=i))
+    encoded = [encode(s, tokenizer, token_ids, 256) for s in samples]
+    batch = Collator(token_ids)(encoded)
+    for modality, blocks in batch["signal_blocks"].items():
+        rows = [r for r, (_, m) in enumerate(CAPTIONS) if m == modality]
+        assert blocks.tolist() == [[r, encoded[r].signal_blocks[0][1]] for r in rows]
+        assert batch["caption_embeds"][modality][:, 0, 0].tolist() == [float(r) for r in rows]   # same order
+        for r, start in blocks.tolist():          # the recorded starts are where the scanner finds the blocks
+            assert (modality, start) in signal_blocks(batch["input_ids"][r].tolist(), token_ids)

@@ -98,8 +98,10 @@ def split_forward(causal_lm, inputs_embeds: torch.Tensor, attention_mask: torch.
         cache = out.cache
         columns = torch.arange(prefix, device=device)
         targets = labels_ext[:, 1:prefix + 1].masked_fill(columns[None, :] >= split_t[:, None], IGNORE)  # (B, P)
-        logits = causal_lm.get_output_embeddings()(out.last_hidden_state)     # with grad: lm_head rows train
-        pieces = token_sums(logits, targets)
+        # lm_head (with grad: its new rows train) only where a target is supervised: (n, D) -> (n, V)
+        supervised = targets != IGNORE
+        logits = causal_lm.get_output_embeddings()(out.last_hidden_state[supervised])
+        pieces = token_sums(logits[None], targets[supervised][None])
         loss_sum, correct, count = loss_sum + pieces[0], correct + pieces[1], count + pieces[2]
         del out, logits
 
