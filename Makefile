@@ -45,7 +45,7 @@ ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
 LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune finetune-own infer export data-report eval demo test bench chaos clean-tiny
+.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune finetune-own infer app export data-report eval demo test bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
@@ -112,6 +112,10 @@ finetune-own: $(PREREQ_CKPT)
 
 infer:
 	$(PY) code/inference.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
+
+# Web demo (code/app.py): a Gradio chat on http://127.0.0.1:7860 (ARGS="--ckpt DIR --port N").
+app:
+	$(PY) code/app.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
 
 # Export a checkpoint (code/export.py): EXPORT_FORMAT=hf a merged Hugging Face folder (LoRA + token rows merged,
 # tokenizer with the 38 tokens, projectors.safetensors, model card), legacy the original's pytorch_model.pt.
