@@ -40,6 +40,8 @@ def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
          OUT / "stage1_cache.json"),
         ("encoder", ["scripts/bench_encoder.py", "--count", "2" if quick else "4", "--device", "cpu",
                      "--json", str(OUT / "encoder.json")], OUT / "encoder.json"),
+        ("eval", ["scripts/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
+         OUT / "eval.json"),
     ]
     if cuda:
         out += [
@@ -99,13 +101,16 @@ def summary_rows(results: dict) -> list[list]:
         for modality, row in encoder["throughput"].items():
             rows.append([f"ImageBind {encoder['preset']} {modality} end to end /s (cpu)", row["end_to_end_per_s"], "",
                          ""])
+    for run in (results.get("eval") or {}).get("runs", []):
+        rows.append([f"eval requests/s, mid LLM, batch {run['batch_size']} ({run['requests']} held-out requests)",
+                     run["requests_per_s"], "", ""])
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="pipeline embeddings stage1 encoder (+ *_cuda)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="pipeline embeddings stage1 encoder eval (+ *_cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the CPU benchmarks (default 1)")
     args = p.parse_args(argv)
     import torch
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command, json_path in selected:
         print(f"\n=== {name}: python {' '.join(command)}", flush=True)
         start = time.time()
-        if name in ("pipeline", "embeddings", "stage1"):
+        if name in ("pipeline", "embeddings", "stage1", "eval"):
             command = [*command, "--threads", str(args.threads)]
         rc = subprocess.call([sys.executable, *command], cwd=REPO)
         seconds[name] = time.time() - start
