@@ -10,6 +10,7 @@ Runs, each in its own process (each prints its own table):
   embeddings   scripts/bench_embeddings.py    process_embeddings / bare text-encoder forward (target >= 0.90)
   stage1       scripts/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
   encoder      scripts/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
+  eval         scripts/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
 and, when a CUDA device is present, the GPU variants: bench_pipeline --device cuda --model 7b (tokens/s, MFU) and
 bench_embeddings --device cuda --encoder clip-l. Without a GPU they are listed as not run.
 Exit status 1 when a benchmark failed to run (a missed target is reported, not an error).
