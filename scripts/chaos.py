@@ -21,7 +21,7 @@ Sections
                a non-zero exit (zero for the skips), no traceback, and no output that looks complete.
 
 Everything runs in --workdir (default runs/chaos/): a tiny workspace (tiny checkpoints + toy data, built once by
-tests/conftest.build_tiny_env) and hard-linked copies of its data that each case breaks. Exit status: 0 when
+scripts/tiny_workspace.py) and hard-linked copies of its data that each case breaks. Exit status: 0 when
 every check passed, 1 otherwise; --json writes the per-check results.
 """
 
@@ -41,9 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import REPO, machine_line, print_table, write_json, workspace  # noqa: E402
+from bench_common import REPO, machine_line, print_table, write_json, workspace
 
 PYTHON = sys.executable
 TRAIN = str(REPO / "code" / "train.py")
@@ -64,6 +62,11 @@ class Check:
     detail: str
     output: str = ""                    # the tail of what the command printed, for failures
     extra: dict = field(default_factory=dict)
+    klass: str = ""                     # the failure class it covers (CLASSES); the section when empty
+
+    @property
+    def failure_class(self) -> str:
+        return self.klass or self.section
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,16 +300,28 @@ def write_phase(written: list[str]) -> str:
     return f"{len(written)} files on disk: {', '.join(have) if have else 'none of delta/meta/state'}"
 
 
+def temporary_of(out: Path, name: str) -> Path | None:
+    """The temporary folder `.<name>.<run id>.tmp` a run writes checkpoint <name> into, None while there is none."""
+    try:
+        with os.scandir(out) as entries:
+            for entry in entries:
+                if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp"):
+                    return Path(entry.path)
+    except FileNotFoundError:
+        pass
+    return None
+
+
 def write_window(env, root: Path, log) -> float:
     """Seconds checkpoint-4's temporary folder exists in an undisturbed stage-1 run (the kill window)."""
     out = root / "write_calibration"
     shutil.rmtree(out, ignore_errors=True)
-    temporary = out / f".checkpoint-{2 * SAVE_EVERY}.tmp"
+    target = f"checkpoint-{2 * SAVE_EVERY}"
     process = start(train_command(env, 1, out, None), root / "write_calibration.log")
-    while process.poll() is None and not temporary.exists():
+    while process.poll() is None and temporary_of(out, target) is None:
         time.sleep(0.0005)
     appeared = time.perf_counter()
-    while process.poll() is None and temporary.exists():
+    while process.poll() is None and temporary_of(out, target) is not None:
         time.sleep(0.0005)
     window = time.perf_counter() - appeared
     kill(process)
@@ -329,12 +344,12 @@ def section_write(env, root: Path, refs: References, trials: int, rng: random.Ra
             delay = rng.uniform(0.0, 0.9 * window) / (attempt + 1)
             command = train_command(env, 1, out, None)
             process = start(command, root / f"write_{trial}.kill.log")
-            temporary = out / f".{target}.tmp"
-            while process.poll() is None and not temporary.exists():
+            while process.poll() is None and temporary_of(out, target) is None:
                 time.sleep(0.0005)
             time.sleep(delay)
             kill(process)
-            inside = temporary.exists() and not (out / target).exists()
+            temporary = temporary_of(out, target)
+            inside = temporary is not None and not (out / target).exists()
             if inside:
                 result = (delay, sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file()))
                 break
@@ -450,6 +465,11 @@ def section_embeddings(env, root: Path, rng: random.Random, log) -> list[Check]:
 
 @dataclass
 class Case:
+    """One row of the fault table. The runner (run_case) builds the broken inputs, runs the command (or lets
+    `drive` run it: signals, a concurrent run), then checks what every row promises: no traceback, and either a
+    one-line `error: ...` naming one of `keywords` with a non-zero exit (`exit_codes` when given), or, for
+    `skip` / `succeed` rows, exit 0 (+ a counted skip). `expect_text` must appear anywhere in the output;
+    `check(case, env, text)` adds row-specific checks (checkpoint verifies, resumed run bit-identical, ...)."""
     name: str
     problem: str
     # (case folder, env) -> command; creates the broken inputs inside the case folder
@@ -458,6 +478,17 @@ class Case:
     skip: bool = False                   # the user asked for skipping: exit 0 + a counted skip
     skip_pattern: str = r"\bskipp(?:ing|ed)\b\D{0,40}\d+|\d+\D{0,40}\bskipped\b"   # "skipping 3 ...", "3 ... skipped"
     quick: bool = False                  # in the --quick subset
+    klass: str = ""                      # failure class (CLASSES); set from CASE_CLASS by name when empty
+    succeed: bool = False                # the command must work (exit 0), e.g. falling back to a good checkpoint
+    exit_codes: tuple[int, ...] = ()     # the exit status expected (empty: any non-zero; 0 for skip / succeed)
+    error_line: bool = True              # a failure must end in an `error:` line (validate_data's exit 1: a table)
+    expect_text: tuple[str, ...] = ()    # each must appear in the output (case-insensitive)
+    fresh_output: bool = True            # <case>/out starts empty: a failed run must not leave checkpoints there
+    launcher: bool = False               # run through the deepspeed launcher: its own log lines may follow
+    # (command, case folder, log path) -> (exit, stdout, stderr); default: run to completion
+    drive: Callable[[list[str], Path, Path], tuple[int, str, str]] | None = None
+    check: Callable[[Path, object, str], list[str]] | None = None
+    needs: str = ""                      # "root": mounts a small tmpfs / read-only bind (reported, not failed, without)
 
 
 def data_copy(case: Path, env) -> Path:
@@ -706,7 +737,522 @@ def cases() -> list[Case]:
              train_case(2, "train.max_bad_steps=100", "data.datasets=[cc3m_dec]", data_fn=nan_embedding), (),
              skip=True, skip_pattern=r"(\d+) skipped micro-batches"),
     ]
-    return table
+    return table + scenario_cases()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failure classes beyond bad inputs: signals, the run lock, corrupt checkpoints, resuming with another config or
+# process count, storage, zero steps, values, image modes. Same table, same runner (run_case); `drive` runs what
+# needs more than one process or a signal, `check` verifies what must survive.
+
+CLASSES = ("resume", "write", "embeddings", "data", "media", "images", "config", "values", "signals", "lock",
+           "checkpoint", "resume-config", "storage")
+CASE_CLASS = {  # the class of each bad-input row of cases() (rows of scenario_cases() name their own)
+    **{n: "media" for n in ("missing_imagebind", "missing_imagebind_live", "corrupt_pth", "truncated_pth",
+                            "corrupt_jpg_live", "missing_llm_weights")},
+    **{n: "data" for n in ("malformed_json", "missing_field", "skip_missing_field", "unknown_dataset",
+                           "wrong_shape_embedding", "missing_embedding", "no_room_for_signal_tokens")},
+    **{n: "config" for n in ("config_typo", "config_file_typo", "wrong_type_set", "ds_batch_mismatch",
+                             "fp16_on_cpu")},
+    **{n: "checkpoint" for n in ("corrupt_init_from", "inference_missing_ckpt", "resume_not_checkpoint")},
+    **{n: "values" for n in ("non_finite_loss", "skip_non_finite_loss")},
+}
+REFS: "References | None" = None  # set by main: the uninterrupted runs the recovery cases must end equal to
+LONG_STEPS = 400                   # a run that is still training when the signal / second run comes
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_using(path: Path) -> list[int]:
+    """PIDs whose command line mentions `path` (the ranks of a run writing there)."""
+    found, needle = [], str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "cmdline").read_bytes() and process_alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = LONG_STEPS) -> list[str]:
+    """Two CPU ranks through `python -m deepspeed.launcher.runner --num_gpus 2` (what `make stageN NUM_GPUS=2` runs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sets = [f"train.output_dir={out}", "train.init_from=", "train.report_to=[]", "train.log_every=1",
+            f"train.save_every={SAVE_EVERY}", "data.datasets=[cc3m_enc]", "train.micro_batch_size=2", *overrides]
+    return [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), TRAIN,
+            *env.argv(f"stage_{stage}", *sets), "--max-steps", str(steps)]
+
+
+def launcher_env() -> dict[str, str]:
+    env = child_env()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False, settle: float = 120.0):
+    """Start the command, wait for `after_steps` logged steps, send `signals` (to the process, or its whole
+    process group as a terminal's Ctrl-C does), wait for it and every process of the run to end."""
+    def drive(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
+        out = case / "out"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                       env=launcher_env() if "deepspeed.launcher.runner" in command else child_env(),
+                                       start_new_session=True)
+        deadline = time.time() + 600
+        while process.poll() is None and logged_steps(out) < after_steps and time.time() < deadline:
+            time.sleep(0.05)
+        sent = process.poll() is None
+        for index, signum in enumerate(signals):
+            if index:
+                time.sleep(0.3)
+            if process.poll() is None:
+                (os.killpg if group else os.kill)(process.pid, signum)
+        try:
+            rc = process.wait(timeout=settle)
+        except subprocess.TimeoutExpired:
+            rc = -999
+        leftover = []
+        for _ in range(int(settle * 10)):       # ranks outliving the launcher: give them time to stop by themselves
+            leftover = processes_using(out)
+            if not leftover:
+                break
+            time.sleep(0.1)
+        text = log_path.read_text()
+        if not sent:
+            text += f"\n[chaos] the run ended before the signal (exit {process.returncode}); nothing was tested"
+            rc = -998
+        if leftover:
+            text += f"\n[chaos] still running {settle:.0f} s after the signal: pids {leftover}"
+            for pid in leftover:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            rc = -997
+        if rc == -999:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            text += f"\n[chaos] did not exit within {settle:.0f} s of the signal"
+        return rc, "", text
+    return drive
+
+
+def drive_second_run(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
+    """A first run trains into <case>/out; while it does, the same command runs again: the second must be refused
+    (its output is what the row checks) and the first must go on undisturbed until it is stopped."""
+    first = start(command[:-1] + [str(LONG_STEPS)], case / "first.log")
+    deadline = time.time() + 300
+    while first.poll() is None and logged_steps(case / "out") < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        rc, out, err = run(command, log_path, timeout=300)
+        if first.poll() is not None:
+            err += f"\n[chaos] the first run ended (exit {first.returncode}) while the second ran"
+            rc = -996 if rc != 0 else rc
+    finally:
+        kill(first)
+    return rc, out, err
+
+
+MOUNTS: dict[Path, list[Path]] = {}
+
+
+def mount(case: Path, target: Path, *options: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *options, str(target)] if options[0] != "--bind" else ["mount", *options],
+                   check=True, capture_output=True)
+    MOUNTS.setdefault(case, []).append(target)
+
+
+def unmount_all(case: Path) -> None:
+    for target in reversed(MOUNTS.pop(case, [])):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def checkpoint_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def reference_copy(case: Path, stage: int = 1) -> Path:
+    """<case>/out: a copy of the uninterrupted stage-N run (checkpoint-6 and -8, latest = 8) minus done.json, as
+    if it had been stopped right after its last save."""
+    out = case / "out"
+    shutil.copytree(REFS.run(stage), out)
+    (out / "done.json").unlink(missing_ok=True)
+    return out
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.unlink()                       # never edit a file in place (it may be a hard link)
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+
+
+def ends_like_reference(stage: int = 1):
+    """Check: the run in <case>/out ended bit-identical to the uninterrupted reference."""
+    def check(case: Path, env, text: str) -> list[str]:
+        difference = compare(trained_tensors(final_checkpoint(case / "out")), REFS.tensors(stage))
+        return [f"final tensors differ from the uninterrupted run: {difference}"] if difference else []
+    return check
+
+
+def interrupted_then_resumed(stage: int = 1, ranks: int = 1, resume_to_end: bool = True):
+    """Check after a signal: no done.json, `latest` names the step the message names and verifies (every rank's
+    state), no process of the run left, no temporary folder; then the same command finishes the run and (one
+    process) ends bit-identical to the uninterrupted one."""
+    def check(case: Path, env, text: str) -> list[str]:
+        from nextgpt import resume as resume_lib
+
+        out = case / "out"
+        problems = []
+        if (out / "done.json").exists():
+            problems.append("done.json written by an interrupted run")
+        stopped = re.search(r"interrupted at step (\d+) \(([^;]*); saved (checkpoint-\d+)\)", text)
+        latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+        if stopped:
+            if latest != stopped.group(3):
+                problems.append(f"message says {stopped.group(3)} was saved, latest names {latest}")
+        if latest is None:
+            problems.append("no checkpoint to resume from")
+            return problems
+        problems += resume_lib.verify(out / latest)
+        if resume_lib.world_size_of(out / latest) != ranks:
+            problems.append(f"{latest} holds {resume_lib.world_size_of(out / latest)} rank states, expected {ranks}")
+        if problems or not resume_to_end:
+            return problems
+        rc, stdout, stderr = run(train_command(env, stage, out, None), case / "resumed.log")
+        if rc != 0:
+            return [f"the resumed run exited {rc}: {last_line(stderr)}"]
+        return ends_like_reference(stage)(case, env, text)
+    return check
+
+
+def scenario_cases() -> list[Case]:
+    import numpy as np
+
+    def train(stage: int = 1, *overrides: str, args: tuple[str, ...] = (), out_fn=None, steps: int = STEPS):
+        """train.py on the workspace data; out_fn(case) may prepare <case>/out first (a copied run)."""
+        def build(case: Path, env) -> list[str]:
+            out = out_fn(case) if out_fn else case / "out"
+            command = train_command(env, stage, out, None, *overrides, args=args)
+            command[command.index("--max-steps") + 1] = str(steps)
+            return command
+        return build
+
+    def validate(stage: str, fn):
+        def build(case: Path, env) -> list[str]:
+            data = data_copy(case, env)
+            fn(data)
+            return [PYTHON, VALIDATE, *env.argv(stage, *data_overrides(data))]
+        return build
+
+    def replace_npy(folder: Path, name: str, make) -> None:
+        target = folder / f"{name}.npy"
+        array = np.load(target)
+        target.unlink()
+        np.save(target, make(array))
+
+    def first_name(data: Path, modality: str = "image") -> str:
+        return first_record(data, modality)[f"{modality}_name"]
+
+    def with_lock(record):
+        def out_fn(case: Path) -> Path:
+            out = case / "out"
+            out.mkdir(parents=True)
+            (out / ".run.lock").write_text(json.dumps(record(case)))
+            return out
+        return out_fn
+
+    def dead_pid(case: Path) -> dict:
+        import socket
+
+        child = subprocess.Popen([PYTHON, "-c", "pass"])
+        child.wait()
+        return {"pid": child.pid, "host": socket.gethostname(), "start_time": 1, "run_id": "crashed"}
+
+    def corrupt_latest(*damages: tuple[str, str]):
+        def out_fn(case: Path) -> Path:
+            out = reference_copy(case)
+            for relative, how in damages:
+                for path in sorted(out.glob(relative)):
+                    if how == "delete":
+                        path.unlink()
+                    else:
+                        damage(path, how)
+            return out
+        return out_fn
+
+    def two_rank_checkpoint(case: Path, env) -> list[str]:
+        """A real 2-process checkpoint (2 steps), then the one-process command that must refuse it."""
+        out = case / "out"
+        rc, _, err = run(launcher_command(env, 1, out, steps=2), case / "two_ranks.log", timeout=600)
+        if rc != 0:
+            raise RuntimeError(f"the 2-process run exited {rc}: {last_line(err)}")
+        (out / "done.json").unlink()
+        command = train_command(env, 1, out, None, "data.datasets=[cc3m_enc]", "train.micro_batch_size=2")
+        command[command.index("--max-steps") + 1] = "4"
+        return command
+
+    def one_to_two(case: Path, env) -> list[str]:
+        reference_copy(case)
+        return launcher_command(env, 1, case / "out", steps=STEPS)
+
+    def disk_full(case: Path, env) -> list[str]:
+        out = case / "out"
+        size = checkpoint_size(final_checkpoint(REFS.run(1)))
+        # Room for the logs and two checkpoints, not three: with keep_last 2 the third save (step 6) runs out.
+        mount(case, out, "-t", "tmpfs", "-o", f"size={int(2.5 * size) + 256 * 1024}", "tmpfs")
+        return train_command(env, 1, out, None)
+
+    def read_only(case: Path, env) -> list[str]:
+        source, out = case / "source", case / "out"
+        source.mkdir()
+        mount(case, out, "--bind", str(source))
+        mount(case, out, "-o", "remount,bind,ro")
+        return train_command(env, 1, out, None)
+
+    def output_is_file(case: Path, env) -> list[str]:
+        (case / "a_file").write_text("not a folder\n")
+        return [PYTHON, TRAIN, *env.argv("stage_1", f"train.output_dir={case / 'a_file'}", "train.init_from=",
+                                         "train.report_to=[]"), "--max-steps", "2"]
+
+    def inference_out_is_file(case: Path, env) -> list[str]:
+        (case / "a_file").write_text("not a folder\n")
+        checkpoint = final_checkpoint(REFS.run(3))
+        return [PYTHON, INFERENCE, *env.argv("stage_3"), "--ckpt", str(checkpoint), "--prompt",
+                "describe a red circle", "--out", str(case / "a_file")]
+
+    def latest_intact(name: str):
+        def check(case: Path, env, text: str) -> list[str]:
+            from nextgpt import resume as resume_lib
+
+            out = case / "out"
+            latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+            if latest != name:
+                return [f"latest names {latest}, expected {name}"]
+            leftovers = [p.name for p in out.glob(".checkpoint-*")]
+            return resume_lib.verify(out / name) + ([f"partial checkpoint left: {leftovers}"] if leftovers else [])
+        return check
+
+    def config_change_recorded(case: Path, env, text: str) -> list[str]:
+        meta = json.loads((final_checkpoint(case / "out") / "meta.json").read_text())
+        changes = [c for entry in meta.get("config_changes", []) for c in entry["changes"]]
+        return [] if any("train.max_steps: 8 -> 10" in c for c in changes) else \
+            [f"meta.json config_changes {meta.get('config_changes')} lacks train.max_steps: 8 -> 10"]
+
+    def no_outputs(case: Path, env, text: str) -> list[str]:
+        out = case / "out"
+        found = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-") or p.name in ("done.json",
+                                                                                                   "latest")]
+        return [f"--max-steps 0 wrote {found}"] if found else []
+
+    def features_finite(case: Path, env, text: str) -> list[str]:
+        data = case / "data"
+        name = first_name(data)
+        path = case / "features" / f"{name}.npy"
+        if not path.is_file():
+            return [f"{path}: no feature written"]
+        array = np.load(path)
+        return [] if np.isfinite(array).all() else [f"{path}: non-finite feature"]
+
+    def image_as(make):
+        """process_embeddings --features with the first cc3m image replaced by make(original PIL image)."""
+        def build(case: Path, env) -> list[str]:
+            from PIL import Image
+
+            data = data_copy(case, env)
+            path = media_file(data, "image")
+            with Image.open(path) as original:
+                picture = original.convert("RGB")
+            path.unlink()
+            image, options = make(picture)
+            image.save(path, **options)
+            return [PYTHON, PROCESS, *env.argv("stage_1", *data_overrides(data, case / "features")), "--all",
+                    "--features", "--datasets", "cc3m_enc"]
+        return build
+
+    def gray16(picture):
+        from PIL import Image
+
+        values = np.asarray(picture.convert("L"), dtype=np.uint16) * 257
+        return Image.fromarray(values), {"format": "PNG"}
+
+    def rgba(picture):
+        image = picture.convert("RGBA")
+        image.putalpha(128)
+        return image, {"format": "PNG"}
+
+    def palette_alpha(picture):
+        image = picture.convert("P", palette=1, colors=16)
+        image.info["transparency"] = 0
+        return image, {"format": "PNG", "transparency": 0}
+
+    def cmyk(picture):
+        return picture.convert("CMYK"), {"format": "JPEG"}
+
+    def exif_rotated(picture):
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        return picture, {"format": "JPEG", "exif": exif}
+
+    def bomb(case: Path, env, *overrides: str) -> list[str]:
+        import struct
+        import zlib
+
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        data = data_copy(case, env)
+        path = media_file(data, "image")
+        path.unlink()
+        header = struct.pack(">IIBBBBB", 10000, 6000, 8, 2, 0, 0, 0)   # 60 M pixels promised, 1 kB of data
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 999))
+                         + chunk(b"IEND", b""))
+        return [PYTHON, PROCESS, *env.argv("stage_1", *data_overrides(data, case / "features"), *overrides), "--all",
+                "--features", "--datasets", "cc3m_enc"]
+
+    sig_check = interrupted_then_resumed()
+    two_rank_check = interrupted_then_resumed(ranks=2, resume_to_end=False)
+    return [
+        # -- signals: stop after the step, save, exit 128 + signal, resume to the same end --------------------------
+        Case("sigint_train", "Ctrl-C (SIGINT) to train.py after 3 steps: saved, exit 130, resumes bit-identical",
+             train(1, steps=STEPS), ("interrupted at step",), klass="signals", exit_codes=(130,), fresh_output=False,
+             drive=drive_signal((signal.SIGINT,), 3), check=sig_check, quick=True),
+        Case("sigterm_train", "SIGTERM to train.py after 5 steps: saved, exit 143, resumes bit-identical",
+             train(1, steps=STEPS), ("interrupted at step",), klass="signals", exit_codes=(143,), fresh_output=False,
+             drive=drive_signal((signal.SIGTERM,), 5), check=sig_check),
+        Case("sigint_twice", "Ctrl-C twice: abandoned at once (exit 130), the last checkpoint intact, resumable",
+             train(1, steps=STEPS), ("interrupted",), klass="signals", exit_codes=(130,), fresh_output=False,
+             drive=drive_signal((signal.SIGINT, signal.SIGINT), 3), check=sig_check),
+        Case("sigterm_launcher", "SIGTERM to the `deepspeed` launcher of 2 ranks: every rank stops and saves",
+             lambda case, env: launcher_command(env, 1, case / "out"), ("interrupted at step",), klass="signals",
+             launcher=True, fresh_output=False, drive=drive_signal((signal.SIGTERM,), 2), check=two_rank_check),
+        Case("ctrl_c_launcher", "Ctrl-C in the terminal (SIGINT to the launcher's process group), 2 ranks",
+             lambda case, env: launcher_command(env, 1, case / "out"), ("interrupted at step",), klass="signals",
+             launcher=True, fresh_output=False, drive=drive_signal((signal.SIGINT,), 2, group=True),
+             check=two_rank_check),
+        Case("sigkill_launcher", "kill -9 of the `deepspeed` launcher: no rank trains on orphaned",
+             lambda case, env: launcher_command(env, 1, case / "out"), (), klass="signals", launcher=True,
+             error_line=False, fresh_output=False, drive=drive_signal((signal.SIGKILL,), 2),
+             check=two_rank_check, expect_text=("the launcher (pid",)),
+        # -- one run per output folder ------------------------------------------------------------------------------
+        Case("second_run_refused", "a second train.py into the folder of a live run", train(1),
+             ("another training is using this folder",), klass="lock", exit_codes=(2,), fresh_output=False,
+             drive=drive_second_run, quick=True),
+        Case("stale_lock_taken_over", "a lock left by a crashed run (dead pid): taken over, said so", train(1, steps=2,
+             out_fn=with_lock(dead_pid)), (), klass="lock", succeed=True, expect_text=("took over the stale lock",)),
+        Case("lock_of_other_host", "a lock held from another host: refused, with how to remove it",
+             train(1, out_fn=with_lock(lambda case: {"pid": 1, "host": "elsewhere.example", "run_id": "x"})),
+             ("elsewhere.example",), klass="lock", exit_codes=(2,), fresh_output=False),
+        # -- corrupt latest checkpoint: named, --resume auto falls back to the newest that verifies ---------------
+        Case("truncated_optimizer_latest", "checkpoint-8's optimizer state cut in half: falls back to checkpoint-6",
+             train(1, out_fn=corrupt_latest(("checkpoint-8/state/deepspeed/*optim_states.pt", "truncate"))), (),
+             klass="checkpoint", succeed=True, expect_text=("skipping checkpoint-8", "sha256 differs",
+                                                            "resumed from"), check=ends_like_reference(), quick=True),
+        Case("truncated_rank_state_latest", "checkpoint-8's state/rank_0.pt cut in half: falls back",
+             train(1, out_fn=corrupt_latest(("checkpoint-8/state/rank_0.pt", "truncate"))), (), klass="checkpoint",
+             succeed=True, expect_text=("skipping checkpoint-8", "rank_0.pt"), check=ends_like_reference()),
+        Case("flipped_delta_latest", "one byte of checkpoint-8's delta.safetensors flipped: falls back",
+             train(1, out_fn=corrupt_latest(("checkpoint-8/delta.safetensors", "flip"))), (), klass="checkpoint",
+             succeed=True, expect_text=("skipping checkpoint-8", "delta.safetensors"), check=ends_like_reference()),
+        Case("missing_model_states_latest", "checkpoint-8's DeepSpeed model states deleted: falls back",
+             train(1, out_fn=corrupt_latest(("checkpoint-8/state/deepspeed/*model_states.pt", "delete"))), (),
+             klass="checkpoint", succeed=True, expect_text=("skipping checkpoint-8", "missing"),
+             check=ends_like_reference()),
+        Case("explicit_resume_corrupt", "--resume naming the corrupt checkpoint itself: one line naming the file",
+             lambda case, env: train(1, args=("--resume", str(case / "out" / "checkpoint-8")), out_fn=corrupt_latest(
+                 ("checkpoint-8/state/rank_0.pt", "truncate")))(case, env), ("rank_0.pt",), klass="checkpoint",
+             exit_codes=(2,), fresh_output=False),
+        Case("no_checkpoint_verifies", "every checkpoint corrupt: one line, nothing trained",
+             train(1, out_fn=corrupt_latest(("checkpoint-*/state/rank_0.pt", "truncate"))),
+             ("no checkpoint verifies",), klass="checkpoint", exit_codes=(2,), fresh_output=False),
+        # -- resuming with another config / number of processes -----------------------------------------------------
+        Case("resume_lr_changed", "resume with train.lr changed: refused, naming it and the flag",
+             train(1, "train.lr=0.05", out_fn=reference_copy), ("train.lr", "--allow-config-change"),
+             klass="resume-config", exit_codes=(2,), fresh_output=False, quick=True),
+        Case("resume_batch_changed", "resume with train.micro_batch_size changed: refused",
+             train(1, "train.micro_batch_size=2", out_fn=reference_copy), ("train.micro_batch_size",),
+             klass="resume-config", exit_codes=(2,), fresh_output=False),
+        Case("resume_steps_allowed", "--max-steps 8 -> 10 with --allow-config-change: continues, meta.json records it",
+             train(1, args=("--allow-config-change",), out_fn=reference_copy, steps=10), (), klass="resume-config",
+             succeed=True, expect_text=("config changed on resume",), check=config_change_recorded),
+        Case("resume_1_to_2_processes", "a 1-process checkpoint resumed by 2 ranks: refused in one line",
+             one_to_two, ("written by 1 process(es), this run has 2",), klass="resume-config", launcher=True,
+             fresh_output=False),
+        Case("resume_2_to_1_processes", "a 2-rank checkpoint resumed by 1 process: refused in one line",
+             two_rank_checkpoint, ("written by 2 process(es), this run has 1",), klass="resume-config",
+             exit_codes=(2,), fresh_output=False),
+        # -- storage ------------------------------------------------------------------------------------------------
+        Case("output_dir_is_file", "train.output_dir names a file", output_is_file, ("is a file",), klass="storage",
+             exit_codes=(2,), quick=True),
+        Case("disk_full_on_save", "the disk fills while checkpoint-6 is written: one line, checkpoint-4 intact",
+             disk_full, ("no space left on device",), klass="storage", exit_codes=(2,), fresh_output=False,
+             check=latest_intact("checkpoint-4"), needs="root"),
+        Case("read_only_output", "train.output_dir on a read-only file system", read_only, ("read-only file system",),
+             klass="storage", exit_codes=(2,), fresh_output=False, needs="root"),
+        Case("inference_out_is_file", "inference.py --out names a file: the reply is printed, then the error",
+             inference_out_is_file, ("is a file",), klass="storage", exit_codes=(2,), expect_text=("assistant:",)),
+        # -- steps and epochs -----------------------------------------------------------------------------------------
+        Case("max_steps_zero", "--max-steps 0: checks everything, trains and saves nothing, exit 0",
+             train(1, steps=0), (), klass="config", succeed=True, expect_text=("trained 0 steps",), check=no_outputs),
+        Case("epochs_zero", "train.epochs=0", train(1, "train.epochs=0"), ("train.epochs",), klass="config",
+             exit_codes=(2,)),
+        Case("max_steps_negative", "--max-steps -1", train(1, steps=-1), ("--max-steps",), klass="config",
+             exit_codes=(2,)),
+        Case("max_steps_negative_set", "--set train.max_steps=-3", train(1, "train.max_steps=-3"),
+             ("train.max_steps",), klass="config", exit_codes=(2,)),
+        # -- values read back: finite, the manifest's dtype (validate_data.py: exit 1 = problems found) -------------
+        Case("nan_caption_embedding", "a caption embedding of NaNs (validate_data.py stage 2)",
+             validate("stage_2", lambda data: replace_npy(data / "embed", first_name(data),
+                                                          lambda a: np.full_like(a, np.nan))), (),
+             klass="values", exit_codes=(1,), error_line=False, expect_text=("non-finite",)),
+        Case("inf_feature", "an ImageBind feature with an inf (validate_data.py stage 1)",
+             validate("stage_1", lambda data: replace_npy(data / "features", first_name(data),
+                                                          lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0,
+                                                                             np.inf, a).astype(a.dtype))), (),
+             klass="values", exit_codes=(1,), error_line=False, expect_text=("non-finite",)),
+        Case("float16_embedding", "a float16 caption embedding where the manifest says float32",
+             validate("stage_2", lambda data: replace_npy(data / "embed", first_name(data),
+                                                          lambda a: a.astype(np.float16))), (),
+             klass="values", exit_codes=(1,), error_line=False, expect_text=("dtype float16",)),
+        # -- image modes: decode to the pixels a viewer shows; a bomb is refused before decoding -------------------
+        Case("image_16bit_png", "16-bit grayscale PNG", image_as(gray16), (), klass="images", succeed=True,
+             check=features_finite),
+        Case("image_rgba", "RGBA PNG, half transparent", image_as(rgba), (), klass="images", succeed=True,
+             check=features_finite),
+        Case("image_palette_alpha", "palette PNG with a transparent index", image_as(palette_alpha), (),
+             klass="images", succeed=True, check=features_finite),
+        Case("image_cmyk_jpeg", "CMYK JPEG", image_as(cmyk), (), klass="images", succeed=True, check=features_finite),
+        Case("image_exif_rotated", "JPEG with EXIF orientation 6", image_as(exif_rotated), (), klass="images",
+             succeed=True, check=features_finite),
+        Case("image_bomb", "a PNG promising 10000 x 6000 pixels (decompression bomb)", bomb,
+             ("decompression-bomb",), klass="images", quick=True),
+        Case("skip_image_bomb", "the same bomb with data.skip_bad_records=true: counted skip",
+             lambda case, env: bomb(case, env, "data.skip_bad_records=true"), (), klass="images", skip=True),
+    ]
 
 
 def output_problems(case: Path, skip: bool) -> list[str]:
@@ -734,33 +1280,57 @@ def output_problems(case: Path, skip: bool) -> list[str]:
     return problems
 
 
+def can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
 def run_case(case_def: Case, env, root: Path) -> Check:
+    klass = case_def.klass or CASE_CLASS.get(case_def.name, "inputs")
     case = root / "inputs" / case_def.name
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
+    if case_def.needs == "root" and not can_mount():
+        return Check("inputs", case_def.name, True, "not run: needs root to mount a small tmpfs / read-only bind",
+                     klass=klass, extra=dict(not_run=True))
     try:
         command = case_def.build(case, env)
     except Exception as e:                                     # noqa: BLE001 - a harness bug, reported as such
-        return Check("inputs", case_def.name, False, f"harness could not build the case: {type(e).__name__}: {e}")
-    rc, stdout, stderr = run(command, case / "command.log", timeout=300)
+        return Check("inputs", case_def.name, False, f"harness could not build the case: {type(e).__name__}: {e}",
+                     klass=klass)
+    try:
+        if case_def.drive is not None:
+            rc, stdout, stderr = case_def.drive(command, case, case / "command.log")
+        else:
+            rc, stdout, stderr = run(command, case / "command.log", timeout=300)
+    finally:
+        unmount_all(case)
     text = stdout + stderr
     problems = []
     if TRACEBACK in text:
         problems.append("traceback printed")
-    if case_def.skip:
+    if case_def.skip or case_def.succeed:
         if rc != 0:
-            problems.append(f"exit {rc}, expected 0 (skipping was asked for)")
-        match = re.search(case_def.skip_pattern, text, re.IGNORECASE)
-        if not match:
-            problems.append("no counted skip in the output")
-        elif match.groups() and match.group(1) == "0":
-            problems.append(f"skip count is 0 ({match.group(0)!r})")
-        summary = match.group(0) if match else (error_line(stderr)[0] or last_line(text))
+            problems.append(f"exit {rc}, expected 0" + (" (skipping was asked for)" if case_def.skip else ""))
+        summary = last_line(text)
+        if case_def.skip:
+            match = re.search(case_def.skip_pattern, text, re.IGNORECASE)
+            if not match:
+                problems.append("no counted skip in the output")
+            elif match.groups() and match.group(1) == "0":
+                problems.append(f"skip count is 0 ({match.group(0)!r})")
+            summary = match.group(0) if match else (error_line(stderr)[0] or last_line(text))
     else:
         if rc == 0:
             problems.append("exit 0")
-        line, after, glued = error_line(stderr)
-        if line is None:
+        elif case_def.exit_codes and rc not in case_def.exit_codes:
+            problems.append(f"exit {rc}, expected {' or '.join(map(str, case_def.exit_codes))}")
+        line, after, glued = error_line(stderr if not case_def.launcher else text)
+        if case_def.launcher and line is None:
+            found = [l for l in re.split(r"[\r\n]", text) if l.strip().startswith("error:")]
+            line = found[-1].strip() if found else None
+        if not case_def.error_line:
+            summary = line or last_line(text)
+        elif line is None:
             problems.append("no `error: ...` line")
             summary = last_line(stderr) or last_line(stdout)
         else:
@@ -769,17 +1339,26 @@ def run_case(case_def: Case, env, root: Path) -> Check:
                 problems.append(f"error line names none of {list(case_def.keywords)}")
             bars = [a for a in after if PROGRESS_BAR.search(a)]
             others = [a for a in after if not PROGRESS_BAR.search(a)]
-            if others:
+            if others and not case_def.launcher:
                 problems.append(f"not one line: the error message goes on for {len(others)} more line(s) "
                                 f"(first: {others[0][:120]!r})")
             if glued:
                 problems.append("the error is printed on the progress bar's line")
             if bars:
                 problems.append("the progress bar is redrawn after the error line")
-    problems += output_problems(case, case_def.skip)
+    missing = [t for t in case_def.expect_text if t.lower() not in text.lower()]
+    if missing:
+        problems.append(f"output lacks {missing}")
+    problems += output_problems(case, case_def.skip or case_def.succeed or not case_def.fresh_output)
+    if case_def.check is not None and not problems:
+        try:
+            problems += case_def.check(case, env, text)
+        except Exception as e:                                 # noqa: BLE001 - the check itself failed: report it
+            problems.append(f"check failed: {type(e).__name__}: {e}")
     detail = f"exit {rc}: {summary[:300]}"
     return Check("inputs", case_def.name, not problems, detail if not problems else f"{'; '.join(problems)} | {detail}",
-                 output=tail(text, 6) if problems else "", extra=dict(problem=case_def.problem, exit=rc))
+                 output=tail(text, 6) if problems else "", extra=dict(problem=case_def.problem, exit=rc),
+                 klass=klass)
 
 
 def section_inputs(env, root: Path, names: list[str] | None, quick: bool, log) -> list[Check]:
@@ -809,7 +1388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--kills", type=int, default=6, help="kill -9 / resume trials, spread over stages 1-3 (default 6)")
     p.add_argument("--write-kills", type=int, default=3, help="kills inside a checkpoint write (default 3)")
-    p.add_argument("--cases", nargs="+", metavar="NAME", help="only these bad-input cases")
+    p.add_argument("--cases", nargs="+", metavar="NAME", help="only these table cases")
+    p.add_argument("--classes", nargs="+", metavar="CLASS", choices=CLASSES,
+                   help=f"only the table cases of these failure classes ({', '.join(CLASSES)})")
     p.add_argument("--quick", action="store_true", help="3 kills, 1 write kill, the quick subset of bad inputs")
     p.add_argument("--seed", type=int, default=None, help="seed of the kill points (default: random, printed)")
     p.add_argument("--list", action="store_true", help="list the bad-input cases and exit")
@@ -818,8 +1399,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         for c in cases():
-            print(f"{c.name:28} {'[quick] ' if c.quick else ''}{c.problem}")
+            klass = c.klass or CASE_CLASS.get(c.name, "inputs")
+            print(f"{klass:14} {c.name:30} {'[quick] ' if c.quick else ''}{c.problem}")
         return 0
+    if args.classes:
+        chosen = [c.name for c in cases() if (c.klass or CASE_CLASS.get(c.name, "inputs")) in args.classes]
+        args.cases = sorted(set(args.cases or []) | set(chosen))
+    if args.cases and args.sections == list(SECTIONS):  # named cases (or classes): just those
+        args.sections = ["inputs"]
     if args.quick:
         args.kills, args.write_kills = min(args.kills, 3), min(args.write_kills, 1)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
@@ -835,6 +1422,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"chaos: sections {', '.join(args.sections)}; seed {seed} (rerun with --seed {seed}); work in {root}")
     env = workspace(root / "tiny", log=log)
     refs = References(env, root, log)
+    global REFS
+    REFS = refs
     checks: list[Check] = []
     try:
         if "resume" in args.sections:
@@ -847,7 +1436,8 @@ def main(argv: list[str] | None = None) -> int:
             log("\n[embeddings] kill -9 process_embeddings mid-run, rerun")
             checks += section_embeddings(env, root, rng, log)
         if "inputs" in args.sections:
-            log("\n[inputs] bad inputs through the real commands")
+            log("\n[inputs] the fault table through the real commands (bad inputs, signals, locks, corrupt "
+                "checkpoints, changed configs, storage, values, image modes)")
             checks += section_inputs(env, root, args.cases, args.quick, log)
     except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -861,6 +1451,14 @@ def main(argv: list[str] | None = None) -> int:
                          ", ".join(c.name for c in mine if not c.ok) or "-"])
     print_table(f"chaos: {sum(c.ok for c in checks)}/{len(checks)} passed (seed {seed}, "
                 f"{time.time() - started:.0f} s)", ["section", "passed", "failed"], rows)
+    by_class = []
+    for klass in CLASSES:
+        mine = [c for c in checks if c.failure_class == klass]
+        if mine:
+            not_run = sum(1 for c in mine if c.extra.get("not_run"))
+            by_class.append(f"{klass} {sum(c.ok for c in mine) - not_run}/{len(mine) - not_run}"
+                            + (f" (+{not_run} not run)" if not_run else ""))
+    print(f"by class: {', '.join(by_class)}")
     failures = [c for c in checks if not c.ok]
     if failures:
         print("\nfailures:")
