@@ -9,7 +9,8 @@ A delta folder holds
                         is on and trained or loaded
     tokenizer files     tokenizer.json, tokenizer_config.json, ... (with the 38 tokens)
     config.yaml         the resolved config
-    meta.json           stage, step, token ids, library versions, sha256 of every file (written last)
+    meta.json           stage, step, token ids, base fingerprint (nextgpt.fingerprint: load_delta refuses another
+                        base unless train.allow_other_base), library versions, sha256 of every file (written last)
 
 Internally every delta tensor has one name (the "delta state"): the keys above plus `lora.<PEFT key>` for LoRA.
 The original's pytorch_model.pt maps onto the same names (nextgpt.legacy); load_checkpoint takes either.
@@ -27,8 +28,10 @@ from pathlib import Path
 import torch
 
 from nextgpt.delta_state import apply_delta_state, delta_state, group_of
+from nextgpt.fingerprint import BaseMismatchError, base_fingerprint, check_same_base
 from nextgpt.io import atomic_dir, atomic_write_bytes, atomic_write_text, first_line, sha256_file
 from nextgpt.model import llm as llm_utils
+from nextgpt.model_card import finish_adapter
 
 logger = logging.getLogger("nextgpt")
 
@@ -81,6 +84,9 @@ def _write_delta(model, out_dir: Path, cfg, meta: dict | None) -> None:
     if lora:
         with atomic_dir(out_dir / ADAPTER_DIR) as tmp:
             model.llm.save_pretrained(str(tmp), save_embedding_layers=False)
+            # a model card and no absolute paths (nextgpt.model_card)
+            finish_adapter(tmp, cfg, cfg.train.stage, len(model.tokenizer) if model.tokenizer is not None else 0,
+                           len(model.token_ids.new_token_ids))
     elif (out_dir / ADAPTER_DIR).exists():
         shutil.rmtree(out_dir / ADAPTER_DIR)
     if model.tokenizer is not None:
@@ -98,6 +104,7 @@ def _write_delta(model, out_dir: Path, cfg, meta: dict | None) -> None:
         "token_rows": model.token_rows,
         "full_token_matrices": bool(model.full_token_matrices),
         "new_token_ids": list(model.token_ids.new_token_ids),
+        "base": base_fingerprint(cfg),          # what load_delta compares (nextgpt.fingerprint)
         "versions": _versions(),
         "files": files,
     }
@@ -163,6 +170,7 @@ def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
     if saved_ids is not None and list(saved_ids) != list(model.token_ids.new_token_ids):
         raise ValueError(f"{folder}: saved with new-token ids {saved_ids[:3]}..., the model's tokenizer gives "
                          f"{model.token_ids.new_token_ids[:3]}... (a different tokenizer)")
+    _check_base(model, meta, folder)
     state = _load_safetensors(folder / DELTA_FILE)
     adapter = folder / ADAPTER_DIR
     if adapter.is_dir():
@@ -170,6 +178,21 @@ def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
     groups = apply_delta_state(model, state, str(folder), allow_missing)
     logger.info("loaded delta %s (%s)", folder, ", ".join(sorted(groups)))
     return {**meta, "path": str(folder), "loaded": sorted(groups)}
+
+
+def _check_base(model, meta: dict, folder: Path) -> None:
+    """A delta is only valid on the base it was trained on: a different LLM (or ImageBind, for a delta holding an
+    input projection) is a one-line error naming both, unless train.allow_other_base."""
+    cfg = getattr(model, "cfg", None)
+    if not meta.get("base") or cfg is None:
+        return
+    try:
+        check_same_base(meta["base"], base_fingerprint(cfg, portable=False), str(folder),
+                        uses_imagebind="input_proj" in meta.get("groups", []))
+    except BaseMismatchError as e:
+        if not cfg.train.allow_other_base:
+            raise
+        logger.warning("%s (loaded: train.allow_other_base=true)", e)
 
 
 def _read_adapter(model, adapter: Path) -> dict[str, torch.Tensor]:
@@ -211,10 +234,16 @@ def load_checkpoint(model, path: str | os.PathLike, allow_missing=()) -> set[str
     return set(load_delta(model, where, allow_missing)["loaded"])
 
 
-def init_from(model, cfg=None) -> set[str]:
-    """Load cfg.train.init_from (if set) before training: groups this stage trains may be missing."""
+def init_from(model, cfg=None, log=logger.info) -> set[str]:
+    """Load cfg.train.init_from (if set: a delta folder, a run folder's `latest` or an original pytorch_model.pt)
+    before training -> the groups loaded; groups this stage trains may be missing."""
     cfg = cfg or model.cfg
     if not cfg.train.init_from:
         return set()
+    source = cfg.path(cfg.train.init_from)
     trained = set(cfg.train.trainable) | ({"token_rows"} if cfg.train.token_rows != "none" else set())
-    return load_checkpoint(model, cfg.path(cfg.train.init_from), allow_missing=trained)
+    loaded = load_checkpoint(model, source, allow_missing=trained)
+    log(f"init_from {source}: {', '.join(sorted(loaded))}")
+    if (source / LATEST_FILE).is_file() and not (source / "done.json").is_file():
+        log(f"warning: {source} has no done.json: starting from an unfinished run's latest checkpoint")
+    return loaded

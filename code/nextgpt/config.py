@@ -115,6 +115,7 @@ class TrainConfig:
     seed: int = 13
     output_dir: str = "ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_1"
     init_from: str = ""                     # previous stage's checkpoint dir, or an original pytorch_model.pt
+    allow_other_base: bool = False          # load a delta whose meta.json base fingerprint differs (nextgpt.fingerprint)
     save_every: int = 0                     # steps; 0: only at the end
     keep_last: int = 2
     eval_every: int = 0
