@@ -21,7 +21,9 @@ import argparse
 import atexit
 import dataclasses
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -149,9 +151,7 @@ class Server:
 
 def readable(text: str, model) -> str:
     """Streamed text as a person reads it: cut at the stop string, without signal-token strings."""
-    from nextgpt.generate import STOP
-
-    text = text.split(STOP)[0].rstrip("#")
+    text = text.split(model.stop)[0].rstrip(model.stop[:1])          # a half-generated "##" too
     for ids in model.token_ids.signal.values():
         for token in model.tokenizer.convert_ids_to_tokens(ids):
             text = text.replace(token, "")
@@ -213,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)          # Gradio polls itself at start
     root = Path(tempfile.mkdtemp(prefix="nextgpt-app-"))
     atexit.register(shutil.rmtree, root, True)
-    import os
+    # SIGTERM (a service manager, a test) leaves through SystemExit, so atexit removes the session files too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    print(f"session files under {root} (removed at exit)", flush=True)
 
     # Gradio's own upload cache goes under the same folder; no analytics calls from a machine that may be offline
     os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")

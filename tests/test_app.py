@@ -9,6 +9,7 @@ with apt-get) the browser tests skip and say why.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -77,6 +78,9 @@ def server(tiny_env, tmp_path_factory):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+    # SIGTERM ends the app through atexit: its upload / generated-file folder is gone
+    (root,) = re.findall(r"session files under (\S+) ", log.read_text())
+    assert not Path(root).exists()
 
 
 def _listening(port: int) -> bool:

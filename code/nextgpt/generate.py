@@ -228,7 +228,7 @@ def _cut_at_stop(model, generated: list[int]) -> list[int]:
 
 
 def _finish(model, sequences, prompts: list[list[int]], positions, features, decoders, decoder_settings,
-            seed: int, out_dir, counts) -> list[Reply]:
+            seed: int | None, out_dir, counts) -> list[Reply]:
     """Generated ids -> Replies: text, signal-block scan, conditioning from one forward, optional decode/write."""
     longest = max(len(p) for p in prompts)
     replies, rows_with_blocks = [], []
@@ -297,15 +297,17 @@ def _conditioning(model, rows_with_blocks, prompts, replies, positions, longest,
             replies[row].outputs.append(Output(modality, conditioning))
 
 
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)          # CPU and every CUDA device: the same conversations + seed -> the same replies
+def _seed(seed: int | None) -> None:
+    if seed is not None:             # CPU and every CUDA device: the same conversations + seed -> the same replies
+        torch.manual_seed(seed)
 
 
 @torch.no_grad()
-def generate(model, conversations: Sequence[Conversation], sampling: Sampling, seed: int, decoders=None,
+def generate(model, conversations: Sequence[Conversation], sampling: Sampling, seed: int | None, decoders=None,
              decoder_settings: dict | None = None, out_dir: str | Path | None = None,
              counts: dict[str, int] | None = None) -> list[Reply]:
-    """Replies to a batch of conversations, in order.
+    """Replies to a batch of conversations, in order. seed: reseed torch (and the decoders) first; None: use the
+    current random state (and the decoders' own seed).
 
     decoders: a nextgpt.model.decoders.Decoders to turn each output's conditioning into media (else only the
         conditioning is returned); decoder_settings: {modality: ImageDecoding | ...} for this request;
@@ -323,7 +325,7 @@ def generate(model, conversations: Sequence[Conversation], sampling: Sampling, s
         model.train(was_training)
 
 
-def stream(model, conversation: Conversation, sampling: Sampling, seed: int, decoders=None,
+def stream(model, conversation: Conversation, sampling: Sampling, seed: int | None, decoders=None,
            decoder_settings: dict | None = None, out_dir: str | Path | None = None,
            counts: dict[str, int] | None = None) -> Iterator["str | Reply"]:
     """Like generate() for one conversation, but yields the reply's text as it is generated (str pieces, signal

@@ -24,7 +24,7 @@ from nextgpt.model import llm as llm_utils
 from nextgpt.model import suffix
 from nextgpt.model.projectors import build_input_proj, build_output_proj
 from nextgpt.modalities import MODALITIES, conditioning_shape
-from nextgpt.tokens import IGNORE, scan_signal_blocks
+from nextgpt.tokens import IGNORE
 
 if TYPE_CHECKING:
     from nextgpt.data.types import Media, Turn
@@ -268,82 +268,26 @@ class NextGPT(nn.Module):
         return projector(hidden.to(dtype), inputs.to(dtype))
 
     # ------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompt: "str | Sequence[Turn]", media: "Sequence[Media]" = (), max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None,
                  do_sample: bool | None = None) -> Generation:
-        """Answer a prompt (text or turns ending with a human turn) about optional input media.
+        """Answer a prompt (text or turns ending with a human turn) about optional input media; settings left None
+        come from cfg.inference, sampling draws from the current torch random state.
 
-        Signal blocks are found by id in the generated ids; their conditioning comes from one forward over
-        prompt + answer, at the same positions as in training (the signal tokens as inputs), so the last token of
-        a block needs no extra generation step (reference §6.2 / §7 items 3 and 15). A block cut off by
-        max_new_tokens is reported in `truncated`.
+        A shorthand for one conversation through nextgpt.generate, the one generation path (inference.py, app.py
+        and evaluate.py use it directly: batches, streaming, decoding to files).
         """
-        settings = self.cfg.inference
-        max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temperature = settings.temperature if temperature is None else temperature
-        top_p = settings.top_p if top_p is None else top_p
-        do_sample = settings.do_sample if do_sample is None else do_sample
+        from nextgpt.data.types import Turn
+        from nextgpt.generate import Conversation, Sampling, generate
+
         if self.tokenizer is None:
             raise ValueError("generate needs the model's tokenizer")
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(prompt, media, max_new_tokens, temperature, top_p, do_sample)
-        finally:
-            self.train(was_training)
-
-    def _generate(self, prompt, media, max_new_tokens, temperature, top_p, do_sample) -> Generation:
-        from nextgpt.data.conversation import prompt_for_generation   # the template (generation moves out of model/)
-
-        encoded = prompt_for_generation(prompt, media, self.tokenizer, self.token_ids)
-        device = self.device
-        input_ids = torch.tensor([encoded.input_ids], device=device)
-        positions = torch.tensor([[0, p] for p in encoded.media_positions], dtype=torch.long, device=device)
-        features = self.encode_media([m.path for m in media], [m.modality for m in media]) if media else None
-        inputs_embeds, _ = self.embed(input_ids, positions, features)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        result = self.causal_lm.generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens, stop_strings=[self.stop], tokenizer=self.tokenizer,
-            pad_token_id=self.token_ids.pad, eos_token_id=self.token_ids.eos, return_dict_in_generate=True,
-            **sampling)
-        sequence = result.sequences[0].tolist()
-        prompt_length = len(encoded.input_ids)
-        # With input_ids given, transformers returns prompt + new tokens; without, only the new ones.
-        generated = sequence[prompt_length:] if sequence[:prompt_length] == encoded.input_ids else sequence
-        generated = self._cut_at_stop(generated)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True).split(self.stop)[0].strip()
-
-        scan = scan_signal_blocks(generated, self.token_ids)
-        starts = [(modality, prompt_length + position) for modality, position in scan.blocks]
-        truncated = [m for m, _ in scan.truncated]
-        malformed = [m for m, _ in scan.malformed]
-        outputs = []
-        for modality in truncated + malformed:
-            logger.warning("generation: %s signal block %s; no %s output", modality,
-                           "cut by max_new_tokens" if modality in truncated else "malformed", modality)
-        if starts:
-            full = torch.tensor([encoded.input_ids + generated], device=device)
-            embeds, token_embeds = self.embed(full, positions, features)
-            out = self.causal_lm(inputs_embeds=embeds, attention_mask=torch.ones_like(full),
-                                 output_hidden_states=True, use_cache=False)
-            hidden_states = out.hidden_states[self.cfg.model.hidden_layer]
-            for modality, start in starts:
-                if modality not in self.output_proj:
-                    logger.warning("generation: %s signal block but no %s output projector", modality, modality)
-                    continue
-                outputs.append((modality, self.project(modality, hidden_states, token_embeds, [(0, start)])))
-        return Generation(text=text, outputs=outputs, truncated=truncated, malformed=malformed, token_ids=generated)
-
-    def _cut_at_stop(self, generated: list[int]) -> list[int]:
-        """Ids up to and including the token that completes "###" (and before any EOS)."""
-        for k in range(len(generated)):
-            if generated[k] == self.token_ids.eos:
-                return generated[:k]
-            if self.stop in self.tokenizer.decode(generated[max(0, k - 3):k + 1]):
-                return generated[:k + 1]
-        return generated
+        turns = [Turn("human", prompt)] if isinstance(prompt, str) else list(prompt)
+        sampling = Sampling.from_config(self.cfg.inference, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, do_sample=do_sample)
+        (reply,) = generate(self, [Conversation(turns, list(media))], sampling, seed=None)
+        return Generation(text=reply.text, outputs=[(o.modality, o.conditioning) for o in reply.outputs],
+                          truncated=reply.truncated, malformed=reply.malformed, token_ids=reply.token_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
