@@ -428,6 +428,21 @@ def demo(args) -> int:
             run_command(command, log)
         return action
 
+    # A stage finished on another base (e.g. `make stage3 CONFIG=tiny` before the toy-language pre-training changed
+    # the tiny Vicuna) is not skipped: a delta is only valid on its own base (nextgpt.fingerprint). It is trained
+    # again, and so is everything after it (their deltas were trained on top of it).
+    from nextgpt.fingerprint import stale_run
+
+    stale = next((stage for stage in (1, 2, 3) if stale_run(outputs[stage], cfg[stage])), None)
+    if stale is not None:
+        print(f"stage {stale}: {stale_run(outputs[stale], cfg[stale])}: stages {stale}-3 are trained again",
+              flush=True)
+        for stage in range(stale, 4):
+            shutil.rmtree(outputs[stage], ignore_errors=True)
+        for stamp in ("untrained.done", "trained.done") if stale == 1 else ():    # measured on that base too
+            (stamps / stamp).unlink(missing_ok=True)
+        shutil.rmtree(layout.runs / "inference", ignore_errors=True)
+
     steps("stage-1 accuracy, untrained", stamps / "untrained.done", measure("untrained", None))
     steps("stage 1 training (encoder side: input_proj)", outputs[1] / "done.json", train(1))
     steps("stage-1 accuracy, trained", stamps / "trained.done", measure("trained", outputs[1]))

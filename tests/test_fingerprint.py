@@ -108,3 +108,20 @@ def test_adapter_has_a_model_card_and_loads_as_it_says(tiny_env, tmp_path):
     peft_model = PeftModel.from_pretrained(base, str(out / "adapter"))
     ours, theirs = llm_utils.lora_state_dict(model.llm), llm_utils.lora_state_dict(peft_model)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_stale_run_names_a_run_made_on_another_base(tiny_env, tmp_path):
+    """What the demo checks before skipping a finished stage (scripts/demo.py)."""
+    model = built(tiny_env, 2)
+    run = tmp_path / "stage_2"
+    checkpoint.save_delta(model, run / "checkpoint-1", model.cfg, {"step": 1}, atomic=True)
+    (run / "latest").write_text("checkpoint-1\n")
+    assert fingerprint.stale_run(run, model.cfg) is None
+    assert fingerprint.stale_run(tmp_path / "nothing", model.cfg) is None
+    other = tiny_env.config(2, f"model.llm={other_llm(tiny_env, tmp_path)}")
+    assert "trained on LLM" in fingerprint.stale_run(run, other)
+    meta_path = run / "checkpoint-1" / checkpoint.META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["base"]
+    meta_path.write_text(json.dumps(meta))
+    assert "records no base fingerprint" in fingerprint.stale_run(run, model.cfg)

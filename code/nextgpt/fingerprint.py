@@ -212,3 +212,28 @@ def check_same_base(saved: dict | None, current: dict, where: str, uses_imagebin
         raise BaseMismatchError(
             f"{where}: trained on {describe(theirs, what)}, but this model's base is {describe(ours, what)}; "
             "a delta is only valid on its own base (set train.allow_other_base=true to load it anyway)")
+
+
+def stale_run(run_dir: str | os.PathLike, cfg) -> str | None:
+    """Why the finished run in `run_dir` (its `latest` checkpoint) must not be reused with `cfg`'s base, or None.
+
+    For steps that skip work already done (scripts/demo.py): a run trained on another base, or one whose
+    meta.json records no base (made before fingerprints existed), is stale. No run there: None."""
+    from nextgpt.checkpoint import META_FILE, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(run_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{folder}: no readable {META_FILE}"
+    if not meta.get("base"):
+        return f"{folder}: records no base fingerprint (made before fingerprints existed)"
+    try:
+        check_same_base(meta["base"], base_fingerprint(cfg, portable=False), str(folder),
+                        uses_imagebind="input_proj" in meta.get("groups", []))
+    except BaseMismatchError as e:
+        return str(e).split("; a delta is only valid")[0]
+    return None
