@@ -12,7 +12,8 @@
     nextgpt.json                                              what a NExT-GPT loader needs besides the LLM: template,
                                                               token ids, modalities, conditioning shapes, ImageBind
     README.md                                                 model card: base, fingerprint, data, metrics if any
---format legacy writes <out>/pytorch_model.pt in the original's key layout (fp16, as the released files).
+--format legacy writes <out>/pytorch_model.pt in the original's key layout (fp16, as the released files;
+nextgpt.legacy, the same key map that imports the released checkpoint).
 
 The checkpoint's own config.yaml decides how the model is built (LLM, template, LoRA, projector sizes); --config /
 --set override it. A base loaded in 8-bit or 4-bit is refused: LoRA merged into rounded weights is not the trained
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="weights of the hf export (default: the base LLM's torch_dtype; legacy: float16)")
     parser.add_argument("--config", default=None, help="config to build the model with (default: the checkpoint's "
                                                        "config.yaml)")
+    parser.add_argument("--metrics", default=None, help="metrics.json of code/evaluate.py for the model card "
+                                                        "(default: one in the checkpoint or run folder, if any)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
     return parser.parse_args(argv)
@@ -113,13 +116,18 @@ def merged_llm(model):
     return llm
 
 
-def model_card(cfg, checkpoint: Path, meta: dict, base_config: dict) -> str:
-    """README.md of the export: where it came from and what it was trained on."""
-    metrics = None
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / "metrics.json").is_file():               # written by code/evaluate.py
-            metrics = json.loads((folder / "metrics.json").read_text())
-            break
+def model_card(cfg, checkpoint: Path, meta: dict, base_config: dict, metrics_path: Path | None = None) -> str:
+    """README.md of the export: where it came from, the base fingerprint, what it was trained on, and the metrics of
+    code/evaluate.py (--metrics, else a metrics.json in the checkpoint folder or its run folder) when there are any."""
+    from nextgpt.io import read_json
+
+    candidates = [metrics_path] if metrics_path else [checkpoint / "metrics.json", checkpoint.parent / "metrics.json"]
+    metrics = next((read_json(p) for p in candidates if p.is_file()), None)
+    if metrics_path and metrics is None:
+        raise FileNotFoundError(f"{metrics_path}: --metrics file not found")
+    base = meta.get("base") or {}                 # nextgpt.fingerprint, recorded in meta.json by save_delta
+    fingerprint = ", ".join(f"{part} {value.get('digest')}" for part, value in base.items()
+                            if isinstance(value, dict) and value.get("digest")) or "not recorded"
     lines = [
         "---", "library_name: transformers", "tags: [nextgpt, multimodal, any-to-any]", "---", "",
         "# NExT-GPT LLM export", "",
@@ -132,7 +140,7 @@ def model_card(cfg, checkpoint: Path, meta: dict, base_config: dict) -> str:
         f"{base_config.get('_name_or_path') or 'local folder'}) |",
         f"| template | `{cfg.model.template}` |",
         f"| checkpoint | `{checkpoint}` (stage {meta.get('stage', '?')}, step {meta.get('step', '?')}) |",
-        f"| base fingerprint | `{meta.get('fingerprint') or meta.get('base_fingerprint') or 'not recorded'}` |",
+        f"| base fingerprint | {fingerprint} |",
         f"| training data | {', '.join(cfg.data.datasets) or 'not recorded'} |",
         f"| trained groups | {', '.join(meta.get('groups', [])) or '?'} |",
         "",
@@ -145,7 +153,7 @@ def model_card(cfg, checkpoint: Path, meta: dict, base_config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_hf(model, cfg, checkpoint: Path, out: Path, meta: dict) -> Path:
+def export_hf(model, cfg, checkpoint: Path, out: Path, meta: dict, metrics: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     from nextgpt.io import atomic_dir, atomic_write_text
@@ -167,6 +175,7 @@ def export_hf(model, cfg, checkpoint: Path, out: Path, meta: dict) -> Path:
         "checkpoint": str(checkpoint),
         "stage": meta.get("stage"),
         "step": meta.get("step"),
+        "base_fingerprint": meta.get("base"),
     }
     llm = merged_llm(model)
     with atomic_dir(out) as tmp:
@@ -175,7 +184,7 @@ def export_hf(model, cfg, checkpoint: Path, out: Path, meta: dict) -> Path:
         save_file({k: v.detach().contiguous() for k, v in projectors.items()}, str(tmp / "projectors.safetensors"),
                   metadata={"format": "nextgpt-projectors"})
         atomic_write_text(tmp / "nextgpt.json", json.dumps(info, indent=2) + "\n")
-        atomic_write_text(tmp / "README.md", model_card(cfg, checkpoint, meta, base_config))
+        atomic_write_text(tmp / "README.md", model_card(cfg, checkpoint, meta, base_config, metrics))
     return out
 
 
@@ -195,13 +204,15 @@ def export(args: argparse.Namespace) -> Path:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if args.format == "legacy":
         model = build(cfg, checkpoint, torch.float32)
-        return checkpoint_lib.export_legacy(model, out, getattr(torch, args.dtype or "float16"))
+        from nextgpt import legacy
+
+        return legacy.export_legacy(model, out, getattr(torch, args.dtype or "float16"))
     dtype_name = args.dtype or json.loads((cfg.path(cfg.model.llm) / "config.json").read_text()).get(
         "torch_dtype") or json.loads((cfg.path(cfg.model.llm) / "config.json").read_text()).get("dtype") or "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"{cfg.model.llm}/config.json: torch_dtype {dtype_name!r}; pass --dtype")
     model = build(cfg, checkpoint, getattr(torch, dtype_name))
-    return export_hf(model, cfg, checkpoint, out, meta)
+    return export_hf(model, cfg, checkpoint, out, meta, Path(args.metrics) if args.metrics else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Write tiny checkpoints of the real architectures in their real on-disk formats (default: ckpt/tiny/).
 
     vicuna/            2-layer LlamaForCausalLM (save_pretrained, safetensors) + sentencepiece tokenizer.model
-                       trained on the toy captions (nextgpt.toy.tokenizer_corpus)
+                       trained on the toy captions (toyworld.tokenizer_corpus)
     imagebind/imagebind_tiny.pth   ImageBind at the parity-fixture sizes (preset "tiny"), torch.save(state_dict)
     stable-diffusion/  tiny StableDiffusionPipeline (CLIP text encoder + tokenizer, UNet2DCondition, VAE)
     zeroscope/         tiny TextToVideoSDPipeline (UNet3DCondition)
@@ -34,7 +34,7 @@ def write_tokenizer(out: Path, vocab_size: int = 700) -> None:
     import io
 
     import sentencepiece as spm
-    from nextgpt.toy import tokenizer_corpus
+    from toyworld import tokenizer_corpus
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -120,7 +120,7 @@ def _toy_words() -> list[str]:
     """Distinct words of the toy world (lower-case, punctuation split off), in first-seen order."""
     import re
 
-    from nextgpt.toy import tokenizer_corpus
+    from toyworld import tokenizer_corpus
 
     words: dict[str, None] = {}
     for line in tokenizer_corpus():
@@ -310,7 +310,7 @@ def write_pipelines(out: Path, seed: int = 0) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="ckpt/tiny", help="output folder (default: ckpt/tiny)")
-    p.add_argument("--data", default="data/toy", help="toy data folder (unused: the corpus is nextgpt.toy's)")
+    p.add_argument("--data", default="data/toy", help="toy data folder (unused: the corpus is toyworld's)")
     p.add_argument("--only", nargs="*", choices=["llm", "imagebind", "pipelines"], default=None)
     args = p.parse_args(argv)
     out = Path(args.out)

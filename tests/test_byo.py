@@ -258,7 +258,7 @@ def test_export_hf_logits_legacy_and_8bit_refusal(tiny_env, tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nextgpt import checkpoint
+    from nextgpt import checkpoint, legacy as legacy_lib
     from nextgpt.model import llm as llm_utils
     from nextgpt.model.nextgpt import build_model, set_trainable
 
@@ -275,7 +275,9 @@ def test_export_hf_logits_legacy_and_8bit_refusal(tiny_env, tmp_path, capsys):
     model.eval()
 
     out = tmp_path / "hf"
-    assert export.main(["--ckpt", str(delta), "--out", str(out), "--dtype", "float32"]) == 0
+    (tmp_path / "metrics.json").write_text(json.dumps({"stage_3": {"bleu4": 0.123}}))
+    assert export.main(["--ckpt", str(delta), "--out", str(out), "--dtype", "float32", "--metrics",
+                        str(tmp_path / "metrics.json")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert len(tokenizer) == len(model.tokenizer)
@@ -289,13 +291,13 @@ def test_export_hf_logits_legacy_and_8bit_refusal(tiny_env, tmp_path, capsys):
     projectors = load_file(str(out / "projectors.safetensors"))
     assert torch.equal(projectors["input_proj.weight"], model.input_proj.weight.detach())
     card = (out / "README.md").read_text()
-    assert "stage 3, step 7" in card and "audio_instruction" in card
+    assert "stage 3, step 7" in card and "audio_instruction" in card and '"bleu4": 0.123' in card
     assert json.loads((out / "nextgpt.json").read_text())["template"] == "vicuna_v0"
 
     legacy = tmp_path / "legacy"
     assert export.main(["--ckpt", str(delta), "--out", str(legacy), "--format", "legacy", "--dtype", "float32"]) == 0
     fresh = build_model(cfg)
-    checkpoint.import_legacy(fresh, legacy / "pytorch_model.pt")
+    legacy_lib.import_legacy(fresh, legacy / "pytorch_model.pt")
     with torch.no_grad():
         assert (fresh.eval().causal_lm(input_ids=ids).logits - ours).abs().max().item() < 1e-5
 
