@@ -4,9 +4,10 @@
     python code/train.py --config code/config/tiny/stage_1.yaml                  # CPU, one process
     deepspeed --num_gpus 2 code/train.py --config ... --set train.micro_batch_size=2
 
-config -> runtime (device, dtype, rank) -> model -> init_from -> trainable set -> data -> deepspeed.initialize ->
-the loop below. Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.resume); `--resume auto`
-(the default) continues from <train.output_dir>/latest bit-exactly on CPU.
+config -> runtime (device, dtype, rank) -> model (+ init_from, trainable set) -> data (nextgpt.data.loaders) ->
+engine (runtime.build_engine) -> the loop below, which adds up NextGPT.forward's dict of losses (nextgpt.runlog).
+Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.resume); `--resume auto` (the default)
+continues from <train.output_dir>/latest bit-exactly on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -116,12 +116,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     runtime.seed_everything(cfg.train.seed)
     model = build_model(cfg, device=rt.device, dtype=rt.dtype)
     caption_encoder.attach(model, cfg, rt.device, rt.dtype)  # data.caption_embeds=online: targets made in the step
-    if cfg.train.init_from:  # a delta folder, a run folder (its `latest`) or an original pytorch_model.pt
-        source = cfg.path(cfg.train.init_from)
-        loaded = checkpoint.init_from(model, cfg)
-        log(f"init_from {source}: {', '.join(sorted(loaded))}")
-        if (source / "latest").is_file() and not (source / "done.json").is_file():
-            log(f"warning: {source} has no done.json: starting from an unfinished run's latest checkpoint")
+    checkpoint.init_from(model, cfg, log)  # train.init_from: the previous stage's delta or an original .pt
     counts = set_trainable(model, cfg)
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
 
@@ -137,8 +132,6 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
         raise ValueError(f"{cfg.source}: {len(train_sampler)} micro-batches per rank is less than one step of "
                          f"{accum} accumulation step(s); add data or lower train.micro_batch_size")
     runtime.fill_ds_config(ds_config, cfg, rt.world_size, max_steps, ds_path)
-    if left := runtime.unresolved(ds_config):
-        raise ValueError(f"{ds_path}: values still 'auto' with nothing to fill them from: {', '.join(left)}")
 
     engine = runtime.build_engine(model, cfg, ds_config)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the ZeRO wrapper holds the real one
@@ -180,8 +173,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     # starts on a fresh line and the bar is not redrawn after it.
     with tqdm(total=max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True) as progress:
         batches = iter(train_loader)
-        window = {"time": time.time(), "samples": 0, "tokens": 0}
-        terms = TermMeans()
+        terms = TermMeans()  # this step's loss terms and throughput
         stop.arm()  # from here a signal stops the loop at the end of the step instead of raising at once
         while step < max_steps:
             try:
@@ -208,24 +200,20 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside engine.step)
             engine.step()
-            terms.add(out)
-            window["samples"] += batch["input_ids"].shape[0] * rt.world_size
-            window["tokens"] += int(batch["attention_mask"].sum()) * rt.world_size  # estimate: this rank's x world
+            terms.add(out, batch, rt.world_size)
             if not boundary:
                 continue
 
             step += 1
-            elapsed = max(time.time() - window["time"], 1e-9)
             grad_norm = engine.get_global_grad_norm()
             means = terms.means(rt.device)
             scalars = {**means, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+                       **terms.rates()}
             log.scalars("train", step, scalars)
             progress.update(1)
             progress.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means.get('token_acc', 0.0):.3f}")
             if step % cfg.train.log_every == 0 or step == 1:
                 log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-            terms = TermMeans()
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 result = evaluate(engine, eval_loader, eval_sampler, rt.device)
                 log.scalars("eval", step, result)
@@ -239,7 +227,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
                     saved_at = step
                 raise stop.interrupted(step, f"checkpoint-{step}",
                                        f"the same command (--resume auto continues from checkpoint-{step})")
-            window = {"time": time.time(), "samples": 0, "tokens": 0}  # rates exclude eval and save time
+            terms = TermMeans()  # made after eval and save: the rates exclude their time
 
     final = save(step) if saved_at != step else resume.checkpoint_path(output_dir, step)
     if args.export_legacy and rt.is_main:

@@ -153,14 +153,14 @@ def test_stage_3_lora_from_stage_2(env, stage_2, stage_3):
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert json.loads((checkpoint / "meta.json").read_text())["stage"] == 3
     # --export-legacy: the original's pytorch_model.pt layout, which imports back into a stage-3 model
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt import legacy as legacy_lib
     from nextgpt.model.nextgpt import build_model
 
     legacy = torch.load(checkpoint / "pytorch_model.pt", weights_only=True)
     assert any(k.startswith("llama_model.base_model.model.") and "lora_A" in k for k in legacy)
     assert "llama_proj.weight" in legacy
     model = build_model(env.config("stage_3"))
-    assert {"lora", "input_proj", "token_rows"} <= checkpoint_lib.import_legacy(model, checkpoint / "pytorch_model.pt")
+    assert {"lora", "input_proj", "token_rows"} <= legacy_lib.import_legacy(model, checkpoint / "pytorch_model.pt")
 
 
 def test_finetune_8bit_from_stage_3(env, stage_3, tmp_path):

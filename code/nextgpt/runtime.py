@@ -263,7 +263,8 @@ def _same(a: Any, b: Any) -> bool:
 def fill_ds_config(ds: dict[str, Any], cfg: Any, world_size: int, total_steps: int | None = None,
                    ds_path: str | os.PathLike = "the DeepSpeed config") -> dict[str, Any]:
     """Fill "auto" values from the YAML in place (total_num_steps only once `total_steps` is known); raise
-    ValueError naming both files when the JSON states a number that contradicts the YAML."""
+    ValueError naming both files when the JSON states a number that contradicts the YAML, and (once
+    `total_steps` is given) when an "auto" is left with nothing to fill it from."""
     yaml_name = cfg.source or "the YAML config"
     for keys, (value, origin) in _expected(cfg, world_size, total_steps).items():
         node = ds
@@ -280,6 +281,8 @@ def fill_ds_config(ds: dict[str, Any], cfg: Any, world_size: int, total_steps: i
             elif not _same(current, value):
                 raise ValueError(f"{ds_path}: {'.'.join(keys)}={current!r} contradicts {yaml_name} "
                                  f"({origin} = {value!r}); write \"auto\" in the JSON or change the YAML")
+    if total_steps is not None and (left := unresolved(ds)):
+        raise ValueError(f"{ds_path}: values still 'auto' with nothing to fill them from: {', '.join(left)}")
     return ds
 
 
