@@ -174,3 +174,53 @@ def test_corrupt_upload_is_a_chat_message_and_the_next_request_works(server, bro
     _wait(browser, lambda d: _bot_images(d), REPLY_TIMEOUT)
     assert "image_" in _bot_images(browser)[0].get_attribute("src")
     assert "Traceback" not in _chat_text(browser)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chat handler in-process (no browser): what a request does to the conversation and the session folder
+
+@pytest.fixture(scope="module")
+def handler(tiny_env, tmp_path_factory):
+    from nextgpt.generate import load_model
+    from nextgpt.model.decoders import Decoders
+
+    programmed = programmed_llm.build(tiny_env, tmp_path_factory.mktemp("programmed_handler"))
+    cfg = tiny_env.config("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
+    model, info = load_model(cfg, programmed["deltas"]["signal"])
+    return app.Server(cfg, model, info, Decoders(cfg), tmp_path_factory.mktemp("sessions"))
+
+
+def _last(handler, message, history, state, max_new_tokens=6):
+    *_, (textbox, history, state, files) = handler.respond(message, history, state, 0.4, 1.0, max_new_tokens, 2,
+                                                           7.5, 0)
+    return textbox, history, state, files
+
+
+def test_handler_turns_media_errors_and_clear(handler, tmp_path):
+    import av
+    from PIL import Image
+
+    _, history, state, files = _last(handler, {"text": "show me a picture", "files": []}, [], None)
+    assert [t.role for t in state.turns] == ["human", "gpt"] and state.turns[1].output_modality == "image"
+    assert files == [str(state.folder / "image_0.png")] and history[-2]["content"] == {"path": files[0]}
+    # bad inputs: a chat message each, the conversation unchanged, the text kept in the box for another try
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    empty_video = tmp_path / "empty.mp4"
+    with av.open(str(empty_video), mode="w") as container:              # a valid mp4 with no frames
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+    for upload, expected in ((notes, "notes.txt: unsupported file type"), (empty_video, "empty.mp4")):
+        textbox, history, state, _ = _last(handler, {"text": "look", "files": [str(upload)]}, history, state)
+        assert history[-1]["content"].startswith("⚠️ error: ") and expected in history[-1]["content"]
+        assert textbox["text"] == "look" and len(state.turns) == 2 and state.media == []
+    _, history, state, _ = _last(handler, {"text": "word " * 600, "files": []}, history, state)
+    assert "the model's context is" in history[-1]["content"] and len(state.turns) == 2
+    # the next request still works and continues the conversation; numbering goes on
+    _, history, state, files = _last(handler, {"text": "again", "files": []}, history, state)
+    assert len(state.turns) == 4 and files[-1].endswith("image_1.png")
+    with Image.open(files[-1]) as image:
+        assert image.size == (handler.cfg.inference.image.width, handler.cfg.inference.image.height)
+    folder = state.folder
+    history, state, files = handler.clear(state)
+    assert history == [] and files == [] and not folder.exists() and state.folder.is_dir() and state.turns == []
