@@ -49,13 +49,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_env, tmp_path_factory):
+def programmed(tiny_env, tmp_path_factory):
+    return programmed_llm.build(tiny_env, tmp_path_factory.mktemp("programmed_app"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_env, programmed, tmp_path_factory):
     """The app on a free port, serving the programmed signal delta; yields its URL, stops it afterwards."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("no chromium/chromedriver on PATH (.ci/run installs them: apt-get install chromium "
                     "chromium-driver)")
     pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
-    programmed = programmed_llm.build(tiny_env, tmp_path_factory.mktemp("programmed_app"))
     _ = tiny_env.imagebind                              # the tiny ImageBind encodes uploaded images
     port = _free_port()
     argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
@@ -180,11 +184,10 @@ def test_corrupt_upload_is_a_chat_message_and_the_next_request_works(server, bro
 # The chat handler in-process (no browser): what a request does to the conversation and the session folder
 
 @pytest.fixture(scope="module")
-def handler(tiny_env, tmp_path_factory):
+def handler(tiny_env, programmed, tmp_path_factory):
     from nextgpt.generate import load_model
     from nextgpt.model.decoders import Decoders
 
-    programmed = programmed_llm.build(tiny_env, tmp_path_factory.mktemp("programmed_handler"))
     cfg = tiny_env.config("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
     model, info = load_model(cfg, programmed["deltas"]["signal"])
     return app.Server(cfg, model, info, Decoders(cfg), tmp_path_factory.mktemp("sessions"))
