@@ -100,7 +100,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
     from nextgpt import checkpoint, legacy
-    from nextgpt.data.loaders import build_run_data
+    from nextgpt.data.loaders import build_run_data, count_steps
     from nextgpt.model.nextgpt import build_model, set_trainable
     from nextgpt.model import caption_encoder
 
@@ -125,12 +125,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     if args.max_steps == 0:
         log("--max-steps 0: config, model and data checked; trained 0 steps, nothing saved")
         return {"step": 0, "checkpoint": None, "bad_steps": 0}
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(train_sampler) // accum
-    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    if max_steps <= 0:
-        raise ValueError(f"{cfg.source}: {len(train_sampler)} micro-batches per rank is less than one step of "
-                         f"{accum} accumulation step(s); add data or lower train.micro_batch_size")
+    max_steps, steps_per_epoch = count_steps(cfg, train_sampler)
     runtime.fill_ds_config(ds_config, cfg, rt.world_size, max_steps, ds_path)
 
     engine = runtime.build_engine(model, cfg, ds_config)

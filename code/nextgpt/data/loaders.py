@@ -58,6 +58,17 @@ def drop_bad_records(datasets: dict[str, NextGPTDataset], bad: dict) -> dict[str
     return out
 
 
+def count_steps(cfg, train_sampler) -> tuple[int, int]:
+    """(optimizer steps of the run, per epoch): train.max_steps, else train.epochs over the sampler's plan."""
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(train_sampler) // accum
+    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if max_steps <= 0:
+        raise ValueError(f"{cfg.source}: {len(train_sampler)} micro-batches per rank is less than one step of "
+                         f"{accum} accumulation step(s); add data or lower train.micro_batch_size")
+    return max_steps, steps_per_epoch
+
+
 def build_run_data(cfg, tokenizer, token_ids, rank: int, world_size: int, log):
     """(train loader, its MixtureSampler, eval loader or None, eval sampler or None) for a training run.
 
