@@ -109,15 +109,15 @@ class NextGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     @property
+    def causal_lm(self):
+        return llm_utils.causal_lm(self.llm)
+
     @property
     def stop(self) -> str:
         """Generation stops at this text: "###" (vicuna_v0) or the chat template's turn end, e.g. <|im_end|>."""
         from nextgpt.data.conversation import template_of
 
         return template_of(self.token_ids).stop
-
-    def causal_lm(self):
-        return llm_utils.causal_lm(self.llm)
 
     @property
     def device(self) -> torch.device:
