@@ -84,7 +84,7 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
             tokens.append(int(batch["attention_mask"].sum()))
             samples.append(batch["input_ids"].shape[0])
             shares.append(flop_share(model, batch))
-            losses.append(float(out["loss"]))
+            losses.append(float(out["loss"].detach()))
     step = statistics.median(times)
     n = llm_flop_params(model)
     tokens_per_s = statistics.mean(tokens) / step

@@ -5,7 +5,8 @@
 
 Each run is the real `deepspeed code/train.py` launch (`deepspeed.launcher.runner --num_gpus 2`) with
 code/dsconfig/cpu.json where only zero_optimization.stage differs, on the mid-size Llama of bench_pipeline (4 layers,
-hidden 512, random init) and the toy data. The figure is the median samples/s of the logged windows after the
+hidden 512, random init) with the output projectors at their real size (stage 2 then trains ~89 M parameters, as
+the ~96 M of the real decoders' shapes) and the toy data. The figure is the median samples/s of the logged windows after the
 first (train.py's metrics.jsonl; its rates exclude evaluation and checkpoint time). The runs alternate
 (0, 2, 0, 2, ...) so that load drift on a shared machine hits both alike.
 
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from bench_common import REPO, BenchError, machine, machine_line, print_table, run_cli, write_json, workspace
-from bench_pipeline import MID, write_llm
+from bench_pipeline import MID, REAL_PROJECTORS, write_llm
 
 STAGES = {1: "stage_1", 2: "stage_2"}
 
@@ -43,7 +44,7 @@ def run_one(env, work: Path, stage: int, zero: int, args, index: int) -> dict:
     argv = env.argv(STAGES[stage], f"model.llm={work / 'llm_mid'}", f"train.output_dir={output}",
                     f"train.micro_batch_size={args.micro_batch_size}", f"train.max_steps={args.steps}",
                     f"train.log_every={args.log_every}", "train.save_every=0", "train.init_from=",
-                    "train.report_to=[]")
+                    "train.report_to=[]", *REAL_PROJECTORS)
     launcher_env = {k: v for k, v in os.environ.items()
                     if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     launcher_env["OMP_NUM_THREADS"] = str(args.threads)

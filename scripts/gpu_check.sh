@@ -44,13 +44,13 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 fi
 
-part steps 300 "$PY" scripts/bench_gpu_steps.py "${DEVICE[@]}" --json "$OUT/steps.json"
+part steps 240 "$PY" scripts/bench_gpu_steps.py "${DEVICE[@]}" --json "$OUT/steps.json"
 if [ "$GPUS" -ge 2 ]; then
-    part equality 120 "$PY" -m deepspeed.launcher.runner --num_gpus 2 scripts/bench_gpu_steps.py "${DEVICE[@]}" \
+    part equality 90 "$PY" -m deepspeed.launcher.runner --num_gpus 2 scripts/bench_gpu_steps.py "${DEVICE[@]}" \
         --stages 2 --steps 3 --equality --json "$OUT/equality.json"
 fi
 part imagebind 60 "$PY" scripts/bench_encoder.py "${ENCODER[@]}" --json "$OUT/imagebind.json"
-part clip 60 "$PY" scripts/bench_embeddings.py "${CLIP[@]}" --json "$OUT/clip.json"
+part clip 90 "$PY" scripts/bench_embeddings.py "${CLIP[@]}" --json "$OUT/clip.json"
 
 # One JSON: every part's own JSON (or its exit code and the tail of its log).
 STATUS_LINE=""
