@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from nextgpt.generate import checkpoint_info, load_model, pick_device
+        from nextgpt.loading import checkpoint_info, load_model, pick_device
 
         cfg = config_lib.from_args(args)
         checkpoint = Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt)

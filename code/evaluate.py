@@ -68,7 +68,7 @@ def describe(value: str) -> dict:
     """--ckpt value -> {"name", "path", "kind", "stage", "step"}; FileNotFoundError naming a bad path (cheap)."""
     if value.lower() in BASE_NAMES:
         return {"name": "base", "path": "", "kind": "base", "stage": None, "step": None}
-    from nextgpt.generate import checkpoint_info
+    from nextgpt.loading import checkpoint_info
 
     info = checkpoint_info(value)
     path = Path(info.path)
@@ -122,7 +122,7 @@ def _main(argv: list[str] | None) -> int:
 
     from nextgpt.eval import run as evaluation
     from nextgpt.eval.report import table, write_report
-    from nextgpt.generate import pick_device
+    from nextgpt.loading import pick_device
     from nextgpt.tokens import load_tokenizer
 
     tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))

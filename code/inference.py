@@ -70,7 +70,8 @@ class Session:
     """The loaded model, the lazily loaded decoders and the output counters of one run."""
 
     def __init__(self, cfg, checkpoint: Path, out_dir: Path, device, dtype, seed: int):
-        from nextgpt.generate import Sampling, load_model
+        from nextgpt.generate import Sampling
+        from nextgpt.loading import load_model
         from nextgpt.model.decoders import Decoders
 
         self.cfg, self.out_dir, self.seed = cfg, out_dir, seed
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from nextgpt.generate import checkpoint_info
+        from nextgpt.loading import checkpoint_info
 
         cfg = config_lib.from_args(args)
         seed = cfg.inference.seed if args.seed is None else args.seed
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             check_media(request)
         elif any(getattr(args, m) for m in MODALITIES):
             raise ValueError("--image/--video/--audio need --prompt (or name media inside interactive lines)")
-        from nextgpt.generate import pick_device
+        from nextgpt.loading import pick_device
 
         device, dtype, reason = pick_device(args.device)
         print(f"device: {reason}", flush=True)

@@ -161,7 +161,7 @@ def test_legacy_pytorch_model_pt(tiny_env, programmed, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def signal_model(tiny_env, programmed):
-    from nextgpt.generate import load_model
+    from nextgpt.loading import load_model
 
     cfg = tiny_env.config("stage_3", *programmed["overrides"])
     model, info = load_model(cfg, programmed["deltas"]["signal"])
@@ -238,7 +238,7 @@ def test_too_long_conversation_and_bad_sampling_are_one_line_errors(signal_model
 
 
 def test_checkpoint_info_reads_meta(signal_model, programmed, tmp_path):
-    from nextgpt.generate import checkpoint_info
+    from nextgpt.loading import checkpoint_info
 
     _, info = signal_model
     assert (info.kind, info.stage, info.step) == ("delta", 3, 0)

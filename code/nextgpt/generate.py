@@ -9,8 +9,8 @@
     --Decoders (each pipeline loaded on first use), optional--> Decoded media, optionally written as png/mp4/wav
 
 The conditioning comes from the same positions as in training (the signal tokens as inputs), so the last token of a
-block needs no extra generation step (reference §6.2 / §7 items 3 and 15). A block cut off by max_new_tokens is
-reported in Reply.truncated, signal ids out of order in Reply.malformed.
+block needs no extra generation step (the original's generate ran a separate loop for the signal tokens). A block
+cut off by max_new_tokens is reported in Reply.truncated, signal ids out of order in Reply.malformed.
 
     replies = generate(model, [Conversation.of("show me a cat")], Sampling.from_config(cfg.inference), seed=13,
                        decoders=Decoders(cfg), out_dir="runs/x")
@@ -34,9 +34,6 @@ from nextgpt.data.types import Media, Turn
 from nextgpt.tokens import scan_signal_blocks
 
 logger = logging.getLogger("nextgpt")
-
-STOP = "###"          # every gpt turn of the vicuna_v0 template ends with "\n###"
-
 
 def _stop(model) -> str:
     """The stop text of model.template: "###" (vicuna_v0) or the chat template's turn end (e.g. <|im_end|>)."""
@@ -103,76 +100,6 @@ class Reply:
         """The gpt turn to append to the conversation; its signal block is rebuilt from ids by the template (it
         holds one block: the first generated modality)."""
         return Turn("gpt", self.display_text, self.outputs[0].modality if self.outputs else None)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading: once per process (inference.py, app.py, evaluate.py)
-
-def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype, str]:
-    """Device and dtype, decided once with the reason: bf16 (else fp16) on a GPU, fp32 on the CPU."""
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        reason = f"{torch.cuda.get_device_name(device)}: {str(dtype).removeprefix('torch.')}"
-    else:
-        dtype = torch.float32
-        reason = "CPU: float32" + ("" if requested else " (no CUDA device)")
-    return device, dtype, reason
-
-
-@dataclass
-class CheckpointInfo:
-    """What was loaded, for a person to read (the app shows it)."""
-    path: str
-    kind: str                                   # delta | legacy
-    stage: int | None = None
-    step: int | None = None
-    fingerprint: str = ""                       # of the base the delta was trained on, when meta.json records one
-
-    def describe(self) -> str:
-        parts = [f"{self.kind} {self.path}"]
-        parts += [f"stage {self.stage}"] if self.stage is not None else []
-        parts += [f"step {self.step}"] if self.step is not None else []
-        parts += [f"base {self.fingerprint}"] if self.fingerprint else []
-        return ", ".join(parts)
-
-
-def checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """Cheap (no weights read): FileNotFoundError naming the path when it is not a checkpoint."""
-    from nextgpt import checkpoint as checkpoint_lib
-    from nextgpt.io import read_json
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found (give --ckpt, or train one: `make stage3`)")
-    kind, folder = checkpoint_lib.locate(path)  # the same decision load_checkpoint makes
-    if kind == "legacy":
-        return CheckpointInfo(str(folder), "legacy")
-    meta_path = folder / checkpoint_lib.META_FILE
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    fingerprint = meta.get("base_fingerprint") or meta.get("fingerprint") or ""
-    if isinstance(fingerprint, dict):             # {part: digest}: one short line
-        fingerprint = " ".join(f"{k}={str(v)[:12]}" for k, v in fingerprint.items())
-    return CheckpointInfo(str(folder), "delta", meta.get("stage"), meta.get("step"), str(fingerprint))
-
-
-def load_model(cfg, path: str | Path, device=None, dtype=None):
-    """Base LLM + projectors, then the checkpoint (a delta folder, a run folder's `latest`, or an original
-    pytorch_model.pt) through checkpoint.load_checkpoint -> (model in eval mode, CheckpointInfo).
-    ImageBind loads on the first request with media, the decoders on their first output."""
-    from nextgpt import checkpoint as checkpoint_lib
-    from nextgpt.model.nextgpt import build_model
-
-    info = checkpoint_info(path)                  # fails fast, before the LLM is read
-    model = build_model(cfg, device=device, dtype=dtype)
-    checkpoint_lib.load_checkpoint(model, info.path)
-    model.eval()
-    return model, info
 
 
 # ----------------------------------------------------------------------------------------------------------------
