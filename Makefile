@@ -20,7 +20,7 @@ export ENV_NAME
 MAKE_ENV_SCRIPT ?= scripts/make_env.sh
 PY := $(ROOT)/scripts/python.sh
 # DeepSpeed's runner defaults to port 29500, so two trainings on one machine collide: a free port per launch.
-DEEPSPEED = $(PY) -m deepspeed.launcher.runner --master_port $$($(ROOT)/scripts/free_port.sh)
+DEEPSPEED = $(PY) -m nextgpt.launch --master_port $$($(ROOT)/scripts/free_port.sh)
 
 # --- which configs and where their outputs go (mirrors the YAML output_dir values) ------------------------------
 ifeq ($(CONFIG),tiny)

@@ -785,8 +785,10 @@ def processes_using(path: Path) -> list[int]:
     return found
 
 
-def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = LONG_STEPS) -> list[str]:
-    """Two CPU ranks through `python -m deepspeed.launcher.runner --num_gpus 2` (what `make stageN NUM_GPUS=2` runs)."""
+def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = LONG_STEPS, wrapper: bool = False
+                     ) -> list[str]:
+    """Two CPU ranks through `python -m deepspeed.launcher.runner --num_gpus 2` (the `deepspeed` command), or with
+    wrapper=True through `python -m nextgpt.launch` (what `make stageN NUM_GPUS=2` runs)."""
     import socket
 
     with socket.socket() as sock:
@@ -794,7 +796,8 @@ def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = L
         port = sock.getsockname()[1]
     sets = [f"train.output_dir={out}", "train.init_from=", "train.report_to=[]", "train.log_every=1",
             f"train.save_every={SAVE_EVERY}", "data.datasets=[cc3m_enc]", "train.micro_batch_size=2", *overrides]
-    return [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), TRAIN,
+    launcher = "nextgpt.launch" if wrapper else "deepspeed.launcher.runner"
+    return [PYTHON, "-m", launcher, "--num_gpus", "2", "--master_port", str(port), TRAIN,
             *env.argv(f"stage_{stage}", *sets), "--max-steps", str(steps)]
 
 
@@ -805,7 +808,8 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
-def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False, settle: float = 120.0):
+def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False, settle: float = 120.0,
+                 gap: float = 0.3):
     """Start the command, wait for `after_steps` logged steps, send `signals` (to the process, or its whole
     process group as a terminal's Ctrl-C does), wait for it and every process of the run to end."""
     def drive(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
@@ -813,7 +817,7 @@ def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                       env=launcher_env() if "deepspeed.launcher.runner" in command else child_env(),
+                                       env=launcher_env() if "-m" in command else child_env(),
                                        start_new_session=True)
         deadline = time.time() + 600
         while process.poll() is None and logged_steps(out) < after_steps and time.time() < deadline:
@@ -821,7 +825,7 @@ def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False
         sent = process.poll() is None
         for index, signum in enumerate(signals):
             if index:
-                time.sleep(0.3)
+                time.sleep(gap)
             if process.poll() is None:
                 (os.killpg if group else os.kill)(process.pid, signum)
         try:
@@ -1146,14 +1150,18 @@ def scenario_cases() -> list[Case]:
              drive=drive_signal((signal.SIGTERM,), 5), check=sig_check),
         Case("sigint_twice", "Ctrl-C twice: abandoned at once (exit 130), the last checkpoint intact, resumable",
              train(1, steps=STEPS), ("interrupted",), klass="signals", exit_codes=(130,), fresh_output=False,
-             drive=drive_signal((signal.SIGINT, signal.SIGINT), 3), check=sig_check),
+             drive=drive_signal((signal.SIGINT, signal.SIGINT), 3, gap=0.005), check=sig_check),
         Case("sigterm_launcher", "SIGTERM to the `deepspeed` launcher of 2 ranks: every rank stops and saves",
              lambda case, env: launcher_command(env, 1, case / "out"), ("interrupted at step",), klass="signals",
              launcher=True, fresh_output=False, drive=drive_signal((signal.SIGTERM,), 2), check=two_rank_check),
-        Case("ctrl_c_launcher", "Ctrl-C in the terminal (SIGINT to the launcher's process group), 2 ranks",
-             lambda case, env: launcher_command(env, 1, case / "out"), ("interrupted at step",), klass="signals",
-             launcher=True, fresh_output=False, drive=drive_signal((signal.SIGINT,), 2, group=True),
-             check=two_rank_check),
+        Case("ctrl_c_make_launcher", "Ctrl-C in the terminal of `make stage1 NUM_GPUS=2` (SIGINT to the process "
+             "group of nextgpt.launch), 2 ranks", lambda case, env: launcher_command(env, 1, case / "out", wrapper=True),
+             ("interrupted at step",), klass="signals", launcher=True, fresh_output=False, exit_codes=(130,),
+             drive=drive_signal((signal.SIGINT,), 2, group=True), check=two_rank_check),
+        Case("sigterm_make_launcher", "SIGTERM to nextgpt.launch (a scheduler ending the job), 2 ranks",
+             lambda case, env: launcher_command(env, 1, case / "out", wrapper=True), ("interrupted at step",),
+             klass="signals", launcher=True, fresh_output=False, exit_codes=(143,),
+             drive=drive_signal((signal.SIGTERM,), 2), check=two_rank_check),
         Case("sigkill_launcher", "kill -9 of the `deepspeed` launcher: no rank trains on orphaned",
              lambda case, env: launcher_command(env, 1, case / "out"), (), klass="signals", launcher=True,
              error_line=False, fresh_output=False, drive=drive_signal((signal.SIGKILL,), 2),

@@ -276,9 +276,9 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
             state = tmp / "state"
             hashes = {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)}
             atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
-    except Exception as e:
-        # Disk full / read-only mid-save: drop the partial copy (frees its space); the previous checkpoint and
-        # `latest` were never touched. A library's own error type (safetensors, DeepSpeed) becomes the OSError it
+    except BaseException as e:
+        # Disk full / read-only / a second Ctrl-C mid-save: drop the partial copy (frees its space); the previous
+        # checkpoint and `latest` were never touched. A library's own error type (safetensors, DeepSpeed) becomes the OSError it
         # wraps, naming the checkpoint being written.
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

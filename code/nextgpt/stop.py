@@ -68,6 +68,12 @@ def launcher_ancestors(pid: int | None = None, limit: int = 4) -> list[tuple[int
     return found
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGINT / SIGTERM are for the training process, which stops its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _set_parent_death_signal(signum: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
