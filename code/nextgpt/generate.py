@@ -2,7 +2,7 @@
 
     Conversation(turns human/gpt/.../human, media) --template (prompt_for_generation)--> ids (L,) + soft-token slots
     --NextGPT.embed (input_proj(ImageBind feature) written in)--> inputs_embeds (B, L, D), left-padded
-    --LLM.generate (sampled or greedy, stops at "###" / </s>)--> new ids per row
+    --LLM.generate (sampled or greedy; stops at model.stop, "###" for vicuna_v0, or </s>)--> new ids per row
     --tokens.scan_signal_blocks--> (modality, start) of each complete [IMG0..3] / [VID0..23] / [AUD0..7] block
     --one forward over prompt + answer (right-padded)--> hidden_states[hidden_layer] (B, L', D)
     --NextGPT.project at each block--> conditioning (1, T, D_out) per output
@@ -34,12 +34,6 @@ from nextgpt.data.types import Media, Turn
 from nextgpt.tokens import scan_signal_blocks
 
 logger = logging.getLogger("nextgpt")
-
-def _stop(model) -> str:
-    """The stop text of model.template: "###" (vicuna_v0) or the chat template's turn end (e.g. <|im_end|>)."""
-    from nextgpt.data.conversation import template_of
-
-    return template_of(model.token_ids).stop
 
 
 @dataclass(frozen=True)
@@ -138,7 +132,7 @@ def _llm_generate(model, input_ids, attention_mask, positions, features, samplin
                if sampling.do_sample else dict(do_sample=False))
     result = model.causal_lm.generate(
         input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-        max_new_tokens=sampling.max_new_tokens, stop_strings=[_stop(model)], tokenizer=model.tokenizer,
+        max_new_tokens=sampling.max_new_tokens, stop_strings=[model.stop], tokenizer=model.tokenizer,
         pad_token_id=model.token_ids.pad, eos_token_id=model.token_ids.eos, return_dict_in_generate=True,
         streamer=streamer, **options)
     return result.sequences
@@ -149,7 +143,7 @@ def _cut_at_stop(model, generated: list[int]) -> list[int]:
     for k in range(len(generated)):
         if generated[k] == model.token_ids.eos:
             return generated[:k]
-        if _stop(model) in model.tokenizer.decode(generated[max(0, k - 3):k + 1]):
+        if model.stop in model.tokenizer.decode(generated[max(0, k - 3):k + 1]):
             return generated[:k + 1]
     return generated
 
@@ -166,7 +160,7 @@ def _finish(model, sequences, prompts: list[list[int]], positions, features, dec
         generated = sequence[longest:] if len(sequence) > longest and sequence[longest - len(prompt):longest] == prompt \
             else sequence
         generated = _cut_at_stop(model, generated)
-        text = model.tokenizer.decode(generated, skip_special_tokens=True).split(_stop(model))[0].strip()
+        text = model.tokenizer.decode(generated, skip_special_tokens=True).split(model.stop)[0].strip()
         display = text
         for token in signal_strings:
             display = display.replace(token, "")
