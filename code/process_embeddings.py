@@ -29,8 +29,9 @@ one call prepares stage 2 and stage 3.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from nextgpt import cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -337,14 +338,7 @@ def run(args, log=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from nextgpt.config import ConfigError
-
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError, ConfigError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(lambda: run(args), "process_embeddings")  # one `error:` line, exit 2 (nextgpt.cli)
 
 
 if __name__ == "__main__":

@@ -322,12 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         writer, path, what = writers[part]
         try:
             writer(path)
-        except ImportError as e:        # e.g. nextgpt.imagebind.model before the ImageBind module lands
-            print(f"error: {what}: {e} (build the other parts with --only)", file=sys.stderr)
-            return 1
         except (OSError, ValueError) as e:
             print(f"error: {what}: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(f"[tiny] {what} -> {path}")
     if args.only is None:
         atomic_write_text(out / ".complete", "ok\n")

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             WRITERS[name](Path(args.out) / name)
         except (OSError, ValueError) as e:
             print(f"error: tiny {name}: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(f"[tiny] {name} -> {Path(args.out) / name}")
     return 0
 

@@ -13,7 +13,7 @@
     IT_data/MosIT_data/      mosit_instruction_tuning.json + images/ videos/ audios/ (multi-turn, modality switching)
     .complete                written last: counts of everything above
 
-Formats follow ../shared/reference/NEXTGPT_REFERENCE.md §4 (field names and nesting of the released files). The
+Formats follow the released NExT-GPT data files (field names and nesting). The
 T_X_pair_data and IT_data trees are each written under a temporary name and renamed when complete; other
 folders under --out (caption embeddings, ImageBind features) are left alone.
 """
@@ -102,7 +102,8 @@ class Media:
 # T_X_pair_data
 
 def pair_items(counts: dict[str, int], rng: random.Random) -> dict[str, list[dict]]:
-    """modality -> [{name, caption, attrs, record}] where record is the raw pair-JSON record (reference §4.2)."""
+    """modality -> [{name, caption, attrs, record}]; record: the raw pair-JSON record (cc3m.json: image_name,
+    caption)."""
     items: dict[str, list[dict]] = {}
     for i, (caption, *attrs) in enumerate(_pick(toy.image_captions(), counts["image"], rng)):
         ident = f"{i:09d}"                                   # cc3m ids are zero-padded strings
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         build(Path(args.out), counts, args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"[toy] done -> {args.out}")
     return 0
 

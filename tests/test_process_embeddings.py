@@ -200,7 +200,7 @@ def test_batch_writer_is_atomic_and_overlaps(tmp_path, monkeypatch):
 def test_errors_are_one_line(tiny_env, tmp_path, capsys, argv, message):
     json_path = tiny_env.data / "T_X_pair_data" / "cc3m" / "cc3m.json"
     argv = [a.format(json=json_path, out=tmp_path, data=tiny_env.data) for a in argv]
-    assert process_embeddings.main(argv) == 1
+    assert process_embeddings.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 

@@ -77,7 +77,7 @@ def test_shard_round_trip_and_two_shares_equal_one_run(image_pairs, tmp_path, ca
     assert all(np.array_equal(back[n], reference[n]) for n in reference)
     assert not (files / "shards").exists() and store.read_manifest(files).store == "files"
     # the wrong layout for a folder is one line naming the way out
-    assert _embed(json_path, decoder, files, "--store", "shards") == 1
+    assert _embed(json_path, decoder, files, "--store", "shards") == 2
     assert "convert it" in capsys.readouterr().err
 
 
@@ -126,13 +126,13 @@ def test_killed_share_resumes(image_pairs, tmp_path, monkeypatch):
         return original(self, captions)
 
     monkeypatch.setattr(emb.CaptionEncoder, "encode", killed_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards")
+    # the entry point turns the interrupt into an error line and exit 130 (nextgpt.cli), as Ctrl-C would
+    assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards") == 130
     assert len(store.shard_table(out)) == 8                  # the first batch reached the disk
     monkeypatch.setattr(emb.CaptionEncoder, "encode", original)
     assert _embed(json_path, decoder, out, "--shard", "0/2", "--store", "shards") == 0
     assert not (out / "manifest.json").exists()              # share 1 is not complete
-    assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards", "--fp32") == 1   # dtype differs
+    assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards", "--fp32") == 2   # dtype differs
     seen.clear()
     monkeypatch.setattr(emb.CaptionEncoder, "encode", lambda self, c: (seen.append(len(c)), original(self, c))[1])
     assert _embed(json_path, decoder, out, "--shard", "1/2", "--store", "shards") == 0
@@ -209,7 +209,7 @@ def test_edited_caption_is_recomputed_and_reported_stale(image_pairs, tmp_path, 
     # The same media name with two different captions is an error naming both records.
     records.append({**records[0], "caption": "another caption"})
     data.write_text(json.dumps(records))
-    assert _embed(data, decoder, out) == 1
+    assert _embed(data, decoder, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{data} record 0" in err[0] and f"{data} record 6" in err[0]
 

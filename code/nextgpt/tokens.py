@@ -1,7 +1,7 @@
 """The LLM tokenizer with NExT-GPT's 38 added tokens, and their ids.
 
 Signal-token sequences are built by concatenating ids, never by tokenizing a space-joined string: whether spaces
-around added tokens survive depends on the tokenizer version (reference §1.4, defect 2).
+around added tokens survive depends on the tokenizer version (the original tokenised a space-joined string).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The NExT-GPT sequence template and label masks, for every stage and for inference prompts.
 
-One template serves all stages (reference §2.2-2.5); a stage only changes what the Sample's turns hold:
+One template serves all stages (the original's prompt_wrap); a stage only changes what the Sample's turns hold:
 
     stage 1   <s>### Human: <Img>{soft}</Img> {prompt}\\n### Assistant: {caption}\\n###
     stage 2   <s>### Human: {caption}\\n### Assistant: {caption}[IMG0][IMG1][IMG2][IMG3]\\n###
@@ -16,7 +16,8 @@ Token for token as the original, which matters for importing its released delta 
   "Human: " + q + "\\n### Assistant: " | ...), each with add_special_tokens=False, so a trailing space in a chunk
   is its own "▁" piece exactly as in training the original;
 - BOS is an id (the original inserted it as an embedding), signal blocks and <Img>/</Img> are ids concatenated
-  in (never tokenised from a space-joined string, reference §1.4 / defect 2);
+  in (never tokenised from a space-joined string, whose splitting around added tokens depends on the
+  tokenizer version);
 - the original's tokenizer (transformers 4.29, tokens added with `add_tokens`) stripped whitespace on both sides
   of every added token inside a tokenizer call. We apply that rule explicitly to the text next to an added token
   within a chunk, so "### Human: <Img>" -> ids("### Human:") + [<Img>] and "[IMG3]\\n###" -> [IMG3] + ids("###")
@@ -28,7 +29,8 @@ labels[t] = input_ids[t] where supervised, -100 elsewhere.
 
 The inference prompt (`prompt_for_generation`) is built by the same code and ends exactly where a training
 assistant part begins (after the chunk "... \\n### Assistant: " with its trailing "▁"), with a single BOS:
-this fixes the original's train/inference mismatches (reference §7 items 12 and 15).
+this fixes the original's train/inference mismatches (another prompt at inference than in training; signal
+tokens generated one at a time).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Readers for every NExT-GPT data format -> `Sample` (nextgpt.data.types).
 
-Three record shapes cover all files (reference §4); the shape is told from the record's keys:
+Three record shapes cover all the released files; the shape is told from the record's keys:
 
   pair           {image_name|video_name|audio_name, caption}                 cc3m.json, webvid.json, audiocap.json
   conversations  {conversations: [{from, value}], input_<m>?, <m>_captions?, <m>_caption_embeddings?, output_<m>?}
@@ -396,7 +396,7 @@ def _parse_legacy(record: dict, index: int, ctx: Context) -> Sample:
         if targets:
             raise RecordError(ctx.source, index, "more than one output block but a legacy record has one mm_name")
         # The legacy reader takes the embedding from mm_name; the shipped construction script wrote the same
-        # name as image_name (reference §4.4, defect §7.5), so that is accepted as a fallback.
+        # name as image_name (a defect of the released files), so that is accepted as a fallback.
         key = "mm_name" if "mm_name" in record or "image_name" not in record else "image_name"
         embed_name = _media_name(_field(record, key, index, ctx), key, index, ctx)
         caption = turn.get("caption", "")

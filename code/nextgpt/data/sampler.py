@@ -6,9 +6,10 @@ sizes, global batch size), so all ranks compute the same plan without communicat
 with exactly the batches it would have seen.
 
 Two mixtures (cfg: `mode`):
-  round_robin  as the original (reference §2.7): each round yields one global batch from every dataset in catalog
-               order; rounds = ceil(largest dataset / global batch); smaller datasets wrap around (reshuffled on
-               each pass). Every micro-batch holds ONE dataset (one modality, one stage-3 task).
+  round_robin  as the original (its DistributedMultiDatasetBatchSampler): each round yields one global batch
+               from every dataset in catalog order; rounds = ceil(largest dataset / global batch); smaller
+               datasets wrap around (reshuffled on each pass). Every micro-batch holds ONE dataset (one modality,
+               one stage-3 task).
   mixed        one permutation of all samples of all datasets; batches mix datasets and modalities; the tail is
                filled by wrapping around, so every sample is seen at least once per epoch.
 

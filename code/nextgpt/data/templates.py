@@ -1,6 +1,6 @@
 """Conversation templates: the text around human and assistant turns (`model.template`).
 
-    vicuna_v0  the original NExT-GPT's "###" template (reference §2.2-2.5), token for token:
+    vicuna_v0  the original NExT-GPT's "###" template (its prompt_wrap / build_one_instance), token for token:
                <s>### Human: {q1}\\n### Assistant: {a1}\\n###Human: {q2}\\n### Assistant: {a2}\\n###
     chat       the tokenizer's own chat template (tokenizer.chat_template, Jinja), for LLMs trained with one
                (Qwen2-Instruct, Llama-3-Instruct, Mistral-Instruct ...). Its pieces are found by rendering a

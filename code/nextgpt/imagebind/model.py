@@ -1,8 +1,8 @@
 """ImageBind (vision incl. video, audio, text) with the exact parameter names of `imagebind_huge.pth`.
 
-Written against the structure described in reference §5.2; the layout of every sub-module mirrors the original
-so that `state_dict()` names and shapes equal the released file's (`reference/imagebind_huge_keys.tsv`) for
-vision / audio / text. Depth, thermal and IMU are not built: NExT-GPT never uses them, and their entries in a
+Written against the structure of the original's models/imagebind_model.py; the layout of every sub-module mirrors
+it so that `state_dict()` names and shapes equal the released imagebind_huge.pth's (all of them, checked key by
+key) for vision / audio / text. Depth, thermal and IMU are not built: NExT-GPT never uses them, and their entries in a
 full checkpoint are skipped by name (and only those).
 
 Shapes at the boundary (huge preset):
@@ -30,7 +30,7 @@ BUILT_MODALITIES = ("vision", "audio", "text")
 SKIPPED_MODALITIES = ("depth", "thermal", "imu")
 ALL_MODALITIES = BUILT_MODALITIES + SKIPPED_MODALITIES
 
-# Constructor sizes of the released imagebind_huge (reference §5.2; upstream defaults for the rest).
+# Constructor sizes of the released imagebind_huge (imagebind_model.imagebind_huge; upstream defaults for the rest).
 _HUGE = dict(
     out_embed_dim=1024,
     vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16,
@@ -40,7 +40,7 @@ _HUGE = dict(
     thermal_embed_dim=768, thermal_num_blocks=12, thermal_num_heads=12,
     imu_embed_dim=512, imu_num_blocks=6, imu_num_heads=8, imu_drop_path=0.7,
 )
-# The sizes of reference/imagebind_tiny_parity.safetensors (its metadata `config`; a test checks they agree).
+# The sizes of the tiny parity fixture the tests compare with the original's outputs (its metadata `config`).
 _TINY = dict(
     out_embed_dim=16,
     vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=2,

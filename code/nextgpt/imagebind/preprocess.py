@@ -1,11 +1,11 @@
-"""ImageBind's input preprocessing (reference §5.1), decoded with PIL / soundfile / PyAV, resampled and
-transformed in torch.
+"""ImageBind's input preprocessing (the original's ImageBind/data.py), decoded with PIL / soundfile / PyAV,
+resampled and transformed in torch.
 
     load_image(path) -> (3, 224, 224)          RGB, bicubic short side 224, centre crop, CLIP mean/std
     load_audio(path) -> (3, 1, 128, 204)       16 kHz, 3 clips of 2 s, Kaldi fbank (128 mel), (x + 4.268) / 9.138
     load_video(path) -> (15, 3, 2, 224, 224)   5 clips of 2 s x 2 frames, short side 224, 3 spatial crops each
 
-torchvision / torchaudio / pytorchvideo / decord are not usable beside torch 2.13 (ENVIRONMENT_NOTES.md), so the
+torchvision / torchaudio / pytorchvideo / decord are not usable beside torch 2.13 (their imports fail), so the
 few transforms ImageBind takes from them are written here with the same arithmetic. A file that is missing,
 empty, truncated or not media raises MediaError (a ValueError) whose one-line message names the file.
 """
@@ -310,9 +310,9 @@ def resample(waveform, sample_rate: int, target_rate: int = AUDIO_SAMPLE_RATE):
 
     The arithmetic of torchaudio.functional.resample with its defaults (the original's resampler: a sinc low-pass
     at 0.99 x the lower Nyquist frequency, Hann-windowed over 6 zero crossings, one polyphase conv1d). Written
-    here in torch because torchaudio does not import beside torch 2.13 (ENVIRONMENT_NOTES.md), and no generic
+    here in torch because torchaudio does not import beside torch 2.13 (libc10_cuda.so), and no generic
     resampler (soxr, scipy's filters) reproduces its numbers: with it the audio pipeline equals the original's on
-    every case of reference/imagebind_audio_resample_fixture.safetensors (measured max difference 0.0).
+    every case of a fixture made with the original (7 synthetic wavs, 8 to 48 kHz; measured max difference 0.0).
     A numpy array in gives a numpy array out.
     """
     if isinstance(waveform, np.ndarray):
@@ -337,7 +337,8 @@ def audio_transform(waveform: torch.Tensor) -> torch.Tensor:
 
     As the original's waveform2melspec: each clip is a VIEW of the whole waveform and its mean (over all
     channels) is removed IN PLACE, so the shift lands in the waveform and later, overlapping clips see it
-    (reference §5.1). The fbank then uses channel 0. The caller's tensor is not modified (we work on a copy).
+    (the original's behaviour, kept for parity). The fbank then uses channel 0. The caller's tensor is not
+    modified (we work on a copy).
     """
     waveform = waveform.clone() if waveform.ndim == 2 else waveform[None].clone()    # (channels, samples)
     duration = waveform.shape[1] / AUDIO_SAMPLE_RATE

@@ -10,7 +10,7 @@ Which pipeline class decodes a modality, what it is given besides the embeddings
 output is read and which file it becomes all come from the modality's row of the table (`nextgpt.modalities`); the
 folder from `cfg.model.decoders`; steps, guidance and sizes from the modality's mapping `cfg.inference.<modality>`
 (a request may pass its own, e.g. the app's side panel). Each pipeline is loaded from local files on first use and
-kept for the rest of the process (the original re-loaded all of them on every call, reference §7 item 14).
+kept for the rest of the process (the original's NextGPTModel.generate re-loaded all of them on every call).
 
 Classifier-free guidance needs unconditional embeddings; like the original (and like the pipelines themselves when
 given only `prompt_embeds`) they are the empty prompt through the pipeline's own text encoder, computed once per

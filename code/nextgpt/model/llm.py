@@ -10,7 +10,8 @@ Which rows of `embed_tokens` / `lm_head` train is `train.token_rows`:
   new   only the 38 added rows, through PEFT's trainable-token support: TrainableTokensConfig without LoRA,
         LoraConfig(trainable_token_indices=...) with LoRA. PEFT keeps a (38, D) `trainable_tokens_delta` per matrix
         that replaces those rows in every forward, so the optimizer only ever sees 2 x 38 x D values.
-  all   the whole resized matrices (what the original trained by accident, reference §1.8).
+  all   the whole resized matrices (what the original trained by accident: its resized embed_tokens and
+        lm_head were trainable whole, ≈262 M values).
   none  neither (the rows stay as the resize drew them).
 
 The LLM passed around is either the plain *ForCausalLM or a PeftModel around it; `causal_lm(llm)` gives the

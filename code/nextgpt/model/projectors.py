@@ -2,11 +2,11 @@
 conditioning), one per modality in an nn.ModuleDict keyed by modality name.
 
 Output projector modes (cfg.model.output_proj.mode):
-  transformer  the original's TextFcLayer (reference §1.6), same parameter names (fc, tfm, model, query_embs) so
+  transformer  the original's TextFcLayer (code/model/layers.py), same parameter names (fc, tfm, model, query_embs) so
                its checkpoints map 1:1: Linear(D_llm->d) -> nn.Transformer(pre-norm, batch_first, no masks) with
                learned queries as the decoder input -> Linear(d->D_out).
   linear       Linear(D_llm->D_out) on every signal token, then a learned Linear over the token axis (N -> T).
-               (The original's linear mode has no forward branch and crashes, reference §7 item 8.)
+               (The original's linear mode has no forward branch in TextFcLayer and crashes.)
   qformer      transformers' Blip2QFormerModel: learned queries cross-attend to the projected signal tokens
                (the original loaded bert-base-uncased for this; we build it from config, nothing downloaded).
 Every mode maps (B, N, D_llm) hidden states + (B, N, D_llm) input embeddings of the N signal tokens to
