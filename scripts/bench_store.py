@@ -1,0 +1,380 @@
+"""Dataset-scale data path (issue 15): sharded precompute, the shard store, online caption embeddings.
+
+    python scripts/bench_store.py                 # every part, CPU
+    python scripts/bench_store.py --quick         # 20 k store items, fewer repetitions
+    python scripts/bench_store.py --parts store   # any of: store precompute online
+
+Parts, each on the real code paths:
+  store       100 k items of the tiny image caption-embedding shape (77, 32) written by nextgpt.store.StoreWriter
+              as `files` (float32 .npy per item, the seed's layout) and as `shards` (float16): files and bytes
+              (apparent and allocated) per 100 k items, extrapolated to CC3M's 3.3 M items of SD-1.5's (77, 768);
+              then read throughput of 5,000 random items through StoreReader.get (what the collator calls), warm
+              page cache, both layouts. Targets: shards <= 100 files and <= half the bytes; shard reads >= files.
+  precompute  ImageBind features (tiny ImageBind) of N toy images with process_embeddings.py in 1 process and in
+              2 processes (--shard 0/2, 1/2, started together), each with 1 torch thread and media decoded in the
+              process (--workers 0) so that only the process count differs; items/s from the moment every process
+              has imported and is ready (a go-file), to the last exit. Outputs compared byte for byte. Target >= 1.8x.
+  online      stage-2 training step (forward + backward, image targets) on the mid config: a 4-layer 512-wide
+              Llama and a 4-layer 512-wide CLIP text encoder as the image decoder's, with caption embeddings read
+              from the store (precomputed) vs made by the frozen text encoder inside the step (online); plus the same
+              ratio from FLOP counts at the real sizes (CLIP-L / OpenCLIP-H / CLAP text encoders vs Vicuna-7B).
+process_embeddings / bare text-encoder forward with each layout is scripts/bench_embeddings.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import (REPO, run_cli, machine, machine_line, median, print_table, quiet, set_threads, verdict,
+                          write_json, workspace)
+
+CC3M_ITEMS = 3_300_000
+CC3M_SHAPE = (77, 768)           # SD-1.5's CLIP-L last hidden state
+
+
+def _du(folder: Path) -> tuple[int, int, int]:
+    """(files, apparent bytes, allocated bytes) under folder."""
+    files = apparent = allocated = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            files += 1
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return files, apparent, allocated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# store: files and bytes, read throughput
+
+def bench_store(work: Path, count: int, reads: int) -> dict:
+    import numpy as np
+
+    from nextgpt import store
+
+    shape = (77, 32)
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((1024, *shape), dtype=np.float32)
+    names = [f"{i:09d}.jpg" for i in range(count)]
+    hashes = [store.caption_hash(n) for n in names]
+    result: dict = {"items": count, "shape": list(shape)}
+    folders = {}
+    for layout, dtype in (("files", "float32"), ("shards", "float16")):
+        folder = work / f"store_{layout}"
+        shutil.rmtree(folder, ignore_errors=True)
+        section = store.Section(encoder="bench", shape=list(shape), dtype=dtype, hashed=True)
+        start = time.perf_counter()
+        writer = store.StoreWriter(folder, store.KINDS[0], "image", section, layout=layout)
+        for i in range(0, count, 1024):
+            chunk = names[i:i + 1024]
+            writer.put(chunk, block[:len(chunk)], hashes[i:i + 1024])
+        writer.close()
+        store.merge(folder, store.KINDS[0], "image", section, layout)
+        seconds = time.perf_counter() - start
+        files, apparent, allocated = _du(folder)
+        result[layout] = dict(dtype=dtype, files=files, apparent_bytes=apparent, allocated_bytes=allocated,
+                              write_items_per_s=count / seconds)
+        folders[layout] = folder
+    per = 100_000 / count
+    for layout in ("files", "shards"):
+        r = result[layout]
+        r["files_per_100k"] = r["files"] * per if layout == "files" else r["files"]
+        r["bytes_per_100k"] = r["allocated_bytes"] * per
+    # Reads: the same random names through StoreReader.get, warm cache (one untimed pass first), best of 3.
+    sample = random.Random(0).sample(names, min(reads, count))
+    for layout, folder in folders.items():
+        reader = store.StoreReader(folder)
+        for name in sample:
+            reader.get(name)
+        times = []
+        for _ in range(3):
+            reader = store.StoreReader(folder)            # a fresh process's reader: index + maps opened lazily
+            start = time.perf_counter()
+            for name in sample:
+                reader.get(name, caption=name)
+            times.append(time.perf_counter() - start)
+        result[layout]["read_items_per_s"] = len(sample) / min(times)
+    # CC3M: files = one per item + manifest; float32 (77, 768) + the 128-byte .npy header, 4 KiB blocks.
+    item32 = int(np.prod(CC3M_SHAPE)) * 4 + 128
+    files_bytes = CC3M_ITEMS * (-(-item32 // 4096) * 4096)
+    rows = store.SHARD_BYTES // (int(np.prod(CC3M_SHAPE)) * 2)
+    shards = -(-CC3M_ITEMS // rows)
+    shard_bytes = CC3M_ITEMS * int(np.prod(CC3M_SHAPE)) * 2 + shards * (128 + rows * 40)   # + index JSON
+    result["cc3m"] = dict(items=CC3M_ITEMS, shape=list(CC3M_SHAPE), files_files=CC3M_ITEMS + 2,
+                          files_bytes=files_bytes, shards_files=2 * shards + 1, shards_bytes=shard_bytes,
+                          rows_per_shard=rows)
+    for folder in folders.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precompute: 1 process vs 2 processes
+
+def _worker(args) -> int:
+    """One timed process_embeddings run: import, say ready, wait for the go-file, run, record seconds."""
+    set_threads(1)
+    sys.path.insert(0, str(REPO / "code"))
+    # Everything a run imports, before the clock starts (a long run amortises it; here it would dominate).
+    import process_embeddings
+    import torch  # noqa: F401
+    import tqdm  # noqa: F401
+
+    import nextgpt.data.readers  # noqa: F401
+    import nextgpt.imagebind.encode  # noqa: F401
+    import nextgpt.imagebind.features  # noqa: F401
+    import nextgpt.imagebind.preprocess  # noqa: F401
+
+    if "--imagebind" in args.argv:        # the first model build imports torch's lazy modules (~3 s here)
+        from nextgpt.imagebind.encode import Encoder
+
+        with quiet():
+            Encoder(args.argv[args.argv.index("--imagebind") + 1], args.argv[args.argv.index("--preset") + 1],
+                    device="cpu")
+    ready, go, record = Path(args.ready), Path(args.go), Path(args.record)
+    ready.write_text("ready")
+    while not go.exists():
+        time.sleep(0.01)
+    start = time.perf_counter()
+    with quiet():
+        rc = process_embeddings.main(args.argv)
+    record.write_text(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "end": time.time()}))
+    return 0
+
+
+def _timed_processes(commands: list[list[str]], scratch: Path) -> float:
+    """Start every command's worker, wait until all are ready, release them together; wall seconds to the last."""
+    go = scratch / "go"
+    go.unlink(missing_ok=True)
+    procs, records = [], []
+    for k, argv in enumerate(commands):
+        ready, record = scratch / f"ready_{k}", scratch / f"record_{k}.json"
+        ready.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        records.append(record)
+        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", "--ready", str(ready), "--go", str(go),
+                                        "--record", str(record), "--", *argv],
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"}), ready))
+    while not all(ready.exists() for _, ready in procs):
+        if any(p.poll() is not None for p, _ in procs):
+            raise RuntimeError("a benchmark worker exited before it was ready")
+        time.sleep(0.05)
+    start = time.time()
+    go.write_text("go")
+    for p, _ in procs:
+        p.wait()
+    results = [json.loads(r.read_text()) for r in records]
+    if any(r["rc"] != 0 for r in results):
+        raise RuntimeError(f"process_embeddings failed in a benchmark worker: {results}")
+    return max(r["end"] for r in results) - start
+
+
+def bench_precompute(env, work: Path, count: int, reps: int, store_layout: str = "files") -> dict:
+    images = sorted((env.data / "T_X_pair_data" / "cc3m" / "images").glob("*"))
+    scratch = work / "precompute"
+    shutil.rmtree(scratch, ignore_errors=True)
+    media = scratch / "images"
+    media.mkdir(parents=True)
+    records = []
+    for i in range(count):                 # distinct names (the cache key), the toy images cycled
+        source = images[i % len(images)]
+        name = f"{i:06d}{source.suffix}"
+        os.symlink(source, media / name)
+        records.append({"image_name": name, "caption": "a toy image"})
+    pairs = scratch / "pairs.json"
+    pairs.write_text(json.dumps(records))
+
+    def argv(out: Path, *more: str) -> list[str]:
+        return [str(pairs), "image", str(out), "--features", "--imagebind", str(env.imagebind), "--preset", "tiny",
+                "--batch-size", "8", "--workers", "0", "--device", "cpu", "--store", store_layout, *more]
+
+    one_times, two_times = [], []
+    for rep in range(reps):             # interleaved, so that a change in the machine's load hits both sides
+        one, two = scratch / f"one_{rep}", scratch / f"two_{rep}"
+        one_times.append(_timed_processes([argv(one)], scratch))
+        two_times.append(_timed_processes([argv(two, "--shard", "0/2"), argv(two, "--shard", "1/2")], scratch))
+    names = sorted(p.name for p in (scratch / "one_0").glob("*.npy"))
+    identical = names == sorted(p.name for p in (scratch / "two_0").glob("*.npy")) and all(
+        (scratch / "one_0" / n).read_bytes() == (scratch / "two_0" / n).read_bytes() for n in names)
+    manifests_equal = (scratch / "one_0" / "manifest.json").read_text() == \
+        (scratch / "two_0" / "manifest.json").read_text()
+    result = dict(items=count, reps=reps, one_process_items_per_s=count / median(one_times),
+                  two_processes_items_per_s=count / median(two_times), bit_identical=identical and manifests_equal)
+    result["ratio"] = result["two_processes_items_per_s"] / result["one_process_items_per_s"]
+    result["ratios_per_rep"] = [a / b for a, b in zip(one_times, two_times)]
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# online vs precomputed caption embeddings
+
+# Text encoders of the real decoders (parameters of the transformer body, tokens per caption) and Vicuna-7B.
+REAL_TEXT_ENCODERS = {
+    "image (SD-1.5, CLIP ViT-L/14 text, 123 M)": (123e6, 77),
+    "video (Zeroscope, OpenCLIP ViT-H/14 text, 354 M)": (354e6, 77),
+    "audio (AudioLDM, CLAP RoBERTa-base text, 125 M)": (125e6, 77),
+}
+VICUNA_7B_PARAMS = 6.74e9
+
+
+def flop_ratios(tokens_per_sample: int) -> dict:
+    """Online text-encoder forward (2 N T per caption) / the stage-2 LLM step per sample. Stage 2 runs the LLM
+    forward over every token (2 N L) and the backward over the suffix only (input gradients, 2 N per suffix token;
+    the LLM's weights are frozen): between 2 N L (lower bound on the step) and 4 N L (full backward)."""
+    out = {}
+    for name, (params, tokens) in REAL_TEXT_ENCODERS.items():
+        encoder = 2 * params * tokens
+        out[name] = dict(encoder_gflops=encoder / 1e9, vs_llm_forward=encoder / (2 * VICUNA_7B_PARAMS * tokens_per_sample),
+                         vs_llm_fwd_bwd=encoder / (4 * VICUNA_7B_PARAMS * tokens_per_sample))
+    return out
+
+
+def bench_online(env, work: Path, batch_size: int, reps: int, device, dtype) -> dict:
+    import torch
+
+    from bench_embeddings import ENCODERS, write_decoder
+    from bench_pipeline import MID, write_llm
+    from nextgpt.data.dataset import build_loader
+    from nextgpt.model import caption_encoder
+    from nextgpt.model.nextgpt import build_model, set_trainable
+    from tiny_workspace import code_script
+
+    llm = write_llm(work / "llm_mid", env.ckpt / "vicuna", MID)
+    decoder = write_decoder(work / "text_encoder_mid", env.ckpt / "stable-diffusion", ENCODERS["mid"])
+    embed_dir = work / "online_embed"
+    common = [f"model.llm={llm}", f"model.decoders.image={decoder}", "model.modalities=[image]",
+              "data.datasets=[cc3m_dec]", f"data.embed_dir={embed_dir}", f"train.micro_batch_size={batch_size}",
+              "train.loss_weights={lm: 1.0, image: 1.0}"]
+    with quiet():
+        code_script("process_embeddings").main([*env.argv("stage_2", *common), "--all", "--datasets", "cc3m_dec"])
+    times = {}
+    tokens = []
+    for mode in ("precomputed", "online"):
+        cfg = env.config("stage_2", *common, f"data.caption_embeds={mode}")
+        torch.manual_seed(0)
+        with quiet():
+            model = build_model(cfg, device=device, dtype=dtype)
+            set_trainable(model, cfg)
+            caption_encoder.attach(model, cfg, device, dtype)
+            loader, _ = build_loader(cfg, model.tokenizer, model.token_ids)
+        batches = [b for b, _ in zip(loader, range(4))]
+        tokens = [int(b["attention_mask"].sum()) / b["attention_mask"].shape[0] for b in batches]
+
+        def step(batch):
+            out = model(dict(batch))
+            out["loss"].backward()
+
+        step(batches[0])                                          # warm-up
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            samples.append((time.perf_counter() - start) / len(batches))
+        times[mode] = median(samples)
+    mean_tokens = sum(tokens) / len(tokens)
+    return dict(batch_size=batch_size, reps=reps, precomputed_step_s=times["precomputed"],
+                online_step_s=times["online"], ratio=times["online"] / times["precomputed"],
+                mean_tokens_per_sample=mean_tokens, real_sizes=flop_ratios(tokens_per_sample=80))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    import torch
+
+    if args.quick:
+        args.count, args.reads, args.images, args.reps = min(args.count, 20_000), 2000, 64, 1
+    set_threads(args.threads)
+    work = Path(args.workdir).resolve()
+    env = workspace(work / "tiny")
+    print(machine_line())
+    result: dict = {"machine": machine(), "command": "python scripts/bench_store.py " + " ".join(args.argv)}
+    if "store" in args.parts:
+        s = result["store"] = bench_store(work, args.count, args.reads)
+        f, h = s["files"], s["shards"]
+        print_table(f"store: {s['items']:,} items of {tuple(s['shape'])} written and read through nextgpt.store "
+                    "(per 100 k items; reads: 5,000 random items, warm cache)",
+                    ["layout", "dtype", "files", "MiB", "write items/s", "read items/s", "target"],
+                    [["files", f["dtype"], f["files_per_100k"], f["bytes_per_100k"] / 2**20, f["write_items_per_s"],
+                      f["read_items_per_s"], ""],
+                     ["shards", h["dtype"], h["files_per_100k"], h["bytes_per_100k"] / 2**20, h["write_items_per_s"],
+                      h["read_items_per_s"],
+                      f"files <= 100 {verdict(h['files_per_100k'], 100, False)}; bytes <= 0.5x "
+                      f"{verdict(h['bytes_per_100k'] / f['bytes_per_100k'], 0.5, False)}; reads >= files "
+                      f"{verdict(h['read_items_per_s'] / f['read_items_per_s'], 1.0, True)}"]])
+        c = s["cc3m"]
+        print(f"CC3M ({c['items']:,} items of {tuple(c['shape'])}): files {c['files_files']:,} files, "
+              f"{c['files_bytes'] / 2**40:.2f} TiB (float32) | shards {c['shards_files']:,} files "
+              f"({c['rows_per_shard']:,} rows each), {c['shards_bytes'] / 2**40:.2f} TiB (float16)")
+    if "precompute" in args.parts:
+        p = result["precompute"] = bench_precompute(env, work, args.images, args.reps)
+        print_table(f"process_embeddings --features (tiny ImageBind, {p['items']} toy images, 1 torch thread and no "
+                    f"decode workers per process, median of {p['reps']})",
+                    ["processes", "items/s", "ratio", "target"],
+                    [[1, p["one_process_items_per_s"], 1.0, ""],
+                     [2, p["two_processes_items_per_s"], p["ratio"], f">= 1.8 {verdict(p['ratio'], 1.8, True)}"]])
+        print(f"2-process output {'bit-identical to' if p['bit_identical'] else 'DIFFERS from'} the 1-process output "
+              "(every .npy and the manifest)")
+    if "online" in args.parts:
+        o = result["online"] = bench_online(env, work, args.batch_size, args.reps + 2, torch.device("cpu"),
+                                            torch.float32)
+        print_table(f"stage-2 step (fwd + bwd), mid config (Llama 4x512 + CLIP text 4x512 as the image decoder's), "
+                    f"batch {o['batch_size']}, cpu float32",
+                    ["caption embeddings", "s/step", "ratio"],
+                    [["precomputed (store)", o["precomputed_step_s"], 1.0],
+                     ["online (text encoder in the step)", o["online_step_s"], o["ratio"]]])
+        print_table("the same at real sizes, from FLOPs: online text-encoder forward / stage-2 LLM work per sample "
+                    "(Vicuna-7B, 80 tokens)",
+                    ["decoder text encoder", "GFLOP/caption", "/ LLM fwd", "/ LLM fwd+bwd"],
+                    [[k, v["encoder_gflops"], v["vs_llm_forward"], v["vs_llm_fwd_bwd"]]
+                     for k, v in o["real_sizes"].items()])
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["store", "precompute", "online"],
+                   choices=["store", "precompute", "online"])
+    p.add_argument("--count", type=int, default=100_000, help="store items (default 100 000)")
+    p.add_argument("--reads", type=int, default=5000)
+    p.add_argument("--images", type=int, default=640, help="media for the 1- vs 2-process run (default 640)")
+    p.add_argument("--batch-size", type=int, default=8, help="stage-2 micro-batch (online part)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see bench_common)")
+    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
+    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "store.json"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--worker":
+        w = argparse.ArgumentParser()
+        w.add_argument("--worker", action="store_true")
+        w.add_argument("--ready")
+        w.add_argument("--go")
+        w.add_argument("--record")
+        w.add_argument("argv", nargs=argparse.REMAINDER)
+        args = w.parse_args(argv)
+        args.argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return _worker(args)
+    return run_cli(parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
