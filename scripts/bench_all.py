@@ -11,6 +11,8 @@ Runs, each in its own process (each prints its own table):
   stage1       scripts/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
   encoder      scripts/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
   eval         scripts/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
+  store        scripts/bench_store.py         shard store vs files (files, bytes, reads per 100 k items), 2- vs
+                                              1-process precompute, online vs precomputed caption embeddings
 and, when a CUDA device is present, the GPU variants: bench_pipeline --device cuda --model 7b (tokens/s, MFU) and
 bench_embeddings --device cuda --encoder clip-l. Without a GPU they are listed as not run.
 Exit status 1 when a benchmark failed to run (a missed target is reported, not an error).
@@ -43,6 +45,7 @@ def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
                      "--json", str(OUT / "encoder.json")], OUT / "encoder.json"),
         ("eval", ["scripts/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
          OUT / "eval.json"),
+        ("store", ["scripts/bench_store.py", *q, "--json", str(OUT / "store.json")], OUT / "store.json"),
     ]
     if cuda:
         out += [
@@ -102,6 +105,25 @@ def summary_rows(results: dict) -> list[list]:
         for modality, row in encoder["throughput"].items():
             rows.append([f"ImageBind {encoder['preset']} {modality} end to end /s (cpu)", row["end_to_end_per_s"], "",
                          ""])
+    store = results.get("store") or {}
+    if "store" in store:
+        f, h = store["store"]["files"], store["store"]["shards"]
+        rows.append(["store shards / files per 100k items: files", f"{h['files_per_100k']:.0f} / "
+                     f"{f['files_per_100k']:.0f}", "<= 100", verdict(h["files_per_100k"], 100, False)])
+        ratio = h["bytes_per_100k"] / f["bytes_per_100k"]
+        rows.append(["store shards / files per 100k items: bytes", ratio, "<= 0.5", verdict(ratio, 0.5, False)])
+        ratio = h["read_items_per_s"] / f["read_items_per_s"]
+        rows.append(["store read items/s shards / files", ratio, ">= 1.0", verdict(ratio, 1.0, True)])
+    if "precompute" in store:
+        p = store["precompute"]
+        rows.append([f"features 2 / 1 processes items/s (bit-identical: {p['bit_identical']})", p["ratio"], ">= 1.8",
+                     verdict(p["ratio"], 1.8, True)])
+    if "online" in store:
+        rows.append(["stage-2 step online / precomputed caption embeddings (mid)", store["online"]["ratio"], "", ""])
+    e = results.get("embeddings")
+    if e and "shards_ratio" in e:
+        rows.append([f"process_embeddings / bare forward with shards ({e['encoder']}, {e['device']})",
+                     e["shards_ratio"], f">= {e['shards_target']}", verdict(e["shards_ratio"], e["shards_target"], True)])
     for run in (results.get("eval") or {}).get("runs", []):
         rows.append([f"eval requests/s, mid LLM, batch {run['batch_size']} ({run['requests']} held-out requests)",
                      run["requests_per_s"], "", ""])
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command, json_path in selected:
         print(f"\n=== {name}: python {' '.join(command)}", flush=True)
         start = time.time()
-        if name in ("pipeline", "embeddings", "stage1", "eval"):
+        if name in ("pipeline", "embeddings", "stage1", "eval", "store"):
             command = [*command, "--threads", str(args.threads)]
         rc = subprocess.call([sys.executable, *command], cwd=REPO)
         seconds[name] = time.time() - start
