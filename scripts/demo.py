@@ -1,8 +1,13 @@
 """`make demo`: the whole NExT-GPT pipeline on a CPU in minutes, with tiny models and toy data it builds itself.
 
     tiny checkpoints -> the tiny Vicuna learns the toy language -> toy data -> caption embeddings + ImageBind
-    features -> stage 1 (+ its token accuracy before / after) -> stage 2 -> stage 3 (DeepSpeed on the CPU)
-    -> inference: a question about a toy image, then requests for an image, a video and a sound
+    features -> stage 1 -> its held-out evaluation, untrained vs trained -> stage 2 -> stage 3 (DeepSpeed on the
+    CPU) -> inference: a question about a toy image, then requests for an image, a video and a sound
+
+Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/make_tiny_ckpt.py,
+scripts/make_toy_data.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
+with the tiny configs and `--set` overrides for --workdir and the demo's step budgets (STAGE_SETTINGS). The one
+exception is the toy-language warm-up below: the original has no such step (its Vicuna is already trained).
 
 The tiny Vicuna of make_tiny_ckpt is random; the real one has read the web. So that stage 1 can show what it is
 for (a frozen LLM that already speaks learns to describe media through input_proj), the demo first trains the
@@ -27,21 +32,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from nextgpt import config as config_lib
+from nextgpt import cli
 from nextgpt.io import atomic_write_text
+from nextgpt.runtime import free_port
+from tiny_workspace import tiny_env_at
 
-TINY = ROOT / "code" / "config" / "tiny"
 CPU_DS_CONFIG = ROOT / "code" / "dsconfig" / "cpu.json"
-# Generated folders of the tiny configs (relative to the repository root); --workdir moves them.
-GENERATED_PREFIXES = ("ckpt/tiny", "data/toy", "runs/demo")
 DEFAULT_STEPS = {1: 600, 2: 100, 3: 2000}
 PRETRAIN_STEPS = 200
 # More toy media than make_toy_data's defaults (48 / 24 / 12): the held-out stage-1 captions then number ~50,
@@ -56,53 +58,13 @@ STAGE_SETTINGS = {1: ["data.eval_fraction=0.2", "train.eval_every=100", "train.l
 
 
 class DemoError(RuntimeError):
-    """A step failed; the message names the step and its log."""
+    """A step failed; the message names the step and its log (which holds the step's own error line)."""
 
-
-@dataclass
-class Layout:
-    work: Path
-
-    @property
-    def ckpt(self) -> Path:
-        return self.work / "ckpt" / "tiny"
-
-    @property
-    def data(self) -> Path:
-        return self.work / "data" / "toy"
-
-    @property
-    def runs(self) -> Path:
-        return self.work / "runs" / "demo"
-
-    def overrides(self, stage: str) -> list[str]:
-        """--set strings moving every generated path of code/config/tiny/<stage>.yaml under the workdir."""
-        if self.work.resolve() == ROOT.resolve():
-            return []
-        out: list[str] = []
-
-        def walk(prefix: str, value) -> None:
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    walk(f"{prefix}.{key}" if prefix else key, item)
-            elif isinstance(value, str) and any(value == p or value.startswith(p + "/") for p in GENERATED_PREFIXES):
-                out.append(f"{prefix}={self.work / value}")
-
-        walk("", config_lib.load(TINY / f"{stage}.yaml").to_dict())
-        return out
-
-    def config(self, stage: str, *extra: str):
-        return config_lib.load(TINY / f"{stage}.yaml", [*self.overrides(stage), *extra])
+    exit_code = 2  # nextgpt.cli: the message is the whole story, no traceback of ours to point at
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running steps
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_command(command: list[str], log_path: Path, stdin_text: str | None = None) -> None:
     """Run a step's command, echoing its output live and keeping it in log_path; DemoError on failure."""
@@ -213,47 +175,6 @@ def pretrain_tiny_llm(folder: Path, steps: int, batch_size: int = 32, lr: float 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage-1 token accuracy of a model on the toy captions (the same captions for the untrained and trained model)
-
-def stage1_accuracy(cfg, checkpoint: Path | None) -> dict:
-    """Teacher-forced LM loss and token accuracy of a model on the stage-1 toy captions.
-
-    The captions are the held-out part of the stage-1 datasets (data.eval_fraction, the split train.py holds out
-    with the same seed) when there is one, else the training captions; token-weighted means over all of them.
-    """
-    import torch
-    from torch.utils.data import ConcatDataset, DataLoader
-
-    from nextgpt import checkpoint as checkpoint_lib
-    from nextgpt.data import dataset
-    from nextgpt.data.collate import Collator
-    from nextgpt.model.nextgpt import build_model
-
-    torch.manual_seed(cfg.train.seed)        # the same fresh projector train.py starts stage 1 from
-    model = build_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
-    if checkpoint is not None:
-        # a stage-1 delta holds what stage 1 trained: the output projectors stay as built
-        checkpoint_lib.load_delta(model, checkpoint, allow_missing=("output_proj", "lora"))
-    model.eval()
-    datasets = dataset.build_datasets(cfg, model.tokenizer, model.token_ids)
-    held_out = cfg.data.eval_fraction > 0
-    parts = [d.split(cfg.data.eval_fraction, cfg.train.seed)[1] if held_out else d for d in datasets.values()]
-    collator = Collator(model.token_ids, feature_dir=cfg.path(cfg.data.feature_dir),
-                        caption_shapes=dataset.caption_shapes(cfg))
-    loader = DataLoader(ConcatDataset(parts), batch_size=cfg.train.micro_batch_size, collate_fn=collator)
-    totals, tokens = {"lm": 0.0, "token_acc": 0.0}, 0
-    with torch.no_grad():
-        for batch in loader:
-            out = model(batch)
-            count = int((batch["labels"][:, 1:] != -100).sum())      # predicted (shifted) caption tokens
-            for name in totals:
-                totals[name] += float(out[name]) * count
-            tokens += count
-    return {"samples": sum(len(p) for p in parts), "split": "held-out" if held_out else "training",
-            **{k: v / max(tokens, 1) for k, v in totals.items()}}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 def read_metrics(output_dir: Path, split: str = "train") -> list[dict]:
@@ -342,49 +263,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed",
                         help="train through the deepspeed launcher (default) or a plain python process")
     args = parser.parse_args(argv)
-    try:
-        return demo(args)
-    except (DemoError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return cli.run(lambda: demo(args), "demo")  # a failed step: one `error:` line naming its log, exit 2
 
 
 def demo(args) -> int:
     started = time.time()
-    layout = Layout(Path(args.workdir).resolve())
+    work = Path(args.workdir).resolve()
+    # ckpt/tiny, data/toy and runs/ under the workdir; every path of the tiny configs pointed there (--set)
+    env = tiny_env_at(work, work / "ckpt" / "tiny", work / "data" / "toy")
+    runs = work / "runs" / "demo"
     python = sys.executable
     if args.fresh:
-        for folder in (layout.ckpt, layout.data, layout.runs):
+        for folder in (env.ckpt, env.data, runs):
             if folder.exists():
                 print(f"--fresh: removing {folder}", flush=True)
                 shutil.rmtree(folder)
-    layout.runs.mkdir(parents=True, exist_ok=True)
-    stamps = layout.runs / "stamps"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamps = runs / "stamps"
     settings = {stage: STAGE_SETTINGS[stage] for stage in (1, 2, 3)}
-    cfg = {stage: layout.config(f"stage_{stage}", *settings[stage]) for stage in (1, 2, 3)}
+    cfg = {stage: env.config(stage, *settings[stage]) for stage in (1, 2, 3)}
     outputs = {stage: cfg[stage].path(cfg[stage].train.output_dir) for stage in (1, 2, 3)}
     llm_folder = cfg[1].path(cfg[1].model.llm)
-    steps = Steps(12, layout.runs / "logs")
-
-    def with_config(stage: int | str, *extra: str) -> list[str]:
-        name = f"stage_{stage}" if isinstance(stage, int) else stage
-        arguments = ["--config", str(TINY / f"{name}.yaml")]
-        for text in [*layout.overrides(name), *extra]:
-            arguments += ["--set", text]
-        return arguments
+    steps = Steps(11, runs / "logs")
+    with_config = env.argv            # ['--config', code/config/tiny/<stage>.yaml, '--set', ...]
 
     def tool(script: str, *arguments: str):
         return lambda log: run_command([python, str(ROOT / script), *arguments], log)
 
     # 1-2: tiny checkpoints of the real architectures; the tiny Vicuna learns the toy language
-    steps("tiny checkpoints", layout.ckpt / ".complete",
-          tool("scripts/make_tiny_ckpt.py", "--out", str(layout.ckpt), "--data", str(layout.data)))
+    steps("tiny checkpoints", env.ckpt / ".complete",
+          tool("scripts/make_tiny_ckpt.py", "--out", str(env.ckpt), "--data", str(env.data)))
     steps("toy-language pre-training of the tiny Vicuna", llm_folder / "pretrained.json",
           lambda log: pretrain_tiny_llm(llm_folder, args.pretrain_steps))
 
     # 3-5: toy data; caption embeddings (stage 2/3 targets); ImageBind features (stage 1/3 inputs)
-    steps("toy data", layout.data / ".complete", tool("scripts/make_toy_data.py", "--out", str(layout.data),
-                                                       *[f"--{kind}={count}" for kind, count in TOY_COUNTS.items()]))
+    steps("toy data", env.data / ".complete", tool("scripts/make_toy_data.py", "--out", str(env.data),
+                                                    *[f"--{kind}={count}" for kind, count in TOY_COUNTS.items()]))
 
     def process(what: str, stages: tuple[str, ...], *extra: str):
         def action(log: Path) -> None:
@@ -399,19 +313,10 @@ def demo(args) -> int:
     steps("ImageBind features (stage 1 and 3 inputs)", stamps / "features.done",
           process("features", ("stage_1", "stage_3"), "--features"))
 
-    # 6-8: stage-1 accuracy of the untrained model, stage 1, the same measurement after it
-    accuracy_path = layout.runs / "stage1_accuracy.json"
-    accuracy = json.loads(accuracy_path.read_text()) if accuracy_path.exists() else {}
-
-    def measure(which: str, checkpoint: Path | None):
-        def action(log: Path) -> None:
-            result = stage1_accuracy(cfg[1], checkpoint)
-            accuracy[which] = result
-            atomic_write_text(accuracy_path, json.dumps(accuracy, indent=2) + "\n")
-            atomic_write_text(stamps / f"{which}.done", "ok\n")
-            print(f"  {which}: token accuracy {result['token_acc']:.3f}, LM loss {result['lm']:.3f} "
-                  f"on {result['samples']} {result['split']} toy captions", flush=True)
-        return action
+    # 6-7: stage 1; the held-out evaluation of the untrained model (fresh input_proj) and the trained one
+    stage1_eval = runs / "stage1_eval"
+    evaluate = tool("code/evaluate.py", *with_config(1, *settings[1]), "--ckpt", "base", str(outputs[1]),
+                    "--out", str(stage1_eval), "--decode", "0")
 
     def train(stage: int):
         command = [str(ROOT / "code" / "train.py"), *with_config(stage, *settings[stage]),
@@ -439,21 +344,22 @@ def demo(args) -> int:
               flush=True)
         for stage in range(stale, 4):
             shutil.rmtree(outputs[stage], ignore_errors=True)
-        for stamp in ("untrained.done", "trained.done") if stale == 1 else ():    # measured on that base too
-            (stamps / stamp).unlink(missing_ok=True)
-        shutil.rmtree(layout.runs / "inference", ignore_errors=True)
+        if stale == 1:                                                          # measured on that base too
+            shutil.rmtree(stage1_eval, ignore_errors=True)
+        shutil.rmtree(runs / "inference", ignore_errors=True)
 
-    steps("stage-1 accuracy, untrained", stamps / "untrained.done", measure("untrained", None))
     steps("stage 1 training (encoder side: input_proj)", outputs[1] / "done.json", train(1))
-    steps("stage-1 accuracy, trained", stamps / "trained.done", measure("trained", outputs[1]))
+    steps("stage-1 held-out evaluation, untrained vs trained (code/evaluate.py)", stage1_eval / "metrics.json",
+          evaluate)
+    accuracy = stage1_accuracy(stage1_eval / "metrics.json")
 
-    # 9-10: stages 2 and 3
+    # 8-9: stages 2 and 3
     steps("stage 2 training (decoder side: output_proj)", outputs[2] / "done.json", train(2))
     steps("stage 3 training (instructions: LoRA + both projections)", outputs[3] / "done.json", train(3))
 
-    # 11: inference through the interactive CLI, greedy
-    inference_dir = layout.runs / "inference"
-    image, caption = first_toy_image(layout.data)
+    # 10: inference through the interactive CLI, greedy
+    inference_dir = runs / "inference"
+    image, caption = first_toy_image(env.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
                 # the toy instruction data's wording (toyworld.GENERATION_PROMPTS + a toy caption)
                 "Can you show me a picture of a red circle on a black background",
@@ -471,8 +377,8 @@ def demo(args) -> int:
 
     steps("inference (an image in; an image, a video and a sound out)", inference_dir / "requests.json", infer)
 
-    # 12: report
-    print(f"\n[demo 12/12] report\n", flush=True)
+    # 11: report
+    print(f"\n[demo 11/11] report\n", flush=True)
     pretrained = json.loads((llm_folder / "pretrained.json").read_text())
     train_metrics = {stage: read_metrics(outputs[stage]) for stage in (1, 2, 3)}
     panels = {f"tiny Vicuna, toy language ({pretrained['steps']} steps)": {"lm loss": pretrained["history"]}}
@@ -489,7 +395,7 @@ def demo(args) -> int:
             curves["held-out acc, untrained / trained"] = [(0, accuracy["untrained"]["token_acc"]),
                                                            (records[-1]["step"], accuracy["trained"]["token_acc"])]
         panels[f"stage {stage}"] = curves
-    curves_path = layout.runs / "loss_curves.png"
+    curves_path = runs / "loss_curves.png"
     plot_curves(panels, curves_path)
 
     lines = ["NExT-GPT demo: tiny models, toy data, CPU", "",
@@ -506,9 +412,10 @@ def demo(args) -> int:
         lines.append(line + "   (mean of the first 5 steps -> of the last 5)")
     if "untrained" in accuracy and "trained" in accuracy:
         u, t = accuracy["untrained"], accuracy["trained"]
-        lines.append(f"  stage-1 token accuracy on the same {t['samples']} {t['split']} toy captions: "
+        lines.append(f"  stage-1 token accuracy on the same {t['samples']} held-out toy captions: "
                      f"untrained {u['token_acc']:.3f} -> trained {t['token_acc']:.3f}   "
-                     f"(LM loss {u['lm']:.3f} -> {t['lm']:.3f})")
+                     f"(LM loss {u['heldout_lm']:.3f} -> {t['heldout_lm']:.3f}; BLEU-4 of greedy captions "
+                     f"{u.get('bleu4', float('nan')):.3f} -> {t.get('bleu4', float('nan')):.3f}; {stage1_eval / 'report.md'})")
     lines += ["", "  checkpoints:", f"    tiny Vicuna (toy language): {llm_folder}"]
     for stage in (1, 2, 3):
         done = outputs[stage] / "done.json"
@@ -528,8 +435,19 @@ def demo(args) -> int:
               f"  time: {time.time() - started:.0f} s for this run" + (f" ({step_times})" if step_times else "")]
     text = "\n".join(lines)
     print(text, flush=True)
-    atomic_write_text(layout.runs / "report.txt", text + "\n")
+    atomic_write_text(runs / "report.txt", text + "\n")
     return 0
+
+
+def stage1_accuracy(metrics_path: Path) -> dict:
+    """{"untrained" | "trained": evaluate.py's metrics (token_acc, heldout_lm, bleu4, ...) + "samples"} from its
+    metrics.json (base first, then the stage-1 checkpoint); {} before that step has run."""
+    if not metrics_path.is_file():
+        return {}
+    summary = json.loads(metrics_path.read_text())
+    samples = sum(summary.get("requests", {}).values())
+    base, trained = summary["checkpoints"][:2]
+    return {"untrained": {**base["metrics"], "samples": samples}, "trained": {**trained["metrics"], "samples": samples}}
 
 
 def short_signals(text: str) -> str:

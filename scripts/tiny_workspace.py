@@ -136,20 +136,27 @@ class TinyEnv:
         return self.data / "features"
 
 
+def tiny_env_at(root: Path, ckpt: Path | None = None, data: Path | None = None) -> TinyEnv:
+    """A TinyEnv over folders (default root/ckpt, root/data; nothing is built) with the overrides that point every
+    model / data / inference path of the tiny configs (the same in every stage file) at them."""
+    ckpt, data = ckpt or root / "ckpt", data or root / "data"
+    env = TinyEnv(root=root, ckpt=ckpt, data=data, delta=ckpt / "delta")
+    env.overrides = env._path_overrides("stage_3", ("model", "data", "inference"))
+    if not any(o.startswith("inference.ckpt=") for o in env.overrides):
+        # the tiny configs inherit the real inference.ckpt; the tiny stage-3 delta is the one to decode with
+        env.overrides.append(f"inference.ckpt={env.delta / 'stage_3'}")
+    return env
+
+
 def build_tiny_env(root: Path) -> TinyEnv:
     """Toy data (make_toy_data.main) and tiny checkpoints (make_tiny_ckpt.main) under `root`."""
     import make_tiny_ckpt
     import make_toy_data
 
-    env = TinyEnv(root=root, ckpt=root / "ckpt", data=root / "data", delta=root / "ckpt" / "delta")
+    env = tiny_env_at(root)
     if make_toy_data.main(["--out", str(env.data)]) != 0:
         raise RuntimeError("tiny workspace: make_toy_data failed (see its error line above)")
     if make_tiny_ckpt.main(["--out", str(env.ckpt), "--data", str(env.data), "--only", "llm", "pipelines"]) != 0:
         raise RuntimeError("tiny workspace: make_tiny_ckpt failed (see its error line above)")
     _ = env.imagebind
-    # every model/data/inference path of the tiny configs (the same in every stage file) -> these folders
-    env.overrides = env._path_overrides("stage_3", ("model", "data", "inference"))
-    if not any(o.startswith("inference.ckpt=") for o in env.overrides):
-        # the tiny configs inherit the real inference.ckpt; the tiny stage-3 delta is the one to decode with
-        env.overrides.append(f"inference.ckpt={env.delta / 'stage_3'}")
     return env
