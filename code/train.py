@@ -5,7 +5,7 @@
     deepspeed --num_gpus 2 code/train.py --config ... --set train.micro_batch_size=2
 
 config -> runtime (device, dtype, rank) -> model (+ init_from, trainable set) -> data (nextgpt.data.loaders) ->
-engine (runtime.build_engine) -> the loop below, which adds up NextGPT.forward's dict of losses (nextgpt.runlog).
+engine (nextgpt.engine.build_engine) -> the loop below, which adds up NextGPT.forward's dict of losses (nextgpt.runlog).
 Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.resume); `--resume auto` (the default)
 continues from <train.output_dir>/latest bit-exactly on CPU.
 """
@@ -101,6 +101,7 @@ def train(args: argparse.Namespace) -> dict:
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
     from nextgpt import checkpoint, legacy
     from nextgpt.data.loaders import build_run_data, count_steps
+    from nextgpt.engine import build_engine
     from nextgpt.model.nextgpt import build_model, set_trainable
     from nextgpt.model import caption_encoder
 
@@ -128,7 +129,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     max_steps, steps_per_epoch = count_steps(cfg, train_sampler)
     runtime.fill_ds_config(ds_config, cfg, rt.world_size, max_steps, ds_path)
 
-    engine = runtime.build_engine(model, cfg, ds_config)
+    engine = build_engine(model, cfg, ds_config)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the ZeRO wrapper holds the real one
     log(f"optimizer: {type(base).__module__.split('.')[0]} {type(base).__name__}, ZeRO stage "
         f"{engine.zero_optimization_stage()}, model quantization {cfg.model.quantization}")

@@ -5,7 +5,7 @@
     python scripts/bench_gpu_steps.py --device cpu --shape mid --stages 1 2 3 --steps 2  # dry run of the same code
 
 The model is build_7b of bench_pipeline (Vicuna-7B's shape, random init, the tiny tokenizer's ids, NExT-GPT's
-projectors at their real size) around the real NextGPT; the engine is runtime.build_engine with the stage's
+projectors at their real size) around the real NextGPT; the engine is nextgpt.engine.build_engine with the stage's
 DeepSpeed JSON (code/dsconfig/stage_<N>.json, "auto" filled from the stage YAML) -- the objects train.py builds;
 each step is engine(batch) -> engine.backward(loss) -> engine.step() on batches from the real loader (toy data,
 the tiny tokenizer). Timing: the median of --steps steps after --warmup, synchronised.
@@ -58,7 +58,9 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     torch.manual_seed(0)
     model, _ = build_7b(cfg, rt.device, rt.dtype, SHAPES[args.shape], with_bare=False)
     counts = set_trainable(model, cfg)
-    engine = runtime.build_engine(model, cfg, ds)
+    from nextgpt.engine import build_engine
+
+    engine = build_engine(model, cfg, ds)
     loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size)
     batches = []
     for batch in loader:
