@@ -880,8 +880,7 @@ MOUNTS: dict[Path, list[Path]] = {}
 
 def mount(case: Path, target: Path, *options: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", *options, str(target)] if options[0] != "--bind" else ["mount", *options],
-                   check=True, capture_output=True)
+    subprocess.run(["mount", *options, str(target)], check=True, capture_output=True)
     MOUNTS.setdefault(case, []).append(target)
 
 
@@ -891,7 +890,8 @@ def unmount_all(case: Path) -> None:
 
 
 def checkpoint_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes a checkpoint folder takes on a file system of 4 kB pages (tmpfs)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 + 4096 * p.is_dir() for p in folder.rglob("*")) + 4096
 
 
 def reference_copy(case: Path, stage: int = 1) -> Path:
@@ -1026,7 +1026,7 @@ def scenario_cases() -> list[Case]:
         out = case / "out"
         size = checkpoint_size(final_checkpoint(REFS.run(1)))
         # Room for the logs and two checkpoints, not three: with keep_last 2 the third save (step 6) runs out.
-        mount(case, out, "-t", "tmpfs", "-o", f"size={int(2.5 * size) + 256 * 1024}", "tmpfs")
+        mount(case, out, "-t", "tmpfs", "-o", f"size={int(2.5 * size) + 64 * 1024}", "tmpfs")
         return train_command(env, 1, out, None)
 
     def read_only(case: Path, env) -> list[str]:
@@ -1306,12 +1306,16 @@ def run_case(case_def: Case, env, root: Path) -> Check:
         return Check("inputs", case_def.name, False, f"harness could not build the case: {type(e).__name__}: {e}",
                      klass=klass)
     try:
-        if case_def.drive is not None:
-            rc, stdout, stderr = case_def.drive(command, case, case / "command.log")
-        else:
-            rc, stdout, stderr = run(command, case / "command.log", timeout=300)
+        return _run_and_check(case_def, command, case, env, klass)
     finally:
-        unmount_all(case)
+        unmount_all(case)                   # after the checks: they read what the mounted folder holds
+
+
+def _run_and_check(case_def: Case, command: list[str], case: Path, env, klass: str) -> Check:
+    if case_def.drive is not None:
+        rc, stdout, stderr = case_def.drive(command, case, case / "command.log")
+    else:
+        rc, stdout, stderr = run(command, case / "command.log", timeout=300)
     text = stdout + stderr
     problems = []
     if TRACEBACK in text:
