@@ -87,16 +87,15 @@ class Session:
     def run(self, request: Request) -> dict:
         """Generate for one request, print the reply, write its files; returns {text, files, truncated}."""
         from nextgpt.data.types import Media
-        from nextgpt.generate import Conversation, generate
+        from nextgpt.generate import Conversation, decode, generate
         from nextgpt.io import atomic_write_text
-        from nextgpt.model.decoders import write
 
         check_media(request)
         media = [Media(modality, str(path.resolve()), path.name) for modality, path in request.media]
         start = time.time()
-        (reply,) = generate(self.model, [Conversation.of(request.text, media)], self.sampling, self.seed,
-                            decoders=self.decoders)
-        print(f"assistant: {reply.text}", flush=True)      # before any file: a failed write never loses the reply
+        (reply,) = generate(self.model, [Conversation.of(request.text, media)], self.sampling, self.seed)
+        # the reply first: a decoder that fails to load or an unwritable --out never loses it
+        print(f"assistant: {reply.text}", flush=True)
         for modality in reply.truncated:
             print(f"  note: the {modality} signal block was cut off at max_new_tokens="
                   f"{self.sampling.max_new_tokens}; no {modality} written (raise inference.max_new_tokens)", flush=True)
@@ -104,10 +103,8 @@ class Session:
             print(f"  note: the {modality} signal tokens came out of order; no {modality} written", flush=True)
         reply_path = self.out_dir / f"reply_{self.requests}.txt"
         atomic_write_text(reply_path, reply.text + "\n")
-        files = [reply_path]
-        for output in reply.outputs:
-            files.append(write(output.decoded, self.out_dir, self.counts[output.modality]))
-            self.counts[output.modality] += 1
+        decode(reply, self.decoders, self.seed, out_dir=self.out_dir, counts=self.counts)
+        files = [reply_path] + [output.path for output in reply.outputs]
         for path in files:
             print(f"  wrote {path}", flush=True)
         print(f"  ({time.time() - start:.1f} s)", flush=True)

@@ -177,15 +177,24 @@ def _finish(model, sequences, prompts: list[list[int]], positions, features, dec
         _conditioning(model, rows_with_blocks, prompts, replies, positions, longest, features)
     if decoders is not None:
         for reply in replies:
-            for output in reply.outputs:
-                settings = (decoder_settings or {}).get(output.modality)
-                output.decoded = decoders.decode(output.modality, output.conditioning, seed=seed, settings=settings)
-                if out_dir is not None:
-                    from nextgpt.model.decoders import write
-
-                    output.path = write(output.decoded, out_dir, counts.get(output.modality, 0))
-                    counts[output.modality] = counts.get(output.modality, 0) + 1
+            decode(reply, decoders, seed, decoder_settings, out_dir, counts)
     return replies
+
+
+def decode(reply: Reply, decoders, seed: int | None = None, decoder_settings: dict | None = None,
+           out_dir: str | Path | None = None, counts: dict[str, int] | None = None) -> Reply:
+    """Decode every output of `reply` (Output.decoded) and, with out_dir, write <modality>_<n>.<ext> there
+    (Output.path; n from `counts`, which is updated). generate / stream do this when given decoders."""
+    from nextgpt.model.decoders import write
+
+    counts = {} if counts is None else counts
+    for output in reply.outputs:
+        settings = (decoder_settings or {}).get(output.modality)
+        output.decoded = decoders.decode(output.modality, output.conditioning, seed=seed, settings=settings)
+        if out_dir is not None:
+            output.path = write(output.decoded, out_dir, counts.get(output.modality, 0))
+            counts[output.modality] = counts.get(output.modality, 0) + 1
+    return reply
 
 
 def _conditioning(model, rows_with_blocks, prompts, replies, positions, longest, features) -> None:
