@@ -124,12 +124,10 @@ class Checker:
 
     def imagebind_keys(self, item: Item) -> None:
         """Compare the .pth key table and shapes with nextgpt.imagebind.model (memory-mapped; nothing loaded)."""
-        try:
-            import torch
-            from nextgpt.imagebind.model import ImageBindModel, preset, select_state_dict
-        except ImportError as e:
-            item.note += f"; key check skipped (nextgpt.imagebind.model not importable: {e})"
-            return
+        import torch
+
+        from nextgpt.imagebind.model import ImageBindModel, preset, select_state_dict
+
         try:
             state = torch.load(item.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable; say which

@@ -47,13 +47,10 @@ def write_tokenizer(out: Path, vocab_size: int = 700) -> None:
 
 def _quiet() -> None:
     """Per-shard progress bars of a few-MB save are noise in `make tiny` and test logs."""
+    import diffusers
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    try:
-        import diffusers
-    except ImportError:
-        return
     diffusers.utils.logging.disable_progress_bar()
 
 
