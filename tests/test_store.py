@@ -314,3 +314,29 @@ def test_collator_online_mode_carries_captions_and_validation_skips_embeddings(t
     assert sum(counts.values()) == sum(len(s.targets) for s in batch["samples"])
     assert batch["caption_texts"] == {m: [t.caption for s in batch["samples"] for t in s.targets if t.modality == m]
                                       for m in counts}
+
+
+def test_undecodable_media_fail_in_one_line_or_are_counted_skips(tiny_env, tmp_path, capsys):
+    """process_embeddings --features: a present file that does not decode names the file and its record, or with
+    data.skip_bad_records is skipped, counted once and left out (the rest is written)."""
+    source = tiny_env.data / "T_X_pair_data" / "cc3m"
+    records = json.loads((source / "cc3m.json").read_text())[:5]
+    (tmp_path / "images").mkdir()
+    for r in records:
+        os.symlink(source / "images" / r["image_name"], tmp_path / "images" / r["image_name"])
+    broken = records[3]["image_name"]
+    (tmp_path / "images" / broken).unlink()
+    (tmp_path / "images" / broken).write_bytes(b"not an image at all" * 10)
+    pairs = tmp_path / "cc3m.json"
+    pairs.write_text(json.dumps(records))
+    argv = [str(pairs), "image", str(tmp_path / "features"), "--features", "--imagebind", str(tiny_env.imagebind),
+            "--preset", "tiny", "--batch-size", "2", "--workers", "0"]
+    assert process_embeddings.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and broken in err[0] and f"{pairs} record 3" in err[0]
+    assert process_embeddings.main([*argv, "--set", "data.skip_bad_records=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped 1 unusable medium (first: {tmp_path / 'images' / broken}" in out
+    written = sorted(p.name[:-4] for p in (tmp_path / "features").glob("*.npy"))
+    assert written == sorted(r["image_name"] for r in records if r["image_name"] != broken)
+    assert store.read_manifest(tmp_path / "features").modalities["image"].count == 4
