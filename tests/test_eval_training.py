@@ -27,7 +27,11 @@ def test_generation_checks_add_the_emission_rate(tiny_env):
     assert {item.requested for item in checks.items} == {"image", "text"}
     assert all(sum(i.requested == r for i in checks.items) <= R.TRAINING_REQUESTS for r in ("image", "text"))
     model.train()
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
     result = checks.run(model, step=1)
+    assert torch.equal(torch.rand(3), expected_next)           # training's random stream is left as it was
     assert set(result) >= {"emission.image", "emission.text"}
     assert all(0.0 <= result[k] <= 1.0 for k in ("emission.image", "emission.text"))
     assert model.training                                        # generation leaves the training mode as it was

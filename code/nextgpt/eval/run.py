@@ -327,8 +327,12 @@ class GenerationChecks:
         import tempfile
 
         self.features.attach(model)
+        # generation seeds torch's generators: keep training's random streams (dropout, sampling) as they were
+        device = model.device
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with torch.random.fork_rng(devices=cuda), tempfile.TemporaryDirectory() as tmp:
                 result, records = evaluate_model(model, self.items, self.cfg, options, media_dir=Path(tmp),
                                                  decoders=self.decoders if options.decode else None,
                                                  scorer=self.scorer)
