@@ -29,7 +29,7 @@ import torch
 
 from nextgpt.delta_state import apply_delta_state, delta_state, group_of
 from nextgpt.fingerprint import BaseMismatchError, base_fingerprint, check_same_base
-from nextgpt.io import atomic_dir, atomic_write_bytes, atomic_write_text, first_line, sha256_file
+from nextgpt.io import atomic_dir, atomic_write_bytes, atomic_write_text, first_line, read_json, sha256_file
 from nextgpt.model import llm as llm_utils
 from nextgpt.model_card import finish_adapter
 
@@ -128,16 +128,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: neither a delta folder ({DELTA_FILE}) nor a run folder with '{LATEST_FILE}'")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: unreadable ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors.torch.load_file with every failure as one line naming the file."""
     from safetensors import SafetensorError
@@ -159,7 +149,7 @@ def load_delta(model, path: str | os.PathLike, allow_missing=()) -> dict:
     """
     folder = resolve_checkpoint(path)
     meta_path = folder / META_FILE
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    meta = read_json(meta_path, kind=dict) if meta_path.is_file() else {}
     for name, digest in meta.get("files", {}).items():
         file = folder / name
         if not file.is_file():
@@ -200,7 +190,7 @@ def _read_adapter(model, adapter: Path) -> dict[str, torch.Tensor]:
     if not llm_utils.has_lora(model.llm):
         raise ValueError(f"{adapter}: the checkpoint has a LoRA adapter but the model has no LoRA "
                          "(set model.lora.enabled: true)")
-    saved = _read_json(adapter / "adapter_config.json")
+    saved = read_json(adapter / "adapter_config.json", kind=dict)
     ours = model.llm.peft_config["default"]
     for field, theirs, mine in (("r", saved.get("r"), ours.r), ("lora_alpha", saved.get("lora_alpha"), ours.lora_alpha),
                                 ("target_modules", sorted(saved.get("target_modules") or []),

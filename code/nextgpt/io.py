@@ -30,15 +30,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: str | os.PathLike, missing: str = "missing"):
-    """Parse a JSON file; a missing or malformed file raises one line naming it ("<path>: <missing>")."""
+def read_json(path: str | os.PathLike, missing: str = "missing", kind: type | None = None):
+    """Parse a JSON file; a missing, unreadable or malformed file (or, with `kind`, a top level of another type)
+    raises one line naming it ("<path>: <missing>")."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {missing}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+        raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{path}: unreadable ({first_line(e)})") from None
+    if kind is not None and not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got "
+                         f"{type(data).__name__}")
+    return data
 
 
 def first_line(error: BaseException) -> str:
