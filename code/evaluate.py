@@ -1,7 +1,8 @@
 """Evaluate NExT-GPT checkpoints on the held-out split: did further training improve the model?
 
-    python code/evaluate.py --config code/config/stage_3.yaml --ckpt ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_3
-    python code/evaluate.py --config code/config/tiny/stage_3.yaml --ckpt base ckpt/tiny/delta/stage_1 \\
+    python code/evaluate.py --config code/config/eval.yaml --ckpt base ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_3
+    python code/evaluate.py --config code/config/stage_3.yaml --set data.eval_fraction=0.01 --ckpt runs/mine
+    python code/evaluate.py --config code/config/tiny/eval.yaml --ckpt base ckpt/tiny/delta/stage_1 \\
         ckpt/tiny/delta/stage_2 ckpt/tiny/delta/stage_3 --out runs/eval/tiny --limit 8     # = make eval CONFIG=tiny
 
 --ckpt takes any number of: a delta folder, a run folder (its `latest`), an original pytorch_model.pt, or
