@@ -658,6 +658,16 @@ def cases() -> list[Case]:
                                          "data.datasets=[cc3m_enc]"),
                 "--max-steps", "2"]
 
+    def live_corrupt_some_images(case: Path, env) -> list[str]:
+        data = data_copy(case, env)
+        images = media_file(data, "image").parent
+        for image in sorted(images.iterdir())[:3]:            # present, not decodable; the rest are fine
+            corrupt(image)
+        return [PYTHON, TRAIN, *env.argv("stage_1", *data_overrides(data, case / "no_features"),
+                                         f"train.output_dir={case / 'out'}", "train.report_to=[]",
+                                         "data.datasets=[cc3m_enc]", "data.skip_bad_records=true"),
+                "--max-steps", "2"]
+
     def corrupt_init_from(case: Path, env) -> list[str]:
         data = data_copy(case, env)
         delta = case / "stage_1_delta"
@@ -706,6 +716,8 @@ def cases() -> list[Case]:
     table += [
         Case("corrupt_jpg_live", "corrupt .jpg files, stage 1 without a feature cache (train.py)", live_corrupt_image,
              (".jpg",)),
+        Case("skip_corrupt_jpg_live", "corrupt .jpg files, stage 1 live encoding, data.skip_bad_records=true: "
+             "counted skip", live_corrupt_some_images, (), skip=True, klass="media"),
         Case("malformed_json", "pair JSON cut in half (train.py stage 1)",
              train_case(1, data_fn=edit_pairs("image", truncate_json)), ("cc3m.json",), quick=True),
         Case("missing_field", "record without its caption (train.py stage 1)",

@@ -24,7 +24,9 @@ def check_data(cfg, log) -> dict:
     from nextgpt.data import validate
 
     names = list(dict.fromkeys([*cfg.data.datasets, *cfg.data.eval_datasets]))
-    report = validate.validate(cfg, names, decode=False)
+    # Skipping bad records is exact only if undecodable media are found too: with data.skip_bad_records the media
+    # that live encoding will read (no cached feature) are decoded once here.
+    report = validate.validate(cfg, names, decode=False, decode_media=cfg.data.skip_bad_records)
     if report.ok:
         return {}
     if not (cfg.data.skip_bad_records and report.only_bad_records):

@@ -212,8 +212,12 @@ def _expected_shapes(cfg, report: Report, dtypes: dict[str, str] | None = None) 
     return shapes
 
 
-def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None) -> Report:
-    """Check the catalog datasets `names` (default cfg.data.datasets) of cfg; see the module docstring."""
+def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
+             decode_media: bool | None = None) -> Report:
+    """Check the catalog datasets `names` (default cfg.data.datasets) of cfg; see the module docstring.
+    decode_media (default: decode) decodes the media that have no cached feature even in the cheap mode: what
+    train.py asks for under data.skip_bad_records, so a file that is present but does not decode is skipped too."""
+    decode_media = decode if decode_media is None else decode_media
     from nextgpt import store
     from nextgpt.data.catalog import resolve
     from nextgpt.data.readers import read_entry
@@ -245,7 +249,7 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None)
                 # cached feature: the file itself is not needed, but the feature's values are (full mode)
                 media_cache[key] = check_values(feature, feature_shape, feature_dtype, decode, "ImageBind feature")
             else:
-                media_cache[key] = check_media(medium.path, medium.modality, decode)
+                media_cache[key] = check_media(medium.path, medium.modality, decode_media)
         return media_cache[key]
 
     def embedding_problem(target) -> tuple[str, str] | None:
