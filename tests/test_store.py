@@ -340,3 +340,21 @@ def test_undecodable_media_fail_in_one_line_or_are_counted_skips(tiny_env, tmp_p
     written = sorted(p.name[:-4] for p in (tmp_path / "features").glob("*.npy"))
     assert written == sorted(r["image_name"] for r in records if r["image_name"] != broken)
     assert store.read_manifest(tmp_path / "features").modalities["image"].count == 4
+
+
+def test_online_training_matches_precomputed(tiny_env, tmp_path):
+    """train.py with data.caption_embeds=online (text encoders in the step, via the forward pre-hook) gives the
+    losses of the precomputed run, step for step."""
+    import train
+
+    tiny_env.embeddings()
+    losses = {}
+    for mode in ("precomputed", "online"):
+        out = tmp_path / mode
+        assert train.main(tiny_env.argv("stage_2", f"train.output_dir={out}", "train.log_every=1", "train.init_from=",
+                                        "train.max_steps=2", "data.datasets=[cc3m_dec]", "train.micro_batch_size=4",
+                                        "train.save_every=0", f"data.caption_embeds={mode}")) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [(r["loss"], r["image"]) for r in rows if "image" in r]
+    assert len(losses["online"]) == 2
+    np.testing.assert_allclose(losses["online"], losses["precomputed"], rtol=1e-5)
