@@ -332,7 +332,7 @@ def test_wandb_offline_run_writes_its_files(tiny_env, tmp_path, monkeypatch):
 def test_module_lr_groups_follow_the_schedule(tiny_env):
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-    from nextgpt import runtime
+    from nextgpt import engine
     from nextgpt.model.nextgpt import build_model, set_trainable
 
     cfg = tiny_env.config("stage_3", "train.lr=1.0e-3", "train.min_lr=1.0e-5",
@@ -342,7 +342,7 @@ def test_module_lr_groups_follow_the_schedule(tiny_env):
     ds = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 1.0e-5, "warmup_max_lr": 1.0e-3,
                                                            "warmup_num_steps": 3, "total_num_steps": 10,
                                                            "warmup_type": "linear"}}}
-    groups = runtime.param_groups(model, cfg, ds)
+    groups = engine.param_groups(model, cfg, ds)
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"input_proj": 1.0e-3, "output_proj": 1.0e-3, "lora": 4.0e-3, "token_rows": 1.0e-4}
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
