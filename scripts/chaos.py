@@ -757,8 +757,8 @@ def cases() -> list[Case]:
 # process count, storage, zero steps, values, image modes. Same table, same runner (run_case); `drive` runs what
 # needs more than one process or a signal, `check` verifies what must survive.
 
-CLASSES = ("resume", "write", "embeddings", "data", "media", "images", "config", "values", "signals", "lock",
-           "checkpoint", "resume-config", "storage")
+CLASSES = ("resume", "write", "embeddings", "data", "media", "images", "config", "values", "cache", "signals",
+           "lock", "checkpoint", "resume-config", "storage")
 CASE_CLASS = {  # the class of each bad-input row of cases() (rows of scenario_cases() name their own)
     **{n: "media" for n in ("missing_imagebind", "missing_imagebind_live", "corrupt_pth", "truncated_pth",
                             "corrupt_jpg_live", "missing_llm_weights")},
@@ -1150,6 +1150,40 @@ def scenario_cases() -> list[Case]:
         return [PYTHON, PROCESS, *env.argv("stage_1", *data_overrides(data, case / "features"), *overrides), "--all",
                 "--features", "--datasets", "cc3m_enc"]
 
+    def edit_first_caption(data: Path, case: Path, env) -> None:
+        path = data / "T_X_pair_data" / "cc3m" / "cc3m.json"
+        records = json.loads(path.read_text())
+        records[0]["caption"] = "an edited caption: " + records[0]["caption"]
+        replace_file(path, json.dumps(records, indent=2).encode())
+
+    def duplicate_name(data: Path, case: Path, env) -> None:
+        path = data / "T_X_pair_data" / "cc3m" / "cc3m.json"
+        records = json.loads(path.read_text())
+        records.append({**records[0], "caption": "a different caption for the same image"})
+        replace_file(path, json.dumps(records, indent=2).encode())
+
+    def other_imagebind(data: Path, case: Path, env) -> None:
+        manifest = data / "features" / "manifest.json"
+        record = json.loads(manifest.read_text())
+        for section in record.get("modalities", {}).values():
+            section["fingerprint"] = "another-imagebind-checkpoint"
+        replace_file(manifest, json.dumps(record, indent=2).encode())
+
+    def reembedded(case: Path, env) -> list[str]:
+        data = data_copy(case, env)
+        edit_first_caption(data, case, env)
+        (data / "embed").rename(case / "embed_linked")        # the store is rewritten: make it a real copy
+        shutil.copytree(case / "embed_linked", data / "embed")
+        return [PYTHON, PROCESS, *env.argv("stage_2", *data_overrides(data)), "--all", "--datasets", "cc3m_dec"]
+
+    def fresh_again(case: Path, env, text: str) -> list[str]:
+        from nextgpt import store
+
+        data = case / "data"
+        record = first_record(data, "image")
+        reason = store.open_reader(data / "embed").stale(record["image_name"], record["caption"])
+        return [f"still stale after process_embeddings: {reason}"] if reason else []
+
     sig_check = interrupted_then_resumed()
     two_rank_check = interrupted_then_resumed(ranks=2, resume_to_end=False)
     return [
@@ -1258,6 +1292,18 @@ def scenario_cases() -> list[Case]:
              validate("stage_2", lambda data: replace_npy(data / "embed", first_name(data),
                                                           lambda a: a.astype(np.float16))), (),
              klass="values", exit_codes=(1,), error_line=False, expect_text=("dtype float16",)),
+        # -- a cache must match what it is a cache of ----------------------------------------------------------------
+        Case("stale_caption_train", "a caption edited after `make embeddings`: stage 2 names the stale embedding",
+             train_case(2, "data.datasets=[cc3m_dec]", data_fn=edit_first_caption), ("stale caption embedding",),
+             klass="cache", exit_codes=(2,), quick=True),
+        Case("stale_caption_recomputed", "the edited caption's embedding is recomputed by process_embeddings",
+             reembedded, (), klass="cache", succeed=True, check=fresh_again),
+        Case("duplicate_name_two_captions", "the same image name with two different captions (stage 2)",
+             train_case(2, "data.datasets=[cc3m_dec]", data_fn=duplicate_name), ("caption",), klass="cache",
+             exit_codes=(2,)),
+        Case("features_of_other_imagebind", "stage 1 on features another ImageBind checkpoint made",
+             train_case(1, "data.datasets=[cc3m_enc]", data_fn=other_imagebind), ("another-imagebind-checkpoint",),
+             klass="cache", exit_codes=(2,)),
         # -- image modes: decode to the pixels a viewer shows; a bomb is refused before decoding -------------------
         Case("image_16bit_png", "16-bit grayscale PNG", image_as(gray16), (), klass="images", succeed=True,
              check=features_finite),
