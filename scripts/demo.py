@@ -468,4 +468,6 @@ def first_toy_image(data: Path) -> tuple[Path, str]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
+
+    raise SystemExit(run_cli(main, "demo"))

@@ -300,4 +300,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
+
+    raise SystemExit(run_cli(main, "make_toy_data"))
