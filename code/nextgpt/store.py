@@ -261,6 +261,8 @@ class StoreWriter:
         self._hashes: list[str] = []
         self._rows: list[np.ndarray] = []
         self._files = None                  # embed_cache.ItemWriter (files layout), started on the first put
+        self._pool = None                   # the shard writer's thread (shards layout), started on the first shard
+        self._pending = None                # the shard being written
         if layout == "shards":
             (self.folder / SHARD_DIR).mkdir(exist_ok=True)
             self._seq = self._next_seq()
@@ -324,22 +326,46 @@ class StoreWriter:
             os.fsync(f.fileno())
 
     def _write_shard(self) -> None:
+        """Hand the buffered rows to the background thread as one shard (the previous shard must be on disk
+        first: at most two shards in memory), so the encoder never waits for a write."""
         if not self._rows:
             return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._wait_shard()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-shard-writer")
         stem = f"{self.modality}-{self.tag}-{self._seq:05d}"
-        folder = self.folder / SHARD_DIR
-        array = np.stack(self._rows)                         # (rows, *shape)
-        atomic_write_bytes(folder / f"{stem}.npy", npy_bytes(array))
-        index = {"names": self._names, "hashes": self._hashes, "created": time.time_ns(),
-                 "shape": list(self.shape), "dtype": self.section.dtype}
-        atomic_write_text(folder / f"{stem}.index.json", json.dumps(index) + "\n")   # the shard now counts
+        self._pending = self._pool.submit(self._flush_shard, stem, self._rows, self._names, self._hashes)
         self._seq += 1
         self._names, self._hashes, self._rows = [], [], []
+
+    def _flush_shard(self, stem: str, rows: list, names: list[str], hashes: list[str]) -> None:
+        folder = self.folder / SHARD_DIR
+        array = np.stack(rows)                               # (rows, *shape)
+        try:
+            atomic_write_bytes(folder / f"{stem}.npy", npy_bytes(array))
+            index = {"names": names, "hashes": hashes, "created": time.time_ns(), "shape": list(self.shape),
+                     "dtype": self.section.dtype}
+            atomic_write_text(folder / f"{stem}.index.json", json.dumps(index) + "\n")   # the shard now counts
+        except OSError as e:
+            raise OSError(f"{folder / stem}.npy: shard write failed ({e.strerror or e})") from None
+
+    def _wait_shard(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()                                 # re-raises the writer's OSError here
 
     def close(self) -> None:
         """Write what is buffered (shards) / wait for the file writer and log the remaining hashes (files)."""
         if self.layout == "shards":
             self._write_shard()
+            try:
+                self._wait_shard()
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
             return
         if self._files is not None:
             files, self._files = self._files, None
@@ -484,8 +510,8 @@ class StoreReader:
 
     Shards are opened once per process as memory maps (no open() per item). With `caption` given and caption
     hashes recorded, an item made from another caption raises StoreError naming the item and its file / shard
-    ("stale"). `expect` = {modality: Section-like checks} is applied at open: shape, dtype-free encoder
-    fingerprint; a mismatch is one line naming the folder and the modality.
+    ("stale"). `check(modality, shape, fingerprint)` refuses a store made for another shape or by another encoder
+    in one line naming the manifest and the modality.
     """
 
     def __init__(self, folder: str | Path, kind: str | None = None):
@@ -695,7 +721,7 @@ def convert(folder: str | Path, to: str, log=print) -> Manifest:
             for path in folder.glob("*.npy"):
                 if not path.name.startswith("."):
                     path.unlink()
-            for path in folder.glob("captions-*.tsv"):
+            for path in [*folder.glob("captions-*.tsv"), *folder.glob(".captions-*.log")]:
                 path.unlink()
     return new
 
