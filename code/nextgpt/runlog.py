@@ -113,8 +113,8 @@ class RunLog:
             self.wandb.log({f"{prefix}/{name}": value for name, value in values.items()}, step=step)
 
     def media(self, step: int, items) -> None:
-        """Generated media to W&B: items of (tag, Decoded, caption or None), e.g. eval.run.GenerationChecks.pending
-        (its write_media sends the same media to TensorBoard). Image: PIL; video: (F, H, W, 3) uint8 frames, logged
+        """Generated media to W&B: items of (tag, Decoded, caption text or ImageBind score or None), e.g.
+        eval.run.GenerationChecks.pending (its write_media sends the same media to TensorBoard). Image: PIL; video: (F, H, W, 3) uint8 frames, logged
         as an animated GIF (raw frames would need moviepy); audio: float samples at Decoded.rate."""
         if self.wandb is None or not items:
             return
@@ -127,6 +127,8 @@ class RunLog:
         logged = {}
         with tempfile.TemporaryDirectory() as tmp:     # W&B copies the GIFs into the run when log() is called
             for n, (tag, decoded, caption) in enumerate(items):
+                if isinstance(caption, float):
+                    caption = f"ImageBind score {caption:.3f}"
                 if decoded.modality == "image":
                     logged[tag] = wandb.Image(decoded.data, caption=caption)
                 elif decoded.modality == "video":
