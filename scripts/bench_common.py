@@ -189,7 +189,8 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
 
 def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
                 log_path: str | os.PathLike | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """Run a command; -> {returncode, seconds, peak_rss_bytes (ru_maxrss of that child, as /usr/bin/time -v)}."""
+    """Run a command; -> {returncode, seconds, peak_rss_bytes (ru_maxrss of that child, as /usr/bin/time -v),
+    cpu_s}."""
     import subprocess
 
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
@@ -211,7 +212,8 @@ def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: 
     finally:
         if log_path:
             out.close()
-    return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}          # the child and every descendant it reaped
 
 
 def run_cli(parser, run: Callable[[Any], Any], argv: Sequence[str]) -> int:
