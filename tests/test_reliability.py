@@ -213,15 +213,17 @@ def test_rank_stops_when_its_launcher_dies(tmp_path):
 # ---------------------------------------------------------------------------------------------- resume checks
 
 def _fake_checkpoint(folder: Path, ranks: int = 1) -> Path:
+    from nextgpt.io import sha256_file
+
     state = folder / "state"
     (state / "deepspeed").mkdir(parents=True)
     (folder / "delta.safetensors").write_bytes(b"delta" * 10)
     (state / "deepspeed" / "optim_states.pt").write_bytes(b"optimizer" * 100)
     for r in range(ranks):
         (state / f"rank_{r}.pt").write_bytes(b"rank state")
-    (folder / "meta.json").write_text(json.dumps({"files": {"delta.safetensors": resume._sha256(
+    (folder / "meta.json").write_text(json.dumps({"files": {"delta.safetensors": sha256_file(
         folder / "delta.safetensors")}}))
-    hashes = {str(p.relative_to(state)): resume._sha256(p) for p in resume._state_files(state)}
+    hashes = {str(p.relative_to(state)): sha256_file(p) for p in resume._state_files(state)}
     (state / resume.STATE_HASHES).write_text(json.dumps({"files": hashes}))
     return folder
 
@@ -363,3 +365,77 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     # 400 M pixels: PIL's own guard fires inside Image.open; still one MediaError naming the file.
     with pytest.raises(MediaError, match=r"bomb.png: .*decompression-bomb guard"):
         load_image(png("bomb.png", 20000, 20000))
+
+
+# ---------------------------------------------------------------------------------------------- stale caches
+
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_stale_caption_embedding_is_detected(tmp_path, layout):
+    """A caption embedding records the hash of its caption; a caption edited afterwards makes it stale (named),
+    and reading it for the new caption is refused (training: collate; validation: check_item)."""
+    import numpy as np
+
+    from nextgpt import store
+
+    section = store.Section(encoder="enc", shape=[4], dtype="float32", fingerprint="fp", hashed=True)
+    writer = store.StoreWriter(tmp_path, store.KINDS[0], "image", section, layout)
+    writer.put(["a.jpg", "b.jpg"], np.ones((2, 4), np.float32),
+               [store.caption_hash("a red circle"), store.caption_hash("a blue square")])
+    writer.close()
+    store.finish_share(tmp_path, store.KINDS[0], "image", section, layout, 0, 1)
+    reader = store.open_reader(tmp_path)
+    assert reader.stale("a.jpg", "a red circle") is None
+    assert "stale caption embedding of a.jpg (made from another caption" in reader.stale("a.jpg", "a red square")
+    with pytest.raises(store.StoreError, match="stale caption embedding of b.jpg"):
+        reader.get("b.jpg", caption="a blue circle")
+    assert reader.get("b.jpg", caption="a blue square").shape == (4,)
+    assert store.check_item(tmp_path / "a.jpg.npy", (4,), caption="edited").startswith(str(tmp_path))
+
+
+def test_features_of_another_imagebind_are_refused(tmp_path):
+    import numpy as np
+
+    from nextgpt import store
+
+    section = store.Section(encoder="imagebind_huge.pth", shape=[8], dtype="float32", fingerprint="abc")
+    writer = store.StoreWriter(tmp_path, store.KINDS[1], "image", section)
+    writer.put(["a.jpg"], np.ones((1, 8), np.float32))
+    writer.close()
+    store.finish_share(tmp_path, store.KINDS[1], "image", section, "files", 0, 1)
+    store.open_reader(tmp_path).check("image", (8,), fingerprint="abc")
+    with pytest.raises(store.StoreError, match=r"made by imagebind_huge.pth \(abc\), not by the configured xyz"):
+        store.open_reader(tmp_path).check("image", (8,), fingerprint="xyz")
+
+
+# ---------------------------------------------------------------------------------------------- train.py, end to end
+
+def test_sigterm_inside_a_step_saves_it_and_the_run_resumes_to_the_end(tiny_env, tmp_path, monkeypatch, capsys):
+    """SIGTERM arrives during step 3's forward: the step is finished, checkpoint-3 saved (it verifies), exit 143
+    with the resume hint; the same command then finishes the run. A second run into the folder meanwhile is
+    refused by the lock; the lock is released at exit."""
+    import train
+    from nextgpt.model import nextgpt as model_lib
+
+    calls = {"n": 0}
+    original = model_lib.NextGPT.forward
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    out = tmp_path / "run"
+    argv = tiny_env.argv("stage_1", f"train.output_dir={out}", "data.datasets=[audiocap_enc]", "train.init_from=",
+                         "train.micro_batch_size=6", "train.save_every=0", "train.report_to=[]") + ["--max-steps", "4"]
+    monkeypatch.setattr(model_lib.NextGPT, "forward", forward)
+    assert train.main(argv) == 143
+    err = capsys.readouterr().err
+    assert "error: interrupted at step 3 (SIGTERM; saved checkpoint-3); resume with the same command" in err
+    assert (out / "latest").read_text().strip() == "checkpoint-3" and not (out / "done.json").exists()
+    assert resume.verify(out / "checkpoint-3") == [] and not (out / runlock.LOCK_NAME).exists()
+    monkeypatch.setattr(model_lib.NextGPT, "forward", original)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the run
+    assert train.main(argv) == 0
+    assert json.loads((out / "done.json").read_text())["step"] == 4
+    assert "resumed from" in (out / "train.log").read_text()
