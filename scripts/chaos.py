@@ -1,10 +1,12 @@
 """Fault injection through the real commands: kill -9 and resume, kills while a checkpoint is written, a killed
-process_embeddings, and a table of bad inputs. Prints pass counts; `make chaos`.
+process_embeddings, and one table of faults (bad inputs, signals, locks, corrupt checkpoints, ...) driving one
+runner. Prints pass counts per section and a `by class:` line; `make chaos`.
 
-    python scripts/chaos.py                      # everything (a few minutes on 2 CPU cores)
-    python scripts/chaos.py --quick              # fewer kills, a subset of the bad inputs
-    python scripts/chaos.py --sections inputs --cases config_typo wrong_type_set
-    python scripts/chaos.py --list               # the bad-input cases
+    python scripts/chaos.py                      # everything (~25 min on 2 busy CPU cores)
+    python scripts/chaos.py --quick              # fewer kills, the quick subset of the table
+    python scripts/chaos.py --classes signals lock
+    python scripts/chaos.py --cases config_typo wrong_type_set
+    python scripts/chaos.py --list               # the table: class, name, what it breaks
 
 Sections
   resume       kill -9 `code/train.py` (tiny configs, stages 1-3, checkpoint every 2 steps) after a random number
@@ -16,9 +18,31 @@ Sections
   embeddings   kill -9 `code/process_embeddings.py` (caption embeddings, then ImageBind features) once some items
                are written; the rerun must exit 0 with every item present, a valid .npy of the right shape, equal to
                an uninterrupted run's, no temporary files, and a manifest counting them.
-  inputs       a table of broken inputs, each through the real command in a fresh process: the run must end with
-               a one-line `error: ...` naming the problem (or a counted skip where the user asked for skipping),
-               a non-zero exit (zero for the skips), no traceback, and no output that looks complete.
+  inputs       the fault table (Case rows; run_case runs each in a fresh process): the run must end with a one-line
+               `error: ...` naming the problem and a non-zero exit (the row's exit code when it names one), or exit 0
+               with a counted skip / the promised recovery; never a traceback or output that looks complete.
+
+Classes of the table (`--list` shows every row)
+  data           malformed / incomplete records, unknown dataset, missing or wrong-shaped caption embeddings
+  media          missing / corrupt / empty media and checkpoints, undecodable files under data.skip_bad_records
+  images         16-bit, RGBA, palette+transparency, CMYK, EXIF-rotated images encode (finite features); a
+                 decompression bomb is refused before decoding, or a counted skip
+  config         typos, wrong types, dsconfig contradictions, fp16 on CPU, --max-steps 0 (trains nothing, exit 0),
+                 train.epochs=0 and negative steps (one line naming the key)
+  values         NaN / inf / float16-for-float32 embeddings and features (validate_data.py exit 1), non-finite
+                 losses (aborted naming the samples, or counted skips)
+  cache          a caption edited after the embeddings (stale at training; recomputed by process_embeddings), one
+                 media name with two captions, features of another ImageBind checkpoint
+  signals        SIGINT / SIGTERM / Ctrl-C twice to train.py; SIGTERM and kill -9 to the `deepspeed` launcher and
+                 Ctrl-C / SIGTERM to `python -m nextgpt.launch` (what make runs) with 2 ranks: every rank stops after
+                 its step, the checkpoint verifies, nothing runs on; one process resumes bit-identical
+  lock           a second run into a live run's folder, a stale lock of a dead process, a lock of another host
+  checkpoint     truncated optimizer / rank state, flipped delta byte, deleted model states in the latest checkpoint
+                 (falls back to the previous one, said, ends bit-identical), the same named explicitly, none valid
+  resume-config  lr / batch changed (refused naming the key and --allow-config-change), steps changed with the flag
+                 (recorded in meta.json), 1 -> 2 and 2 -> 1 processes (refused in one line)
+  storage        output path is a file, disk full during a save (tmpfs; the previous checkpoint intact), read-only
+                 output (bind mount), inference --out a file (reply printed first); mounts need root, else "not run"
 
 Everything runs in --workdir (default runs/chaos/): a tiny workspace (tiny checkpoints + toy data, built once by
 scripts/tiny_workspace.py) and hard-linked copies of its data that each case breaks. Exit status: 0 when
