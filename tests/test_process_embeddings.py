@@ -138,7 +138,7 @@ def test_write_error_stops_the_run_naming_the_file(tiny_env, pipelines, tmp_path
     first = json.loads(json_path.read_text())[0]["image_name"]
     rc = process_embeddings.main([str(json_path), "image", str(tmp_path / "e"), "--decoder", str(pipelines["image"])])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # minus tqdm's bar
-    assert rc == 1 and len(err) == 1 and "Traceback" not in err[0]
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("error: ") and f"{first}.npy" in err[0] and "No space left" in err[0]
     assert not list((tmp_path / "e").glob("*.npy")) and not list((tmp_path / "e").glob(".*.tmp"))
 
