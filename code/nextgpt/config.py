@@ -125,7 +125,7 @@ class TrainConfig:
     optimizer_8bit: bool = False            # bitsandbytes AdamW8bit (fine-tuning)
     # learning rate per module group (input_proj, output_proj, lora, token_rows); a group not named uses train.lr
     module_lr: dict[str, float] = field(default_factory=dict)
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # tensorboard | wandb (any of)
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])  # trackers
 
 
 def _check_decoding(settings, where: str, positive: tuple[str, ...]) -> None:
