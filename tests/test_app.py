@@ -224,6 +224,10 @@ def test_handler_turns_media_errors_and_clear(handler, tmp_path):
     assert len(state.turns) == 4 and files[-1].endswith("image_1.png")
     with Image.open(files[-1]) as image:
         assert image.size == (handler.cfg.inference.image.width, handler.cfg.inference.image.height)
+    # enough tokens for the whole programmed reply: an image, a video and a sound, each inline and downloadable
+    _, history, state, files = _last(handler, {"text": "everything", "files": []}, history, state, max_new_tokens=40)
+    assert [Path(f).name for f in files[-3:]] == ["image_2.png", "video_0.mp4", "audio_0.wav"]
+    assert [h["content"] for h in history[-3:]] == [{"path": f} for f in files[-3:]]
     folder = state.folder
     history, state, files = handler.clear(state)
     assert history == [] and files == [] and not folder.exists() and state.folder.is_dir() and state.turns == []
