@@ -1323,7 +1323,7 @@ def scenario_cases() -> list[Case]:
         Case("stale_caption_recomputed", "the edited caption's embedding is recomputed by process_embeddings",
              reembedded, (), klass="cache", succeed=True, check=fresh_again),
         Case("duplicate_name_two_captions", "the same image name with two different captions (stage 2)",
-             train_case(2, "data.datasets=[cc3m_dec]", data_fn=duplicate_name), ("caption",), klass="cache",
+             train_case(2, "data.datasets=[cc3m_dec]", data_fn=duplicate_name), ("has two captions",), klass="cache",
              exit_codes=(2,)),
         Case("features_of_other_imagebind", "stage 1 on features another ImageBind checkpoint made",
              train_case(1, "data.datasets=[cc3m_enc]", data_fn=other_imagebind), ("another-imagebind-checkpoint",),

@@ -224,7 +224,8 @@ def _fake_checkpoint(folder: Path, ranks: int = 1) -> Path:
     (folder / "meta.json").write_text(json.dumps({"files": {"delta.safetensors": sha256_file(
         folder / "delta.safetensors")}}))
     hashes = {str(p.relative_to(state)): sha256_file(p) for p in resume._state_files(state)}
-    (state / resume.STATE_HASHES).write_text(json.dumps({"files": hashes}))
+    (state / resume.STATE_HASHES).write_text(json.dumps({"files": hashes,
+                                                         "meta.json": sha256_file(folder / "meta.json")}))
     return folder
 
 
@@ -243,6 +244,9 @@ def test_corrupt_latest_falls_back_to_the_newest_that_verifies(tmp_path):
     assert "resuming from checkpoint-2 instead" in notes[-1]
     with pytest.raises(ValueError, match="optim_states.pt: sha256 differs"):
         resume.choose(tmp_path, str(tmp_path / "checkpoint-6"))
+    (tmp_path / "checkpoint-6" / "meta.json").unlink()  # meta.json (the delta's hashes) is vouched for too
+    assert f"{tmp_path / 'checkpoint-6' / 'meta.json'}: listed in sha256.json, missing" in \
+        resume.verify(tmp_path / "checkpoint-6")
     (tmp_path / "checkpoint-2" / "delta.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no checkpoint verifies"):
         resume.choose(tmp_path, "auto")

@@ -43,7 +43,7 @@ from nextgpt.io import atomic_write_text, publish_dir, sha256_file
 from nextgpt.runtime import barrier
 
 DS_TAG = "deepspeed"
-STATE_HASHES = "sha256.json"  # state/sha256.json: {"files": {relative path: sha256}}
+STATE_HASHES = "sha256.json"  # state/sha256.json: {"files": {path under state/: sha256}, "meta.json": sha256}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -93,7 +93,9 @@ def choose(output_dir: str | os.PathLike, resume: str, verify_files: bool = True
     candidates = ([named] if named is not None else []) + [p for _, p in reversed(found) if p != named]
     notes: list[str] = []
     for path in candidates:
-        problems = ([f"{path}: has no state/ folder"] if not (path / "state" / DS_TAG).is_dir() else
+        missing = (f"{pointer}: names {path.name}, which has no state/{DS_TAG} folder" if path == named else
+                   f"{path}: has no state/{DS_TAG} folder")
+        problems = ([missing] if not (path / "state" / DS_TAG).is_dir() else
                     verify(path) if verify_files else [])
         if not problems:
             if notes:
@@ -128,24 +130,27 @@ def _state_files(state: Path) -> list[Path]:
 
 
 def verify(checkpoint: str | os.PathLike) -> list[str]:
-    """What is wrong with a training checkpoint folder (empty: every file meta.json and state/sha256.json list is
-    present with its sha256). A checkpoint from before state hashes existed verifies its delta files only."""
+    """What is wrong with a training checkpoint folder (empty: every file state/sha256.json lists, meta.json
+    included, and every file meta.json lists is present with its sha256). A checkpoint from before state hashes
+    existed verifies its delta files only."""
     checkpoint = Path(checkpoint)
     problems = []
-    for listing, folder in ((checkpoint / "meta.json", checkpoint), (checkpoint / "state" / STATE_HASHES,
-                                                                      checkpoint / "state")):
+    for listing, folder in ((checkpoint / "state" / STATE_HASHES, checkpoint / "state"),
+                            (checkpoint / "meta.json", checkpoint)):
         if not listing.is_file():
-            if listing.name == "meta.json":
-                problems.append(f"{listing}: missing")
+            if listing.name == STATE_HASHES and not (checkpoint / "meta.json").is_file():
+                problems.append(f"{checkpoint}: neither state/{STATE_HASHES} nor meta.json (nothing to verify)")
             continue
         try:
             record = json.loads(listing.read_text())
-            files = record["files"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            files = dict(record["files"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
             problems.append(f"{listing}: unreadable ({type(e).__name__})")
             continue
+        if listing.name == STATE_HASHES and "meta.json" in record:
+            files["../meta.json"] = record["meta.json"]
         for name, digest in files.items():
-            path = folder / name
+            path = Path(os.path.normpath(folder / name))
             if not path.is_file():
                 problems.append(f"{path}: listed in {listing.name}, missing")
             elif sha256_file(path) != digest:
@@ -274,8 +279,10 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
         barrier()
         if rank == 0:
             state = tmp / "state"
-            hashes = {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)}
-            atomic_write_text(state / STATE_HASHES, json.dumps({"files": hashes}, indent=1) + "\n")
+            record = {"files": {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)}}
+            if (tmp / "meta.json").is_file():  # meta.json holds the delta files' hashes: vouch for it in turn
+                record["meta.json"] = sha256_file(tmp / "meta.json")
+            atomic_write_text(state / STATE_HASHES, json.dumps(record, indent=1) + "\n")
     except BaseException as e:
         # Disk full / read-only / a second Ctrl-C mid-save: drop the partial copy (frees its space); the previous
         # checkpoint and `latest` were never touched. A library's own error type (safetensors, DeepSpeed) becomes the OSError it

@@ -265,6 +265,19 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
                 embed_cache[key] = (CORRUPT, stale)
         return embed_cache[key]
 
+    captions_seen: dict[str, tuple[str, str]] = {}   # embedding file -> (the first caption, which record)
+
+    def duplicate_problem(target, where: str) -> tuple[str, str] | None:
+        """Caption embeddings are keyed by media file name: one name with two captions cannot have both."""
+        if cfg.data.caption_embeds == "online":
+            return None
+        first_caption, first_where = captions_seen.setdefault(target.embed_path, (target.caption, where))
+        if first_caption == target.caption:
+            return None
+        return CORRUPT, (f"{Path(target.embed_path).name[:-len('.npy')]} has two captions: {first_where} "
+                         f"({first_caption[:40]!r}) and {where} ({target.caption[:40]!r}); caption embeddings are "
+                         "keyed by media file name, so give one of the files another name")
+
     for name in names:
         try:
             entry = resolve(cfg, name)
@@ -285,7 +298,8 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
             row.problems.append(Problem(name, error.source, error.index, CORRUPT, error.reason))
         row.corrupt += len(result.errors)
         for sample in result.samples:
-            found = [p for p in (medium_problem(m) for m in sample.media) if p is not None]
+            found = [p for p in (duplicate_problem(t, sample.where) for t in sample.targets) if p is not None]
+            found += [p for p in (medium_problem(m) for m in sample.media) if p is not None]
             found += [p for p in (embedding_problem(t) for t in sample.targets) if p is not None]
             for kind, reason in found:
                 row.problems.append(Problem(name, sample.source, sample.index, kind, reason))
