@@ -50,7 +50,7 @@ def perturb_token_rows(model, seed):
 @pytest.mark.parametrize("stage,samples", [(2, stage_2_samples), (1, stage_1_samples)])
 def test_suffix_backward_equals_full_autograd(tiny_env, stage, samples):
     torch.manual_seed(stage)
-    cfg = tiny_env.config(stage)
+    cfg = tiny_env.config(stage, "train.suffix_backward=true")    # stage 1 runs without it by default (slower)
     model = build_model(cfg)
     set_trainable(model, cfg)
     perturb_token_rows(model, stage)
