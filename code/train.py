@@ -21,7 +21,6 @@ import torch
 
 from nextgpt import config as config_lib
 from nextgpt import cli, resume, runlock, runtime
-from nextgpt.modalities import MODALITIES
 from nextgpt.runlog import RunLog, TermMeans
 from nextgpt.runtime import to_device
 from nextgpt.stop import StopRequest
@@ -61,11 +60,7 @@ def evaluate(engine, loader, sampler, device) -> dict[str, float]:
     for batch in loader:
         terms.add(engine(to_device(batch, device)))
     engine.train()
-    result = terms.means(device)
-    l2 = [result[m] for m in MODALITIES if m in result]
-    if l2:
-        result["l2"] = sum(l2) / len(l2)
-    return result
+    return terms.means(device, l2_mean=True)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -101,6 +96,7 @@ def train(args: argparse.Namespace) -> dict:
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
     from nextgpt import checkpoint, legacy
     from nextgpt.data.loaders import build_run_data, count_steps
+    from nextgpt.eval.run import GenerationChecks
     from nextgpt.engine import build_engine
     from nextgpt.model.nextgpt import build_model, set_trainable
     from nextgpt.model import caption_encoder
@@ -123,6 +119,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
 
     train_loader, train_sampler, eval_loader, eval_sampler = build_run_data(cfg, model.tokenizer, model.token_ids,
                                                                             rt.rank, rt.world_size, log)
+    checks = GenerationChecks(cfg, eval_loader.dataset.datasets, log) if eval_loader is not None else None
     if args.max_steps == 0:
         log("--max-steps 0: config, model and data checked; trained 0 steps, nothing saved")
         return {"step": 0, "checkpoint": None, "bad_steps": 0}
@@ -211,8 +208,10 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
             if step % cfg.train.log_every == 0 or step == 1:
                 log(f"step {step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                result = evaluate(engine, eval_loader, eval_sampler, rt.device)
+                result = evaluate(engine, eval_loader, eval_sampler, rt.device) | checks.run(model, step)
                 log.scalars("eval", step, result)
+                log.media(step, checks.pending)  # W&B (train.report_to: wandb); write_media then clears them
+                checks.write_media(log.writer, step)
                 log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < max_steps:
                 save(step)

@@ -43,9 +43,13 @@ class TermMeans:
         elapsed = max(time.time() - self.start, 1e-9)
         return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
 
-    def means(self, device: torch.device) -> dict[str, float]:
-        """{term: mean} of the global batch (every rank calls this), not rank 0's share."""
-        return runtime.mean_over_ranks(self.sums, self.counts, TERMS, device)
+    def means(self, device: torch.device, l2_mean: bool = False) -> dict[str, float]:
+        """{term: mean} of the global batch (every rank calls this), not rank 0's share; l2_mean adds "l2", the
+        mean of the per-modality alignment terms present."""
+        result = runtime.mean_over_ranks(self.sums, self.counts, TERMS, device)
+        if l2_mean and (l2 := [result[m] for m in MODALITIES if m in result]):
+            result["l2"] = sum(l2) / len(l2)
+        return result
 
 
 class RunLog:
