@@ -25,7 +25,9 @@ else
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -r requirements.txt
-# the nextgpt package (code/nextgpt) importable from anywhere; no build isolation: nothing to download
+# the nextgpt package (code/nextgpt) importable from anywhere; no build isolation, so the build uses the venv's
+# setuptools (Python >= 3.12 venvs come without it)
+.venv/bin/python -c "import setuptools" 2>/dev/null || .venv/bin/python -m pip install -q "setuptools>=64"
 .venv/bin/python -m pip install -q -e . --no-build-isolation --no-deps
 .venv/bin/python -m pip check
 echo "[env] done: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
