@@ -11,11 +11,10 @@ the template has for media (as in training). "Clear" starts a new conversation.
 
 One process serves one model: it is loaded once at start (ImageBind on the first request with media, each decoder
 on its first output), requests wait in Gradio's queue and run one at a time. Uploads and generated files live in a
-per-session temporary folder, removed when the session ends (and everything when the server stops). It listens on
-127.0.0.1 unless --host says otherwise; --share (a public Gradio link) is never on by default.
+per-session temporary folder (named by Gradio's session hash), removed when the tab closes or "Clear" is pressed
+(and everything when the server stops). It listens on 127.0.0.1 unless --host says otherwise; --share (a public
+Gradio link) is never on by default.
 """
-
-from __future__ import annotations
 
 import argparse
 import atexit
@@ -64,10 +63,20 @@ class Server:
     def __init__(self, cfg, model, info, decoders, root: Path):
         self.cfg, self.model, self.info, self.decoders, self.root = cfg, model, info, decoders, root
 
-    def new_state(self) -> ChatState:
-        folder = self.root / uuid.uuid4().hex[:12]
-        folder.mkdir(parents=True)
+    def folder(self, session: str | None) -> Path:
+        """The temporary folder of a browser session (Gradio's session hash), or a fresh one."""
+        name = "".join(c for c in session or "" if c.isalnum() or c in "-_") or uuid.uuid4().hex[:12]
+        return self.root / name
+
+    def new_state(self, session: str | None = None) -> ChatState:
+        folder = self.folder(session)
+        folder.mkdir(parents=True, exist_ok=True)
         return ChatState(folder)
+
+    def end_session(self, session: str | None) -> None:
+        """The browser tab closed: its uploads and generated files go at once."""
+        if session:
+            shutil.rmtree(self.folder(session), ignore_errors=True)
 
     def take_uploads(self, state: ChatState, paths: list[str]) -> list:
         """Copy uploads into the session folder after checking each decodes -> Media; ValueError otherwise."""
@@ -88,12 +97,12 @@ class Server:
         return media
 
     def respond(self, message: dict, history: list, state: ChatState | None, temperature: float, top_p: float,
-                max_new_tokens: float, steps: float, guidance: float, seed: float):
+                max_new_tokens: float, steps: float, guidance: float, seed: float, session: str | None = None):
         """Gradio generator: yields (textbox, chat history, state, download list) as the reply streams in."""
         from nextgpt.data.types import Turn
         from nextgpt.generate import Conversation, Reply, Sampling, stream
 
-        state = state or self.new_state()
+        state = state or self.new_state(session)
         text = (message or {}).get("text", "").strip()
         uploads = list((message or {}).get("files") or [])
         if not text and not uploads:
@@ -143,10 +152,10 @@ class Server:
                     [o.modality for o in reply.outputs])
         yield {"text": "", "files": []}, history, state, list(state.files)
 
-    def clear(self, state: ChatState | None):
+    def clear(self, state: ChatState | None, session: str | None = None):
         if state is not None:
             state.remove()
-        return [], self.new_state(), []
+        return [], self.new_state(session), []
 
 
 def readable(text: str, model) -> str:
@@ -163,7 +172,8 @@ def build_ui(server: Server, cfg):
 
     extensions = [e for m in MODALITIES.values() for e in m.extensions]
     image = cfg.inference.decoding("image")
-    with gr.Blocks(title="NExT-GPT") as demo:
+    # delete_cache: Gradio's own copies of uploads older than a day go, checked hourly (sessions clean up after themselves)
+    with gr.Blocks(title="NExT-GPT", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"### NExT-GPT chat\nCheckpoint: `{server.info.describe()}` · LLM: `{cfg.model.llm}`",
                     elem_id="checkpoint")
         state = gr.State(value=None, delete_callback=lambda s: s.remove() if s is not None else None)
@@ -187,8 +197,22 @@ def build_ui(server: Server, cfg):
                 downloads = gr.File(label="generated files", file_count="multiple", interactive=False,
                                     elem_id="downloads")
         inputs = [textbox, chatbot, state, temperature, top_p, max_new_tokens, steps, guidance, seed]
-        textbox.submit(server.respond, inputs, [textbox, chatbot, state, downloads])
-        clear.click(server.clear, [state], [chatbot, state, downloads])
+
+        # Gradio passes the request (its session hash names the session's folder) to a parameter annotated so
+        def respond(message, history, value, temperature, top_p, max_new_tokens, steps, guidance, seed,
+                    request: gr.Request):
+            yield from server.respond(message, history, value, temperature, top_p, max_new_tokens, steps, guidance,
+                                      seed, session=request.session_hash)
+
+        def clear_chat(value, request: gr.Request):
+            return server.clear(value, session=request.session_hash)
+
+        def unload(request: gr.Request):
+            server.end_session(request.session_hash)
+
+        textbox.submit(respond, inputs, [textbox, chatbot, state, downloads])
+        clear.click(clear_chat, [state], [chatbot, state, downloads])
+        demo.unload(unload)       # the tab closed: its folder goes now (Gradio drops the state itself an hour later)
     return demo
 
 
