@@ -733,10 +733,10 @@ def cases() -> list[Case]:
             kind = breaker.__name__
             table.append(Case(f"{kind}_{ext}", f"{kind} .{ext} (process_embeddings --features)",
                               features_case(modality, breaker), (f".{ext}",),
-                              quick=(modality == "image" and kind != "missing")))
+                              quick=(modality == "image" and kind != "missing"), klass="media"))
         table.append(Case(f"skip_missing_{ext}", f"missing .{ext} with data.skip_bad_records=true: counted skip",
                           features_case(modality, missing, "data.skip_bad_records=true"), (), skip=True,
-                          quick=modality == "audio"))
+                          quick=modality == "audio", klass="media"))
     table += [
         Case("corrupt_jpg_live", "corrupt .jpg files, stage 1 without a feature cache (train.py)", live_corrupt_image,
              (".jpg",)),
