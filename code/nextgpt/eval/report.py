@@ -138,7 +138,8 @@ def write_report(out_dir: str | Path, runs: Sequence[dict], context: dict) -> di
     plot_paths = plots(out_dir, runs)
 
     lines = [f"# Evaluation: {context.get('config', '')}", "",
-             f"Held-out requests: {context.get('requests', {})}; seed {context.get('seed')}; "
+             f"Held-out requests: {', '.join(f'{k} {v}' for k, v in sorted(context.get('requests', {}).items()))}; "
+             f"seed {context.get('seed')}; "
              f"{'sampled' if context.get('sample') else 'greedy'} replies; device {context.get('device', '')}.", "",
              table(runs), ""]
     for run in runs:
