@@ -234,7 +234,8 @@ def flop_ratios(tokens_per_sample: int) -> dict:
     out = {}
     for name, (params, tokens) in REAL_TEXT_ENCODERS.items():
         encoder = 2 * params * tokens
-        out[name] = dict(encoder_gflops=encoder / 1e9, vs_llm_forward=encoder / (2 * VICUNA_7B_PARAMS * tokens_per_sample),
+        out[name] = dict(encoder_gflops=encoder / 1e9,
+                         vs_llm_forward=encoder / (2 * VICUNA_7B_PARAMS * tokens_per_sample),
                          vs_llm_fwd_bwd=encoder / (4 * VICUNA_7B_PARAMS * tokens_per_sample))
     return out
 

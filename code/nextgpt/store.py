@@ -735,7 +735,8 @@ def info(folder: str | Path) -> str:
     lines = [f"{folder}: {manifest.kind}, store {manifest.store}, {len(files)} files, "
              f"{sum(p.stat().st_size for p in files) / 2**20:.1f} MiB"]
     for m, s in manifest.modalities.items():
-        lines.append(f"  {m}: {count(folder, m, manifest.store)} items, shape {tuple(s.shape)}, {s.dtype}, from {s.encoder}"
+        lines.append(f"  {m}: {count(folder, m, manifest.store)} items, shape {tuple(s.shape)}, {s.dtype}, "
+                     f"from {s.encoder}"
                      + (", caption hashes" if s.hashed else ""))
     return "\n".join(lines)
 

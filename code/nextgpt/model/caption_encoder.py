@@ -27,7 +27,8 @@ class OnlineCaptionEmbeds:
     def __init__(self, decoders: dict[str, str | Path], device, dtype: torch.dtype = torch.float32):
         from nextgpt.data.embeddings import CaptionEncoder
 
-        self.encoders = {m: CaptionEncoder(m, folder, device=str(device), dtype=dtype) for m, folder in decoders.items()}
+        self.encoders = {m: CaptionEncoder(m, folder, device=str(device), dtype=dtype)
+                         for m, folder in decoders.items()}
 
     def __call__(self, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         out = {}
