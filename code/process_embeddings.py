@@ -22,9 +22,8 @@ right shape, made from the same caption text: its hash is recorded with every it
 nothing, an edited caption is recomputed and a killed run resumes (removing the temporary files it left); each file
 is written atomically, a batch at a time on a background thread. Every vector is finite before it is written (else
 one line naming the item, or a counted skip under data.skip_bad_records); media are decoded in DataLoader workers.
-`--all`
-covers every catalog dataset whose file exists under cfg.data.root (the config's own data.datasets must exist), so
-one call prepares stage 2 and stage 3.
+`--all` covers every catalog dataset whose file exists under cfg.data.root (the config's own data.datasets must
+exist), so one call prepares stage 2 and stage 3.
 """
 
 from __future__ import annotations
