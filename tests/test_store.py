@@ -358,3 +358,21 @@ def test_online_training_matches_precomputed(tiny_env, tmp_path):
         losses[mode] = [(r["loss"], r["image"]) for r in rows if "image" in r]
     assert len(losses["online"]) == 2
     np.testing.assert_allclose(losses["online"], losses["precomputed"], rtol=1e-5)
+
+
+def test_shard_index_finds_every_row_and_the_newest_copy_wins(tmp_path):
+    section = store.Section(encoder="x", shape=[3], dtype="float16", hashed=True)
+    writer = store.StoreWriter(tmp_path, store.KINDS[0], "image", section, layout="shards", shard_bytes=20)  # 3 rows
+    writer.put(["b.jpg", "a.jpg", "c.jpg", "d.jpg"], np.arange(12).reshape(4, 3), ["1" * 16, "2" * 16, "3" * 16, ""])
+    writer.close()
+    rewrite = store.StoreWriter(tmp_path, store.KINDS[0], "image", section, layout="shards", tag="later")
+    rewrite.put(["a.jpg"], np.full((1, 3), 9.0), ["9" * 16])           # a.jpg re-embedded from another caption
+    rewrite.close()
+    store.merge(tmp_path, store.KINDS[0], "image", section, "shards")
+    index = store.ShardIndex(tmp_path)
+    assert len(index) == 4 and index.get("zz.jpg") is None
+    assert index.get("d.jpg")[1:] == (0, "") and index.get("d.jpg")[0].name == "image-0of1-00001.npy"
+    reader = store.StoreReader(tmp_path)
+    assert reader.get("a.jpg").tolist() == [9, 9, 9] and reader.get("c.jpg").tolist() == [6, 7, 8]
+    assert reader.stale("a.jpg", "some caption") is not None and store.read_manifest(tmp_path).modalities[
+        "image"].count == 4

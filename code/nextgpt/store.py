@@ -505,6 +505,41 @@ def finish_share(folder: str | Path, kind: str, modality: str, section: Section,
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 
+class ShardIndex:
+    """name -> (shard, row, caption hash) over a folder's complete shards, as sorted numpy arrays (binary search
+    per lookup): ~45 bytes per item instead of a Python dict's ~200, and arrays a forked DataLoader worker shares
+    without copying (no per-item reference counts). 3.3 M items: about 150 MB. Later shards win, as shard_table."""
+
+    def __init__(self, folder: str | Path):
+        entries = []
+        for index in _shard_indexes(Path(folder)):
+            data = _read_index(index)
+            entries.append((int(data.get("created", 0)), index.name, index, data))
+        entries.sort(key=lambda e: e[:2])
+        self.paths = [index.with_name(index.name[: -len(".index.json")] + ".npy") for _, _, index, _ in entries]
+        names = [n.encode() for *_, data in entries for n in data["names"]]
+        if not names:
+            self.names = np.zeros(0, dtype="S1")
+            return
+        hashes = np.array([h.encode() for *_, data in entries for h in data["hashes"]], dtype="S16")
+        shard = np.concatenate([np.full(len(data["names"]), i, dtype=np.int32) for i, (*_, data) in enumerate(entries)])
+        row = np.concatenate([np.arange(len(data["names"]), dtype=np.int64) for *_, data in entries])
+        # The last occurrence of each name wins: unique over the reversed order keeps the first there.
+        unique, first = np.unique(np.array(names)[::-1], return_index=True)
+        keep = len(names) - 1 - first
+        self.names, self.shard, self.row, self.hashes = unique, shard[keep], row[keep], hashes[keep]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def get(self, name: str) -> tuple[Path, int, str] | None:
+        key = name.encode()
+        k = int(np.searchsorted(self.names, key))
+        if k >= len(self.names) or self.names[k] != key:
+            return None
+        return self.paths[int(self.shard[k])], int(self.row[k]), self.hashes[k].decode()
+
+
 class StoreReader:
     """Reads a store folder of either layout: `get(name, caption=None)` -> float32 array of the item.
 
@@ -520,7 +555,7 @@ class StoreReader:
         if kind is not None and self.manifest is not None and self.manifest.kind != kind:
             raise StoreError(f"{self.folder / MANIFEST}: holds {self.manifest.kind}, expected {kind}")
         self.layout = self.manifest.store if self.manifest else "files"
-        self._table: dict[str, tuple[Path, int, str]] | None = None
+        self._table: ShardIndex | None = None          # shards layout, built on the first read
         self._maps: dict[Path, np.ndarray] = {}
         self._hashes: dict[str, dict[str, str]] = {}
 
@@ -542,7 +577,7 @@ class StoreReader:
 
     def _entry(self, name: str) -> tuple[Path, int, str] | None:
         if self._table is None:
-            self._table = shard_table(self.folder)
+            self._table = ShardIndex(self.folder)
         return self._table.get(name)
 
     def has(self, name: str) -> bool:
