@@ -27,7 +27,10 @@ Memory per GPU (ZeRO stage from the DeepSpeed JSON, default code/dsconfig/stage_
                for frozen linears), the no-grad prefix's KV cache 4·d·layers bytes per token, fp32 logits and
                their gradient 8·V bytes per token.
 
-Predicted samples/s per GPU = peak x MFU / FLOPs per sample (MFU here counts the FLOPs actually run); epoch time =
+Suffix backward is counted where NextGPT.forward would use it on a GPU: model/suffix.worth_splitting, a roofline
+of the LLM passes at the configured micro-batch (at micro-batch 1 every pass only reads weights, and three passes
+lose to two). Predicted samples/s per GPU = the lower of peak x MFU / FLOPs per sample (MFU here counts the FLOPs
+actually run) and micro-batch / (LLM passes x weight bytes / memory bandwidth); epoch time =
 samples in one epoch of the configured datasets / (samples/s per GPU x GPUs). Padding is not counted (group_by_length
 keeps it under 10%, make bench).
 """
@@ -42,9 +45,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# bf16 dense peak FLOP/s and memory per GPU (vendor data sheets, SXM unless named)
-GPUS = {"H100": (989.4e12, 80), "H100-PCIe": (756.0e12, 80), "H200": (989.4e12, 141),
-        "A100-80GB": (312.0e12, 80), "A100-40GB": (312.0e12, 40)}
+# bf16 dense peak FLOP/s, memory (GB) and memory bandwidth (B/s) per GPU (vendor data sheets, SXM unless named)
+GPUS = {"H100": (989.4e12, 80, 3.35e12), "H100-PCIe": (756.0e12, 80, 2.0e12), "H200": (989.4e12, 141, 4.8e12),
+        "A100-80GB": (312.0e12, 80, 2.04e12), "A100-40GB": (312.0e12, 40, 1.56e12)}
 SHAPES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      vocab_size=32000),
           "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
@@ -218,6 +221,17 @@ def run(args) -> dict:
 
     records = sum(n for n, _ in stats.values())
     rows = [r for _, rs in stats.values() for r in rs]
+    micro = cfg.train.micro_batch_size
+    # NextGPT.forward on a GPU splits only where the roofline says it pays (model/suffix.worth_splitting)
+    from nextgpt.model import suffix
+
+    mean_length = round(sum(r[0] for r in rows) / len(rows))
+    mean_prefix = round(sum(r[2] for r in rows) / len(rows))
+    split_used = mean_prefix > 0 and suffix.worth_splitting(micro, mean_length, [mean_prefix] * micro,
+                                                            [mean_length] * micro)
+    if not split_used:
+        rows = [(r[0], r[0], 0, r[3], r[4]) for r in rows]
+    passes = (3 if split_used else 2) + (1 if cfg.model.gradient_checkpointing else 0)
     weights = [n / len(rs) for n, rs in stats.values() for _ in rs]            # each dataset by its record count
     mean = lambda f: sum(w * f(r) for w, r in zip(weights, rows)) / sum(weights)
     flops = {k: mean(lambda r: flops_per_sample(r, shape, counts, projectors, cfg)[k])
@@ -232,7 +246,8 @@ def run(args) -> dict:
           f"N = {shape.flop_params / 1e9:.2f} B (without the input embedding), vocab {shape.vocab}")
     print(f"trainable: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"data: {records:,} records in {len(stats)} dataset(s) ({', '.join(stats)}), {len(rows)} encoded for the "
-          f"token counts; suffix backward {'on' if cfg.train.suffix_backward else 'off'}")
+          f"token counts; suffix backward {'used' if split_used else 'not used'} (train.suffix_backward "
+          f"{cfg.train.suffix_backward}, micro-batch {micro}: GPU roofline of the passes)")
     print(f"tokens per sample {tokens:.1f} (longest {longest[0]}), with gradients {grad_tokens:.1f}")
     print(f"FLOPs per sample: forward {flops['forward'] / 1e12:.3f} T, backward {flops['backward'] / 1e12:.3f} T, "
           f"projectors {flops['projectors'] / 1e12:.4f} T, total {flops['total'] / 1e12:.3f} T "
@@ -243,19 +258,26 @@ def run(args) -> dict:
                                                     "optimizer states", "activations")) +
           f" -> {memory['total']:.1f} GiB")
     table = []
+    weight_bytes = shape.total_params * BYTES.get(cfg.model.quantization, 2.0)
     for gpu in dict.fromkeys(["H100", "A100-80GB", args.gpu]):
-        peak, capacity = GPUS[gpu]
-        per_gpu = peak * args.mfu / flops["total"]
+        peak, capacity, bandwidth = GPUS[gpu]
+        # FLOP-bound rate, or (small micro-batches) the rate of reading the weights once per LLM pass
+        compute_bound = peak * args.mfu / flops["total"]
+        weight_bound = micro / (passes * weight_bytes / bandwidth)
+        per_gpu = min(compute_bound, weight_bound)
         epoch = records / (per_gpu * args.gpus)
         table.append(dict(gpu=gpu, peak_tflops=peak / 1e12, mfu=args.mfu, samples_per_s_per_gpu=per_gpu,
+                          bound="weights" if weight_bound < compute_bound else "FLOPs",
                           tokens_per_s_per_gpu=per_gpu * tokens, epoch_hours=epoch / 3600,
                           fits=memory["total"] <= capacity * 0.9))
         print(f"  {gpu:<10} peak {peak / 1e12:6.1f} TFLOP/s x MFU {args.mfu:.2f}: {per_gpu:8.1f} samples/s/GPU, "
-              f"{per_gpu * tokens:9.0f} tokens/s/GPU; one epoch on {args.gpus} GPUs {epoch / 3600:.3g} h; "
+              f"{per_gpu * tokens:9.0f} tokens/s/GPU ({'weight-read' if weight_bound < compute_bound else 'FLOP'}-"
+              f"bound); one epoch on {args.gpus} GPUs {epoch / 3600:.3g} h; "
               f"memory {'fits' if memory['total'] <= capacity * 0.9 else 'DOES NOT FIT'} in {capacity} GB")
     result = dict(config=str(args.config), stage=cfg.train.stage, shape=args.shape, flop_params=shape.flop_params,
                   trainable=counts, records=records, tokens_per_sample=tokens, grad_tokens_per_sample=grad_tokens,
                   flops_per_sample=flops, full_backward_ratio=flops["total"] / bare, memory_gib=memory,
+                  suffix_backward_used=split_used, micro_batch_size=micro,
                   gpus=args.gpus, predictions=table)
     if args.json:
         from nextgpt.io import atomic_write_text

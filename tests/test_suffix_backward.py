@@ -111,3 +111,11 @@ def test_collate_carries_the_blocks_encode_recorded(tiny_env, tmp_path):
         assert batch["caption_embeds"][modality][:, 0, 0].tolist() == [float(r) for r in rows]   # same order
         for r, start in blocks.tolist():          # the recorded starts are where the scanner finds the blocks
             assert (modality, start) in signal_blocks(batch["input_ids"][r].tolist(), token_ids)
+
+
+def test_gpu_roofline_keeps_one_pass_when_weights_bound():
+    """Micro-batch 1 (100 tokens, split at 93): every pass reads all weights, so no split on a GPU; at 32 rows the
+    prefix pass is compute-bound and the short suffix passes cost little."""
+    assert not suffix.worth_splitting(1, 100, [93], [100])
+    assert suffix.worth_splitting(32, 100, [93] * 32, [100] * 32)
+    assert not suffix.worth_splitting(32, 100, [5] * 32, [100] * 32)          # stage 1: the prefix is tiny

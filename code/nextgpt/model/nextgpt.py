@@ -245,8 +245,13 @@ class NextGPT(nn.Module):
         inputs = suffix.trainable_inputs(self)
         if inputs is None:
             return None
-        split = suffix.split_points(input_ids, attention_mask.sum(1).tolist(), media_positions, blocks, inputs)
-        return split if max(split) > 0 else None
+        lengths = attention_mask.sum(1).tolist()
+        split = suffix.split_points(input_ids, lengths, media_positions, blocks, inputs)
+        if max(split) == 0:
+            return None
+        if input_ids.is_cuda and not suffix.worth_splitting(*input_ids.shape, split, lengths):
+            return None                     # weight-bandwidth-bound (small micro-batch): 3 passes cost more than 2
+        return split
 
     def project(self, modality: str, hidden_states: torch.Tensor, token_embeds: torch.Tensor,
                 starts: Sequence[tuple[int, int]], offsets: Sequence[int] | None = None) -> torch.Tensor:

@@ -26,6 +26,23 @@ from nextgpt.model import llm as llm_utils
 from nextgpt.tokens import IGNORE
 
 ATTENTION_WITH_4D_MASK = ("sdpa", "eager")      # flash-attention kernels take no custom 4D mask
+# A bf16 matmul over M rows does 2·M FLOPs per weight (2 bytes): below the GPU's ridge point (peak FLOP/s over
+# memory bandwidth; H100/H200 989 TFLOP/s / 3.35 TB/s ≈ 295, A100 ≈ 153) it is bound by reading the weights, and
+# a pass costs the same as one with ridge rows. Conservative: the H100's.
+GPU_RIDGE_ROWS = 300
+
+
+def worth_splitting(batch_size: int, length: int, split: list[int], lengths: list[int],
+                    ridge_rows: int = GPU_RIDGE_ROWS) -> bool:
+    """Roofline of the LLM passes: full = forward + backward over B·L rows; split = a no-grad forward over B·P
+    plus the suffix's forward and backward over B·S. Each pass costs max(rows, ridge_rows). At micro-batch 1 on a
+    GPU every pass is weight-bound, so three passes lose to two; with enough rows the split saves ~half. The split
+    must save 10%: the extra pass and the cache cost time too (make bench: stage 1's split saved 4% of the FLOPs
+    and ran 14% slower)."""
+    prefix, suffix = max(split), max(n - s for n, s in zip(lengths, split))
+    full = 2 * max(batch_size * length, ridge_rows)
+    parts = max(batch_size * prefix, ridge_rows) + 2 * max(batch_size * suffix, ridge_rows)
+    return parts < 0.9 * full
 
 
 def token_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
