@@ -98,7 +98,8 @@ class TrainConfig:
     alignment_loss: Literal["l2", "mse"] = "l2"  # l2: mean per-token Euclidean distance, as the original
     # run each row's prefix (before its first input that depends on a trainable parameter: a signal block, <Img>,
     # a soft token) under no_grad with a KV cache, and only the rest with gradients; exact, falls back by itself
-    # when the LLM body trains (LoRA) or gradient checkpointing is on (NextGPT.forward)
+    # when the LLM body trains (LoRA) or gradient checkpointing is on, and on a GPU where the passes would be
+    # weight-read-bound (small micro-batches: model/suffix.worth_splitting)
     suffix_backward: bool = True
     prompt: str = "generate a caption"      # stage-1 instruction text
     micro_batch_size: int = 1
