@@ -53,8 +53,9 @@ help:
 env:
 	@bash $(MAKE_ENV_SCRIPT) && touch .env-ready
 
-# `make demo` / `make test` on a fresh clone set up the environment first (and again when requirements change).
-.env-ready: requirements.txt env.yml
+# `make demo` / `make test` on a fresh clone set up the environment first (and again when requirements or
+# pyproject.toml change: an existing clone then re-runs make env and gets the editable install).
+.env-ready: requirements.txt env.yml pyproject.toml
 	@bash $(MAKE_ENV_SCRIPT) && touch .env-ready
 
 check-ckpt:

@@ -2,7 +2,8 @@
 
     tiny checkpoints -> the tiny Vicuna learns the toy language -> toy data -> caption embeddings + ImageBind
     features -> stage 1 -> its held-out evaluation, untrained vs trained -> stage 2 -> stage 3 (DeepSpeed on the
-    CPU) -> inference: a question about a toy image, then requests for an image, a video and a sound
+    CPU) -> the held-out evaluation of the base model vs the stage 1/2/3 checkpoints (= make eval CONFIG=tiny) ->
+    inference: a question about a toy image, then requests for an image, a video and a sound
 
 Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/make_tiny_ckpt.py,
 scripts/make_toy_data.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
@@ -18,7 +19,9 @@ Every step prints its progress and keeps a log in runs/demo/logs/. A finished st
 Makefile chains on: ckpt/tiny/.complete, data/toy/.complete, each stage's done.json; runs/demo/stamps/ for the
 rest) and is skipped when the demo runs again; --fresh starts over. At the end it prints a report (loss and token
 accuracy of every stage at start and end, stage-1 accuracy of the untrained vs the trained model on the same
-held-out toy captions, where every checkpoint and output is) and writes runs/demo/loss_curves.png.
+held-out toy captions, the evaluation table of the base model vs the three stages (loss, token accuracy, BLEU-4,
+CIDEr-D, signal-token emission rate, l2 / cosine, ImageBind score), where every checkpoint and output is) and writes
+runs/demo/loss_curves.png.
 
     python scripts/demo.py [--fresh] [--workdir DIR] [--pretrain-steps N] [--stage1-steps N ...]
 
@@ -55,6 +58,9 @@ TOY_COUNTS = {"images": 192, "videos": 48, "audios": 24}
 STAGE_SETTINGS = {1: ["data.eval_fraction=0.2", "train.eval_every=100", "train.lr=3.0e-2", "train.log_every=100"],
                   2: ["train.log_every=50"],
                   3: ["train.lr=5.0e-3", "train.log_every=250"]}
+# The base-vs-stages evaluation is `make eval CONFIG=tiny` made cheaper so the demo stays short: 4 held-out records
+# per dataset (~35 requests per checkpoint) and one decoded medium per modality for the ImageBind score.
+EVAL_ARGS = ["--limit", "4", "--decode", "1"]
 
 
 class DemoError(RuntimeError):
@@ -284,7 +290,7 @@ def demo(args) -> int:
     cfg = {stage: env.config(stage, *settings[stage]) for stage in (1, 2, 3)}
     outputs = {stage: cfg[stage].path(cfg[stage].train.output_dir) for stage in (1, 2, 3)}
     llm_folder = cfg[1].path(cfg[1].model.llm)
-    steps = Steps(11, runs / "logs")
+    steps = Steps(12, runs / "logs")
     with_config = env.argv            # ['--config', code/config/tiny/<stage>.yaml, '--set', ...]
 
     def tool(script: str, *arguments: str):
@@ -347,6 +353,11 @@ def demo(args) -> int:
         if stale == 1:                                                          # measured on that base too
             shutil.rmtree(stage1_eval, ignore_errors=True)
         shutil.rmtree(runs / "inference", ignore_errors=True)
+    # The base-vs-stages evaluation measured the checkpoints as they were: any stage about to be trained (stale,
+    # removed by hand, or never finished) makes it stale too.
+    every_stage = runs / "eval"
+    if not all((outputs[stage] / "done.json").exists() for stage in (1, 2, 3)):
+        shutil.rmtree(every_stage, ignore_errors=True)
 
     steps("stage 1 training (encoder side: input_proj)", outputs[1] / "done.json", train(1))
     steps("stage-1 held-out evaluation, untrained vs trained (code/evaluate.py)", stage1_eval / "metrics.json",
@@ -357,7 +368,14 @@ def demo(args) -> int:
     steps("stage 2 training (decoder side: output_proj)", outputs[2] / "done.json", train(2))
     steps("stage 3 training (instructions: LoRA + both projections)", outputs[3] / "done.json", train(3))
 
-    # 10: inference through the interactive CLI, greedy
+    # 10: the held-out evaluation of the base model vs every stage's checkpoint: the emission rate of signal tokens
+    # rises from 0 (the base model never emits them) once stage 3 has taught the instructions
+    steps("held-out evaluation, base vs stages 1-3 (code/evaluate.py; make eval CONFIG=tiny, fewer records)",
+          every_stage / "metrics.json",
+          tool("code/evaluate.py", *with_config("eval"), "--ckpt", "base", *(str(outputs[s]) for s in (1, 2, 3)),
+               *EVAL_ARGS, "--out", str(every_stage)))
+
+    # 11: inference through the interactive CLI, greedy
     inference_dir = runs / "inference"
     image, caption = first_toy_image(env.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
@@ -377,8 +395,8 @@ def demo(args) -> int:
 
     steps("inference (an image in; an image, a video and a sound out)", inference_dir / "requests.json", infer)
 
-    # 11: report
-    print(f"\n[demo 11/11] report\n", flush=True)
+    # 12: report
+    print(f"\n[demo {steps.total}/{steps.total}] report\n", flush=True)
     pretrained = json.loads((llm_folder / "pretrained.json").read_text())
     train_metrics = {stage: read_metrics(outputs[stage]) for stage in (1, 2, 3)}
     panels = {f"tiny Vicuna, toy language ({pretrained['steps']} steps)": {"lm loss": pretrained["history"]}}
@@ -416,6 +434,7 @@ def demo(args) -> int:
                      f"untrained {u['token_acc']:.3f} -> trained {t['token_acc']:.3f}   "
                      f"(LM loss {u['heldout_lm']:.3f} -> {t['heldout_lm']:.3f}; BLEU-4 of greedy captions "
                      f"{u.get('bleu4', float('nan')):.3f} -> {t.get('bleu4', float('nan')):.3f}; {stage1_eval / 'report.md'})")
+    lines += every_stage_table(every_stage / "metrics.json")
     lines += ["", "  checkpoints:", f"    tiny Vicuna (toy language): {llm_folder}"]
     for stage in (1, 2, 3):
         done = outputs[stage] / "done.json"
@@ -448,6 +467,29 @@ def stage1_accuracy(metrics_path: Path) -> dict:
     samples = sum(summary.get("requests", {}).values())
     base, trained = summary["checkpoints"][:2]
     return {"untrained": {**base["metrics"], "samples": samples}, "trained": {**trained["metrics"], "samples": samples}}
+
+
+def every_stage_table(metrics_path: Path) -> list[str]:
+    """Report lines for the base-vs-stages evaluation: evaluate.py's table (one row per checkpoint) and the
+    signal-token emission rate per requested modality, base -> last checkpoint; [] before that step has run."""
+    from nextgpt.eval.report import ORDER, table
+
+    if not metrics_path.is_file():
+        return []
+    summary = json.loads(metrics_path.read_text())
+    runs = summary["checkpoints"]
+    requests = ", ".join(f"{kind} {count}" for kind, count in summary.get("requests", {}).items())
+    lines = ["", f"  held-out evaluation, base vs stages 1-3 ({metrics_path.with_name('report.md')}; "
+                 f"requests: {requests}):", ""]
+    lines += ["    " + row for row in table(runs).splitlines()]
+    first, last = runs[0], runs[-1]
+    rates = [f"{modality} {first['metrics'][key]:.2f} -> {last['metrics'][key]:.2f}"
+             for modality in ORDER if isinstance(first["metrics"].get(key := f"emission.{modality}"), (int, float))
+             and isinstance(last["metrics"].get(key), (int, float))]
+    if rates:
+        # emission.text is the share of text-only requests answered with no signal block (1.0 is right)
+        lines += ["", f"  signal-token emission rate, {first['name']} -> {last['name']}: {', '.join(rates)}"]
+    return lines
 
 
 def short_signals(text: str) -> str:

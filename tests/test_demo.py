@@ -6,6 +6,7 @@ step counts are tiny and nothing about accuracy is asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def test_demo_runs_every_step_and_reports(tmp_path):
         assert f"stage {stage}: 2 steps" in out
         assert (work / "ckpt" / "tiny" / "delta" / f"stage_{stage}" / "done.json").exists()
     assert "stage-1 token accuracy on the same" in out
+    # the base-vs-stages evaluation table: one row per checkpoint, base first, each stage's final checkpoint after
+    evaluated = json.loads((work / "runs" / "demo" / "eval" / "metrics.json").read_text())["checkpoints"]
+    assert [run["name"] for run in evaluated] == ["base", "stage_1/checkpoint-2", "stage_2/checkpoint-2",
+                                                  "stage_3/checkpoint-2"]
+    assert "held-out evaluation, base vs stages 1-3" in out and "| base | – |" in out
+    assert "signal-token emission rate, base -> stage_3/checkpoint-2: image" in out
     assert (work / "runs" / "demo" / "loss_curves.png").stat().st_size > 0
     # A rerun finds every step done and redoes nothing.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
