@@ -1,4 +1,4 @@
-"""nextgpt/store.py and dataset-scale precompute: sharded runs (2 processes == 1 process, killed share resumed),
+"""nextgpt/store/ and dataset-scale precompute: sharded runs (2 processes == 1 process, killed share resumed),
 the shard layout (round trip files <-> shards, half-written shards never read), caption hashes (an edited caption
 is recomputed / reported stale), finite checks, refused foreign features, online == precomputed caption embeddings."""
 

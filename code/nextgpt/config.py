@@ -80,7 +80,7 @@ class DataConfig:
     mixture: Literal["round_robin", "mixed"] = "round_robin"
     num_workers: int = 0
     skip_bad_records: bool = False          # count and skip instead of failing on a bad record
-    # caption embeddings / features: files (<name>.npy, the seed's layout) | shards (memory-mapped, nextgpt/store.py)
+    # caption embeddings / features: files (<name>.npy, the seed's layout) | shards (memory-mapped, nextgpt/store/)
     store: Literal["files", "shards"] = "files"
     # precomputed (read from embed_dir) | online (the decoders' frozen text encoders inside the training step)
     caption_embeds: Literal["precomputed", "online"] = "precomputed"

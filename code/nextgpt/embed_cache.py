@@ -1,4 +1,4 @@
-"""The `files` layout of a store (nextgpt/store.py): `<dir>/<media file name>.npy` per item, written atomically.
+"""The `files` layout of a store (nextgpt/store/): `<dir>/<media file name>.npy` per item, written atomically.
 
 Used for caption embeddings (process_embeddings.py; stage 2/3 targets) and ImageBind features (--features;
 stage-1 cache) through nextgpt.store.StoreWriter. Items already present and valid are skipped, so a rerun after a
@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Manifest:
-    """A one-section view of a store manifest (nextgpt/store.py holds the format)."""
+    """A one-section view of a store manifest (nextgpt/store/ holds the format)."""
     kind: str                 # "caption_embeddings" | "imagebind_features"
     encoder: str              # decoder folder / ImageBind checkpoint + preset that produced the vectors
     shape: list[int]          # per item, e.g. [77, 768], [512], [1024]
@@ -127,7 +127,7 @@ class ItemWriter:
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest | None:
-    """One-section view of a store manifest (nextgpt/store.py): kind, the first section's encoder / shape / dtype,
+    """One-section view of a store manifest (nextgpt/store/): kind, the first section's encoder / shape / dtype,
     and the count over all modalities. None when the folder has no manifest."""
     from nextgpt.store import read_manifest as read_store
 

@@ -201,7 +201,7 @@ def caption_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 
 def feature_fingerprint(cfg) -> str | None:
-    """The configured ImageBind checkpoint's fingerprint (nextgpt/store.py), which the feature store must match;
+    """The configured ImageBind checkpoint's fingerprint (nextgpt/store/), which the feature store must match;
     None when the checkpoint is not here (nothing to compare with: stage 1 then relies on the cache alone)."""
     checkpoint = cfg.path(cfg.model.imagebind)
     if not checkpoint.is_file():

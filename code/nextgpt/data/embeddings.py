@@ -13,7 +13,7 @@ prompt encoding in diffusers 0.42, step for step:
     prompt_embeds = F.normalize(text_encoder(ids, attention_mask).text_embeds, dim=-1)
 so tests compare the stored vectors with `pipeline.encode_prompt` directly.
 
-Storage: a store folder (nextgpt/store.py): `<embed_dir>/<media file name>.npy` (the default `files` layout) or
+Storage: a store folder (nextgpt/store/): `<embed_dir>/<media file name>.npy` (the default `files` layout) or
 memory-mapped shards, (77, D) or (D,) for pooled decoders, float32 or float16. One folder holds all three
 modalities (as the original's data/embed/), so its manifest.json has a section per modality:
 {"kind": "caption_embeddings", "store": ..., "modalities": {"image": {"encoder", "shape", "dtype", "count", ...}}}.
@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 KIND = "caption_embeddings"
 
 
-# One manifest format for caption embeddings and features: nextgpt/store.py. These are its caption-side views.
+# One manifest format for caption embeddings and features: nextgpt/store/. These are its caption-side views.
 Section = store.Section
 
 

@@ -151,7 +151,7 @@ def check_values(path: str | Path, shape: tuple[int, ...] | None, dtype: str | N
         sharded = store.open_reader(Path(path).parent).layout == "shards"
     except ValueError:
         sharded = False
-    if sharded:          # <folder>/<name>.npy names a row of a memory-mapped shard (nextgpt/store.py)
+    if sharded:          # <folder>/<name>.npy names a row of a memory-mapped shard (nextgpt/store/)
         reason = store.check_item(path, shape, values=full)
         if reason is None:
             return None
