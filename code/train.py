@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> dict:
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
     from nextgpt import checkpoint, legacy
     from nextgpt.data.loaders import build_run_data, count_steps
-    from nextgpt.eval.run import GenerationChecks
+    from nextgpt.eval.training import GenerationChecks
     from nextgpt.engine import build_engine
     from nextgpt.model.nextgpt import build_model, set_trainable
     from nextgpt.model import caption_encoder

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nextgpt.eval import run as R
+from nextgpt.eval import training as T
 from nextgpt.model.decoders import Decoded
 
 EVAL_CONFIG = Path(__file__).resolve().parents[1] / "code" / "config" / "tiny" / "eval.yaml"
@@ -23,9 +24,9 @@ def test_generation_checks_add_the_emission_rate(tiny_env):
     torch.manual_seed(0)
     model = build_model(cfg)
     sets = R.held_out_datasets(cfg, model.tokenizer, model.token_ids)
-    checks = R.GenerationChecks(cfg, list(sets.values()))
+    checks = T.GenerationChecks(cfg, list(sets.values()))
     assert {item.requested for item in checks.items} == {"image", "text"}
-    assert all(sum(i.requested == r for i in checks.items) <= R.TRAINING_REQUESTS for r in ("image", "text"))
+    assert all(sum(i.requested == r for i in checks.items) <= T.TRAINING_REQUESTS for r in ("image", "text"))
     model.train()
     torch.manual_seed(123)
     expected_next = torch.rand(3)
@@ -36,7 +37,7 @@ def test_generation_checks_add_the_emission_rate(tiny_env):
     assert all(0.0 <= result[k] <= 1.0 for k in ("emission.image", "emission.text"))
     assert model.training                                        # generation leaves the training mode as it was
     assert checks.run(model, step=2) == result                   # greedy: the same requests, the same replies
-    assert R.GenerationChecks(cfg, []).run(model, step=1) == {}  # no held-out split: nothing to add
+    assert T.GenerationChecks(cfg, []).run(model, step=1) == {}  # no held-out split: nothing to add
 
 
 def test_media_go_to_tensorboard(tmp_path):
@@ -45,7 +46,7 @@ def test_media_go_to_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path))
-    checks = R.GenerationChecks.__new__(R.GenerationChecks)
+    checks = T.GenerationChecks.__new__(T.GenerationChecks)
     checks.pending = [
         ("generate/image_0", Decoded("image", Image.new("RGB", (16, 16), (200, 10, 10))), 0.25),
         ("generate/audio_0", Decoded("audio", np.sin(np.linspace(0, 100, 1600)).astype(np.float32), rate=16000), None),

@@ -118,7 +118,7 @@ class RunLog:
 
     def media(self, step: int, items) -> None:
         """Generated media to W&B: items of (tag, Decoded, caption text or ImageBind score or None), e.g.
-        eval.run.GenerationChecks.pending (its write_media sends the same media to TensorBoard). Image: PIL; video: (F, H, W, 3) uint8 frames, logged
+        eval.training.GenerationChecks.pending (its write_media sends the same media to TensorBoard). Image: PIL; video: (F, H, W, 3) uint8 frames, logged
         as an animated GIF (raw frames would need moviepy); audio: float samples at Decoded.rate."""
         if self.wandb is None or not items:
             return
