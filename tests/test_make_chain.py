@@ -73,7 +73,7 @@ def test_env_then_three_stages_in_one_line(clone, config):
     assert _ran(lines, rf"scripts/check_ckpt.py --config {folder}/stage_3.yaml")
     assert _ran(lines, rf"process_embeddings.py --config {folder}/stage_1.yaml --all --features")
     assert _ran(lines, rf"process_embeddings.py --config {folder}/stage_3.yaml --all$")
-    trains = _ran(lines, r"-m deepspeed.launcher.runner")
+    trains = _ran(lines, r"code/train\.py --config")              # through the DeepSpeed launcher
     assert [re.search(r"stage_(\d)\.yaml", t).group(1) for t in trains] == ["1", "2", "3"]
     ports = [int(re.search(r"--master_port (\d+)", t).group(1)) for t in trains]
     assert all(1024 <= p < 65536 for p in ports) and 29500 not in ports
