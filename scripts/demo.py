@@ -353,11 +353,12 @@ def demo(args) -> int:
         if stale == 1:                                                          # measured on that base too
             shutil.rmtree(stage1_eval, ignore_errors=True)
         shutil.rmtree(runs / "inference", ignore_errors=True)
-    # The base-vs-stages evaluation measured the checkpoints as they were: any stage about to be trained (stale,
-    # removed by hand, or never finished) makes it stale too.
+    # The base-vs-stages evaluation and the inference used the checkpoints as they were: any stage about to be
+    # trained (stale, removed by hand, or never finished) makes them stale too.
     every_stage = runs / "eval"
     if not all((outputs[stage] / "done.json").exists() for stage in (1, 2, 3)):
         shutil.rmtree(every_stage, ignore_errors=True)
+        shutil.rmtree(runs / "inference", ignore_errors=True)
 
     steps("stage 1 training (encoder side: input_proj)", outputs[1] / "done.json", train(1))
     steps("stage-1 held-out evaluation, untrained vs trained (code/evaluate.py)", stage1_eval / "metrics.json",
