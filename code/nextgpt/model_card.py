@@ -50,7 +50,7 @@ model = PeftModel.from_pretrained(base, f"{{checkpoint}}/adapter")
 
 This gives the LLM with LoRA, but the added tokens' rows are still the resize's random ones. For the whole model
 (those rows, both projections, the decoders) load the checkpoint with this repository instead:
-`python code/inference.py --config code/config/stage_3.yaml --set inference.ckpt=<this checkpoint folder>`, or
+`python code/inference.py --config code/config/stage_3.yaml --ckpt <this checkpoint folder>`, or
 `nextgpt.checkpoint.load_checkpoint(model, "<this checkpoint folder>")`.
 """
 
