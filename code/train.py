@@ -98,7 +98,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     from nextgpt.data.loaders import build_run_data, count_steps
     from nextgpt.eval.training import GenerationChecks
     from nextgpt.engine import build_engine
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
     from nextgpt.model import caption_encoder
 
     # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config

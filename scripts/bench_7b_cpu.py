@@ -61,7 +61,8 @@ def run(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nextgpt.model import llm as llm_utils
-    from nextgpt.model.nextgpt import NextGPT, conditioning_shapes, imagebind_dim, set_trainable
+    from nextgpt.model.nextgpt import NextGPT, conditioning_shapes, imagebind_dim
+    from nextgpt.model.trainable import set_trainable
     from nextgpt.tokens import load_tokenizer
 
     set_threads(args.threads)

@@ -46,7 +46,7 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
 
     from nextgpt import runtime
     from nextgpt.data.dataset import build_loader
-    from nextgpt.model.nextgpt import set_trainable
+    from nextgpt.model.trainable import set_trainable
 
     overrides = [f"train.micro_batch_size={args.batch_size}", "train.init_from=", "model.max_length=512",
                  f"train.max_steps={args.warmup + args.steps}", *REAL_PROJECTORS]

@@ -257,7 +257,8 @@ def overhead_stage(env, work: Path, stage: int, args, device, dtype, datasets: l
     import torch
 
     from nextgpt.data.dataset import build_loader
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
 
     extra = [] if suffix_backward is None else [f"train.suffix_backward={str(suffix_backward).lower()}"]
     if datasets:

@@ -247,7 +247,8 @@ def bench_online(env, work: Path, batch_size: int, reps: int, device, dtype) -> 
     from bench_pipeline import MID, write_llm
     from nextgpt.data.dataset import build_loader
     from nextgpt.model import caption_encoder
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
     from tiny_workspace import code_script
 
     llm = write_llm(work / "llm_mid", env.ckpt / "vicuna", MID)

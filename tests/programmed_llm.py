@@ -24,7 +24,8 @@ def build(tiny_env, root):
     from nextgpt import checkpoint
     from nextgpt.data.conversation import prompt_for_generation
     from nextgpt.model import llm as llm_utils
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
     from nextgpt.tokens import load_tokenizer
 
     tokenizer, token_ids = load_tokenizer(tiny_env.ckpt / "vicuna")

@@ -210,7 +210,8 @@ def test_llm_through_stages_and_inference(tiny_env, tiny_llms, tmp_path, llm, te
     from nextgpt import checkpoint
     from nextgpt.data.conversation import prompt_for_generation
     from nextgpt.model import llm as llm_utils
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
     from nextgpt.tokens import load_tokenizer
 
     tiny_env.embeddings()
@@ -264,7 +265,8 @@ def test_export_hf_logits_legacy_and_8bit_refusal(tiny_env, tmp_path, capsys):
 
     from nextgpt import checkpoint, legacy as legacy_lib
     from nextgpt.model import llm as llm_utils
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
 
     cfg = tiny_env.config("stage_3")
     torch.manual_seed(0)
@@ -333,7 +335,8 @@ def test_module_lr_groups_follow_the_schedule(tiny_env):
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
     from nextgpt import engine
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
 
     cfg = tiny_env.config("stage_3", "train.lr=1.0e-3", "train.min_lr=1.0e-5",
                           "train.module_lr={lora: 4.0e-3, token_rows: 1.0e-4}")

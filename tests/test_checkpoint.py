@@ -13,7 +13,8 @@ from nextgpt import legacy as legacy_lib
 from nextgpt.data.types import Media, Sample, Target, Turn
 from nextgpt.io import sha256_file
 from nextgpt.model import llm as llm_utils
-from nextgpt.model.nextgpt import build_model, set_trainable
+from nextgpt.model.nextgpt import build_model
+from nextgpt.model.trainable import set_trainable
 
 HIDDEN, NEW, VOCAB = 64, 38, 738          # tiny Llama: hidden 64, 700 sentencepiece pieces + 38 added tokens
 

@@ -128,7 +128,8 @@ def test_evaluate_model_on_programmed_replies(tiny_env, tiny_model, tmp_path):
 
 def test_evaluate_cli_writes_the_report_and_is_deterministic(tiny_env, tmp_path, capsys):
     from nextgpt import checkpoint
-    from nextgpt.model.nextgpt import build_model, set_trainable
+    from nextgpt.model.nextgpt import build_model
+    from nextgpt.model.trainable import set_trainable
 
     few = "data.datasets=[cc3m_enc,cc3m_dec,alpaca_instruction]"      # 3 requests: seconds on a busy CPU
     cfg = eval_config(tiny_env, few)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from nextgpt import checkpoint, fingerprint
 from nextgpt.model import llm as llm_utils
-from nextgpt.model.nextgpt import build_model, set_trainable
+from nextgpt.model.nextgpt import build_model
+from nextgpt.model.trainable import set_trainable
 
 
 def built(tiny_env, stage, *overrides):

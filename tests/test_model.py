@@ -10,7 +10,8 @@ from nextgpt.data.collate import stack_signal_blocks
 from nextgpt.data.conversation import encode, signal_blocks
 from nextgpt.data.types import Media, Sample, Target, Turn
 from nextgpt.model import llm as llm_utils
-from nextgpt.model.nextgpt import build_model, set_trainable
+from nextgpt.model.nextgpt import build_model
+from nextgpt.model.trainable import set_trainable
 from nextgpt.modalities import MODALITIES
 
 HIDDEN, VOCAB_BASE, NEW = 64, 700, 38            # scripts/make_tiny_ckpt.py: hidden 64, sentencepiece vocab 700

@@ -9,7 +9,8 @@ import torch
 from nextgpt import config
 from nextgpt.config import REPO_ROOT
 from nextgpt.model import llm as llm_utils
-from nextgpt.model.nextgpt import NextGPT, imagebind_dim, set_trainable
+from nextgpt.model.nextgpt import NextGPT, imagebind_dim
+from nextgpt.model.trainable import set_trainable
 from nextgpt.modalities import MODALITIES, added_tokens
 from nextgpt.tokens import TokenIds
 

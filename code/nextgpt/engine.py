@@ -19,7 +19,7 @@ def param_groups(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any]) ->
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not cfg.train.module_lr:
         return trainable
-    from nextgpt.model.nextgpt import trainable_groups
+    from nextgpt.model.trainable import trainable_groups
 
     groups: dict[str, list] = {}
     for name, parameters in trainable_groups(model).items():

@@ -7,32 +7,26 @@
         hidden (n, N, D) + input embeddings (n, N, D)
         --output_proj[modality]--> (n, T, D_out) -- l2 / mse --> caption_embeds[modality] (n, T, D_out)
 
-A stage is configuration: which modules train (set_trainable), which loss terms count (cfg.train.loss_weights).
+A stage is configuration: which modules train (model/trainable.py: set_trainable), which loss terms count
+(cfg.train.loss_weights; the terms are model/losses.py's).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nextgpt.model import llm as llm_utils
 from nextgpt.model import suffix
+from nextgpt.model.losses import alignment_loss, check_signal_labels, lm_loss_and_accuracy
 from nextgpt.model.projectors import build_input_proj, build_output_proj
 from nextgpt.modalities import MODALITIES, conditioning_shape
-from nextgpt.tokens import IGNORE
 
 if TYPE_CHECKING:
     from nextgpt.data.types import Media, Turn
-
-logger = logging.getLogger("nextgpt")
-
-L2_EPS = 1e-6     # under the sqrt: the distance's gradient stays finite when a token is matched exactly
-
 
 @dataclass
 class Generation:
@@ -52,34 +46,6 @@ def imagebind_dim(preset_name: str) -> int:
         if key in config:
             return int(config[key])
     raise ValueError(f"ImageBind preset {preset_name!r} has no out_embed_dim")
-
-
-def alignment_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    """l2: mean over tokens of the Euclidean distance (the original's l2_loss(...).mean()); mse: mean squared error.
-
-    Both in fp32; (n, T, D) each.
-    """
-    difference = prediction.float() - target.float()
-    if kind == "l2":
-        return torch.sqrt(difference.pow(2).sum(-1) + L2_EPS).mean()
-    return difference.pow(2).mean()  # mse (the config's Literal allows only these two)
-
-
-def lm_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted cross entropy (mean over supervised targets, fp32) and next-token accuracy on the same targets.
-
-    Accuracy = correct / supervised, i.e. the original's gen_acc without its +1 in the denominator (reference
-    §2.6; its skipped position-0 prediction always has label -100 here, so that part is the same).
-    """
-    shifted_logits = logits[:, :-1].float()                       # (B, L-1, V)
-    targets = labels[:, 1:]                                       # (B, L-1)
-    loss = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE)
-    with torch.no_grad():
-        valid = targets != IGNORE
-        correct = (shifted_logits.argmax(-1) == targets) & valid
-        accuracy = correct.sum().float() / valid.sum().clamp(min=1).float()
-    return loss, accuracy
 
 
 class NextGPT(nn.Module):
@@ -186,7 +152,7 @@ class NextGPT(nn.Module):
         blocks = {m: [tuple(b) for b in v.tolist()] for m, v in batch["signal_blocks"].items() if v.numel()}
         wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0]
 
-        self._check_blocks(labels, blocks, batch.get("samples"))
+        check_signal_labels(labels, blocks, self.token_ids.signal, batch.get("samples"))
 
         split = self._split(input_ids, attention_mask, positions, blocks)
         if split is None:                                   # one pass with gradients everywhere
@@ -219,19 +185,6 @@ class NextGPT(nn.Module):
             terms[modality] = alignment_loss(prediction, target.view(prediction.shape), self.cfg.train.alignment_loss)
         loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
         return {"loss": loss, **terms, "token_acc": accuracy}
-
-    def _check_blocks(self, labels: torch.Tensor, blocks: dict[str, list[tuple[int, int]]], samples) -> None:
-        """Every signal block is supervised with its own ids (a block the labels do not teach is a data bug)."""
-        for modality, starts in blocks.items():
-            n = MODALITIES[modality].num_signal_tokens
-            rows = torch.tensor([r for r, _ in starts for _ in range(n)], device=labels.device)
-            columns = torch.tensor([s + i for _, s in starts for i in range(n)], device=labels.device)
-            expected = torch.tensor(self.token_ids.signal[modality], device=labels.device).repeat(len(starts))
-            bad = (labels[rows, columns] != expected).view(len(starts), n).any(1)
-            if bool(bad.any()):
-                row, start = starts[int(bad.nonzero()[0, 0])]
-                where = samples[row].where if samples else f"batch row {row}"
-                raise ValueError(f"{where}: the labels do not hold the {modality} signal block at position {start}")
 
     def _split(self, input_ids, attention_mask, media_positions, blocks) -> list[int] | None:
         """Per-row prefix lengths for suffix backward (model/suffix.py), or None for one full pass."""
@@ -318,51 +271,3 @@ def build_model(cfg, device: str | torch.device | None = None, dtype: torch.dtyp
     model.input_proj.to(device=device, dtype=dtype or torch.float32)
     model.output_proj.to(device=device, dtype=dtype or torch.float32)
     return model
-
-
-def trainable_groups(model: NextGPT) -> dict[str, list[nn.Parameter]]:
-    """Parameters by group: input_proj, output_proj.<modality>, lora, token_rows."""
-    groups = {"input_proj": list(model.input_proj.parameters())}
-    for modality, projector in model.output_proj.items():
-        groups[f"output_proj.{modality}"] = list(projector.parameters())
-    groups["lora"] = [p for _, p in llm_utils.lora_parameters(model.llm)]
-    if model.token_rows == "new":
-        rows = [llm_utils.token_rows_parameter(model.llm, name) for name in llm_utils.TOKEN_MATRICES]
-        if any(p is None for p in rows):
-            raise ValueError("token_rows=new but the LLM has no PEFT trainable-token layers")
-        groups["token_rows"] = rows
-    elif model.token_rows == "all":
-        groups["token_rows"] = [llm_utils.base_token_weight(model.llm, name) for name in llm_utils.TOKEN_MATRICES]
-    else:
-        groups["token_rows"] = []
-    return groups
-
-
-def set_trainable(model: NextGPT, cfg=None) -> dict[str, int]:
-    """Freeze everything, then enable what cfg.train.trainable and cfg.train.token_rows name.
-
-    -> trainable parameter count per group (input_proj, output_proj.<m>, lora, token_rows) plus "total";
-    the counts (and the frozen rest) are logged.
-    """
-    cfg = cfg or model.cfg
-    if cfg.train.token_rows != model.token_rows:
-        raise ValueError(f"train.token_rows={cfg.train.token_rows} but the model was built for {model.token_rows}")
-    trainable = set(cfg.train.trainable)
-    if "lora" in trainable and not llm_utils.has_lora(model.llm):
-        raise ValueError("train.trainable lists lora but the model was built without LoRA (model.lora.enabled)")
-    groups = trainable_groups(model)
-    model.requires_grad_(False)
-    on = {"token_rows"} if cfg.train.token_rows != "none" else set()
-    on |= {g for g in groups if g.split(".")[0] in trainable}
-    counts = {}
-    for group, parameters in groups.items():
-        for p in parameters:
-            p.requires_grad_(group in on)
-        counts[group] = sum(p.numel() for p in parameters) if group in on else 0
-    counts["total"] = sum(counts.values())
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    model.delta_groups |= {g for g in on if groups[g]}
-    for group, count in counts.items():
-        logger.info("trainable %-20s %14s", group, f"{count:,}")
-    logger.info("frozen    %-20s %14s", "everything else", f"{frozen:,}")
-    return counts
