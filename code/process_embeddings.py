@@ -11,7 +11,7 @@ outputs; the rank that completes the set merges the one manifest; a killed rank'
     deepspeed --num_gpus 8 code/process_embeddings.py --config ... --all [--features]   # or torchrun, or a hostfile
     python code/process_embeddings.py --config ... --all --shard 3/16                    # a scheduler's array job
 Store layout: --store files (the seed's <name>.npy, default: data.store) | shards (a few memory-mapped files + an
-index, float16 unless --fp32; see nextgpt/store.py, which also converts a folder between the two).
+index, float16 unless --fp32; see nextgpt/store/, which also converts a folder between the two).
 
 Caption embeddings are computed with the configured decoder's own text encoder (only it and its tokenizer are
 loaded): image/video (77, D) CLIP last hidden state, audio (D,) CLAP text_embeds L2-normalised; see
@@ -23,7 +23,8 @@ nothing, an edited caption is recomputed and a killed run resumes (removing the 
 is written atomically, a batch at a time on a background thread. Every vector is finite before it is written (else
 one line naming the item, or a counted skip under data.skip_bad_records); media are decoded in DataLoader workers.
 `--all` covers every catalog dataset whose file exists under cfg.data.root (the config's own data.datasets must
-exist), so one call prepares stage 2 and stage 3.
+exist), so one call prepares stage 2 and stage 3. The precompute itself: nextgpt/data/precompute.py (captions),
+nextgpt/imagebind/features.py (features).
 """
 
 from __future__ import annotations
@@ -126,96 +127,8 @@ def _catalog_samples(cfg, names: list[str] | None, log) -> list:
     return samples
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Caption embeddings
-
-def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str | Path, decoder_dir: str | Path,
-                             batch_size: int = 128, fp16: bool | None = None, device: str | None = None,
-                             overwrite: bool = False, log=print, layout: str = "files",
-                             share: tuple[int, int] = (0, 1), skip_bad: bool = False) -> dict[str, int]:
-    """Embed {media name: caption} into the store at out_dir (this rank's share of the batches) and, when the
-    set of shares is complete, merge the manifest section of `modality`. fp16: None = the layout's default
-    (files float32, shards float16). -> {"written": n, "skipped": n, "bad": n} for this share."""
-    from tqdm import tqdm
-
-    from nextgpt import store
-    from nextgpt.data import embeddings as emb
-    from nextgpt.embed_cache import item_path, remove_stale_temps
-
-    out_dir, decoder_dir = Path(out_dir), Path(decoder_dir)
-    rank, world = share
-    shape = emb.stored_shape(modality, decoder_dir)          # JSON configs only: no model load for a no-op rerun
-    fp16 = (layout == "shards") if fp16 is None else fp16
-    section = store.Section(encoder=str(decoder_dir.resolve()), shape=list(shape),
-                            dtype="float16" if fp16 else "float32", fingerprint=emb.decoder_fingerprint(decoder_dir),
-                            hashed=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_section(out_dir, store.KINDS[0], modality, section, layout, overwrite)
-    hashes = {n: store.caption_hash(c) for n, c in items.items()}
-    mine = store.share_batches(list(items), batch_size, rank, world)
-    names = [n for batch in mine for n in batch]
-    done = set() if overwrite else store.done_names(out_dir, modality, layout, names, shape, hashes,
-                                                                section.dtype)
-    todo = [[n for n in batch if n not in done] for batch in mine]
-    todo = [batch for batch in todo if batch]
-    tag = f"{rank}of{world}"
-    if layout == "files":
-        remove_stale_temps(out_dir, names)                   # what a killed run left for these items
-    else:
-        store.remove_orphans(out_dir, modality, tag)
-    written, bad = 0, []
-    if todo:
-        encoder = emb.CaptionEncoder(modality, decoder_dir, device=device)
-        writer = store.StoreWriter(out_dir, store.KINDS[0], modality, section, layout, tag=tag, skip_bad=skip_bad)
-        # Files: each batch is written (temp files, one fsync pass, renames, one folder fsync, then its caption
-        # hashes) on the writer's thread while the next batch is encoded; shards: a shard per SHARD_BYTES.
-        try:
-            with tqdm(total=sum(map(len, todo)), desc=f"{modality} caption embeddings", unit="caption",
-                      disable=rank != 0) as bar:
-                for batch in todo:
-                    vectors = encoder.encode([items[n] for n in batch])     # (B, *shape) float32
-                    bad += writer.put(batch, vectors, [hashes[n] for n in batch])
-                    bar.update(len(batch))
-        except BaseException:
-            writer.abort()           # keep what was computed (also on Ctrl-C); the rerun skips it
-            raise
-        writer.close()
-        written = writer.written
-    if bad:
-        log(f"warning: {modality}: skipped {len(bad)} non-finite caption embedding(s) (first: {bad[0][1]})")
-    merged = store.finish_share(out_dir, store.KINDS[0], modality, section, layout, rank, world)
-    skipped = len(names) - sum(map(len, todo))
-    who = f" (share {rank}/{world})" if world > 1 else ""
-    log(f"{modality}: {written} written, {skipped} already done{who} -> {out_dir} (shape {shape}, {section.dtype}, "
-        f"{layout}, decoder {decoder_dir})" + ("" if merged or world == 1 else "; other shares still to finish"))
-    return {"written": written, "skipped": skipped, "bad": len(bad)}
-
-
-def _check_section(folder: Path, kind: str, modality: str, section, layout: str, overwrite: bool) -> None:
-    """Refuse to mix items of another encoder, dtype or layout into a store folder (one line naming it)."""
-    from nextgpt import store
-
-    manifest = store.read_manifest(folder)
-    if manifest is None:
-        return
-    where = folder / store.MANIFEST
-    if manifest.kind != kind:
-        raise ValueError(f"{where}: holds {manifest.kind}; refusing to add {kind} (use another folder)")
-    if manifest.store != layout and manifest.modalities:
-        raise ValueError(f"{where}: is a {manifest.store} store, not {layout}; convert it (python -m nextgpt.store "
-                         f"convert {folder} --to {layout}) or pass --store {manifest.store}")
-    old = manifest.modalities.get(modality)
-    if old is None or overwrite:
-        return
-    if old.fingerprint and section.fingerprint and old.fingerprint != section.fingerprint:
-        raise ValueError(f"{where}: {modality} items came from {old.encoder} ({old.fingerprint}), not "
-                         f"{section.encoder} ({section.fingerprint}); --overwrite recomputes them")
-    if old.dtype != section.dtype and old.count:
-        raise ValueError(f"{where}: {modality} items are {old.dtype}, this run writes {section.dtype}; --overwrite "
-                         "rewrites them (or pass the same --fp16 / --fp32)")
-
-
 def _run_captions(samples, modalities, cfg, args, out_dir_override: str | None, log) -> None:
+    from nextgpt.data.precompute import write_caption_embeddings
     from nextgpt.modalities import MODALITIES
 
     for modality in modalities:

@@ -4,7 +4,7 @@
     python scripts/bench_embeddings.py --quick
     python scripts/bench_embeddings.py --device cuda --encoder clip-l     # SD-1.5's CLIP ViT-L/14 text shape
 
-Pipeline = `process_embeddings.write_caption_embeddings` (what `process_embeddings.py` and `make embeddings` run
+Pipeline = `nextgpt.data.precompute.write_caption_embeddings` (what `process_embeddings.py` and `make embeddings` run
 per output folder): load the decoder's tokenizer + text encoder, tokenize to 77, encode, then either one atomic
 .npy per caption (fsync'd; data.store=files) or float16 rows in a memory-mappable shard (data.store=shards), the
 caption hashes, the manifest. Targets: files >= 0.90, shards >= 0.95. Bare = `text_encoder(input_ids)[0]` under inference_mode on the same captions,
@@ -94,9 +94,7 @@ def run(args) -> dict:
     import torch
 
     from nextgpt.data.embeddings import CaptionEncoder
-    from tiny_workspace import code_script
-
-    write_caption_embeddings = code_script("process_embeddings").write_caption_embeddings
+    from nextgpt.data.precompute import write_caption_embeddings
 
     if args.quick:
         args.count, args.reps = min(args.count, 128), min(args.reps, 2)
