@@ -384,7 +384,7 @@ def test_feature_cache_writes_skips_and_repairs(tmp_path, media, tiny_checkpoint
     assert write_feature_cache(items, "image", out, tiny_checkpoint, "tiny", batch_size=2) == dict(written=3,
                                                                                                    skipped=0)
     manifest = json.loads((out / "manifest.json").read_text())
-    section = manifest["modalities"]["image"]          # the one store manifest format (nextgpt/store.py)
+    section = manifest["modalities"]["image"]          # the one store manifest format (nextgpt/store/)
     assert manifest["kind"] == "imagebind_features" and manifest["store"] == "files"
     assert {k: section[k] for k in ("encoder", "shape", "dtype", "count")} == dict(
         encoder=f"{tiny_checkpoint}#tiny", shape=[16], dtype="float32", count=3)
