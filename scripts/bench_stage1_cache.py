@@ -30,9 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,  # noqa: E402
+from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,
                           set_threads, write_json, workspace)
 
 MID_PRESET_NAME = "bench_mid"
