@@ -133,6 +133,8 @@ def _worker(args) -> int:
     import nextgpt.imagebind.encode  # noqa: F401
     import nextgpt.imagebind.features  # noqa: F401
     import nextgpt.imagebind.preprocess  # noqa: F401
+    import nextgpt.imagebind.preprocess_audio  # noqa: F401
+    import nextgpt.imagebind.preprocess_video  # noqa: F401
 
     if "--imagebind" in args.argv:        # the first model build imports torch's lazy modules (~3 s here)
         from nextgpt.imagebind.encode import Encoder

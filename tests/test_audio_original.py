@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nextgpt.imagebind import preprocess
+from nextgpt.imagebind import preprocess_audio
 
 FIXTURE = (Path(__file__).resolve().parents[1].parent / "shared").resolve() / "reference" / \
     "imagebind_audio_resample_fixture.safetensors"
@@ -38,7 +38,7 @@ def test_every_fixture_case_matches_the_original(fixture, tmp_path):
         pcm = tensors[f"pcm.{name}"].numpy()                                   # (samples, channels) int16
         assert pcm.shape[1] == case["channels"]
         soundfile.write(path, pcm, case["sample_rate"], subtype="PCM_16")
-        audio = preprocess.load_audio(path)
+        audio = preprocess_audio.load_audio(path)
         assert audio.shape == (3, 1, 128, 204)
         # measured 0.0 on every case (torchaudio's float32 kernel, every channel, in-place clip means)
         assert (audio - tensors[f"output.{name}"]).abs().max().item() <= 1e-5, name
@@ -46,20 +46,20 @@ def test_every_fixture_case_matches_the_original(fixture, tmp_path):
 
 def test_resampler_keeps_channels_and_length():
     waveform = torch.randn(2, 44100)
-    out = preprocess.resample(waveform, 44100)
+    out = preprocess_audio.resample(waveform, 44100)
     assert out.shape == (2, 16000) and out.dtype == torch.float32
     # channels are resampled independently: channel 1 alone gives the same row
-    assert torch.equal(preprocess.resample(waveform[1:], 44100)[0], out[1])
-    assert preprocess.resample(np.zeros(22050, np.float32), 22050).shape == (16000,)
+    assert torch.equal(preprocess_audio.resample(waveform[1:], 44100)[0], out[1])
+    assert preprocess_audio.resample(np.zeros(22050, np.float32), 22050).shape == (16000,)
 
 
 def test_clip_means_are_removed_in_place_over_all_channels():
     # 5 s at 16 kHz: clips start at 0, 1, 2 s and overlap, so clip 2 sees clip 1's shift (the original's quirk)
     waveform = torch.linspace(0, 1, 5 * 16000).repeat(2, 1)
     waveform[1] += 0.5                                                          # channel 1 moves the shared mean
-    in_place = preprocess.audio_transform(waveform)
+    in_place = preprocess_audio.audio_transform(waveform)
     # a copy-per-clip, channel-0-mean pipeline (what the code did before) gives different numbers
-    separate = torch.stack([preprocess.waveform_to_melspec(waveform[0, s * 16000:(s + 2) * 16000])
+    separate = torch.stack([preprocess_audio.waveform_to_melspec(waveform[0, s * 16000:(s + 2) * 16000])
                             for s in range(3)]).sub(-4.268).div(9.138)
     assert (in_place - separate).abs().max().item() > 1e-3
     assert torch.equal(waveform[1, 0], torch.tensor(0.5))                      # the caller's tensor is untouched

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from nextgpt.imagebind import preprocess
+from nextgpt.imagebind import preprocess, preprocess_audio, preprocess_video
 from nextgpt.imagebind.encode import Encoder
 from nextgpt.imagebind.features import write_feature_cache
 from nextgpt.imagebind.model import ImageBindModel, load_imagebind, preset, select_state_dict
@@ -33,7 +33,7 @@ KEY_TABLE = REFERENCE / "imagebind_huge_keys.tsv"
 SAMPLE_FOLDERS = {"image": SAMPLES / "cc3m" / "images", "audio": SAMPLES / "audiocap" / "audios",
                   "video": SAMPLES / "webvid" / "videos"}
 SHAPES = {"image": (3, 224, 224), "audio": (3, 1, 128, 204), "video": (15, 3, 2, 224, 224)}
-LOADERS = {"image": preprocess.load_image, "audio": preprocess.load_audio, "video": preprocess.load_video}
+LOADERS = {"image": preprocess.load_image, "audio": preprocess_audio.load_audio, "video": preprocess_video.load_video}
 SKIPPED = re.compile(r"\.(depth|thermal|imu)\.")
 
 
@@ -224,17 +224,17 @@ def test_clip_spans_and_frame_choice_follow_pytorchvideo():
                                                  (Fraction(16, 3), Fraction(22, 3))]
     assert preprocess.clip_spans(1.5, 2, 3) == [(0, 2)] * 3
     # 10 s at 25 fps: clip starts 0, 1.6, 3.2, 4.8, 6.4 s; first and last frame of each 2 s clip
-    assert preprocess.video_frame_indices(250, 25.0) == [[0, 49], [40, 89], [80, 129], [120, 169], [160, 209]]
+    assert preprocess_video.video_frame_indices(250, 25.0) == [[0, 49], [40, 89], [80, 129], [120, 169], [160, 209]]
     # a video shorter than a clip uses all of it, 5 times
-    assert preprocess.video_frame_indices(15, 10.0) == [[0, 14]] * 5
+    assert preprocess_video.video_frame_indices(15, 10.0) == [[0, 14]] * 5
 
 
 def test_spatial_crops_follow_the_long_side():
     portrait = torch.arange(300.0).view(1, 1, 300, 1).expand(3, 2, 300, 224)
-    tops = [crop[0, 0, 0, 0].item() for crop in preprocess.spatial_crops(portrait)]
+    tops = [crop[0, 0, 0, 0].item() for crop in preprocess_video.spatial_crops(portrait)]
     assert tops == [0, 38, 76]
     landscape = torch.arange(397.0).view(1, 1, 1, 397).expand(3, 2, 224, 397)
-    assert [crop[0, 0, 0, 0].item() for crop in preprocess.spatial_crops(landscape)] == [0, 87, 173]
+    assert [crop[0, 0, 0, 0].item() for crop in preprocess_video.spatial_crops(landscape)] == [0, 87, 173]
 
 
 def test_image_matches_the_original():
@@ -246,7 +246,7 @@ def test_image_matches_the_original():
 
 def test_fbank_and_resampling_match_the_original():
     tensors, metadata = fixture_tensors(PREPROCESS_FIXTURE)
-    melspec = preprocess.waveform_to_melspec(tensors["audio_clip16k"][0])
+    melspec = preprocess_audio.waveform_to_melspec(tensors["audio_clip16k"][0])
     assert melspec.shape == (1, 128, 204)
     # measured 1.8e-5 (float32 FFT / summation order)
     assert (melspec - tensors["audio_clip16k_melspec"]).abs().max().item() <= 1e-4
@@ -254,7 +254,7 @@ def test_fbank_and_resampling_match_the_original():
 
     name = json.loads(metadata["files"])["audio"][0]
     samples, rate = soundfile.read(need(SAMPLE_FOLDERS["audio"] / name), dtype="float32", always_2d=True)
-    resampled = preprocess.resample(np.ascontiguousarray(samples[:, 0]), rate)
+    resampled = preprocess_audio.resample(np.ascontiguousarray(samples[:, 0]), rate)
     reference = tensors["audio_resampled16k"][0].numpy()
     assert resampled.shape == reference.shape
     # torchaudio's float32 sinc-Hann kernel written in torch: measured 0.0 (soxr HQ: 3.1e-3, resample_poly: 3.9e-3)
@@ -264,19 +264,19 @@ def test_fbank_and_resampling_match_the_original():
 def test_whole_audio_matches_the_original():
     tensors, metadata = fixture_tensors(PREPROCESS_FIXTURE)
     for index, name in enumerate(json.loads(metadata["files"])["audio"]):
-        audio = preprocess.load_audio(need(SAMPLE_FOLDERS["audio"] / name))
+        audio = preprocess_audio.load_audio(need(SAMPLE_FOLDERS["audio"] / name))
         difference = (audio - tensors["audio"][index]).abs()
         # measured 0.0 on both files (with soxr instead: max 0.72, mean 0.006, all in the top mel bins)
         assert difference.max().item() <= 1e-5, name
     # from the original's own resampled waveform, the rest of the pipeline is exact
-    exact = preprocess.audio_transform(tensors["audio_resampled16k"][0])
+    exact = preprocess_audio.audio_transform(tensors["audio_resampled16k"][0])
     assert (exact - tensors["audio"][0]).abs().max().item() <= 1e-5
 
 
 def test_video_matches_the_original():
     tensors, metadata = fixture_tensors(PREPROCESS_FIXTURE)
     name = json.loads(metadata["files"])["video"][0]
-    video = preprocess.load_video(need(SAMPLE_FOLDERS["video"] / name))
+    video = preprocess_video.load_video(need(SAMPLE_FOLDERS["video"] / name))
     assert video.shape == (15, 3, 2, 224, 224)
     # measured 0.0: PyAV 18.1 picks and converts the same frames as decord did for the original
     assert (video - tensors["video"][0]).abs().max().item() <= 1e-4
@@ -297,7 +297,7 @@ def test_generated_media_shapes(media):
         for path in paths:
             assert tuple(LOADERS[modality](path).shape) == SHAPES[modality], path.name
     # a 1 s clip gives 98 fbank frames; the rest is the zero padding, normalised
-    short = preprocess.load_audio(media["audio"][1])
+    short = preprocess_audio.load_audio(media["audio"][1])
     assert torch.allclose(short[:, :, :, 98:], torch.tensor((0 + 4.268) / 9.138))
     assert not torch.allclose(short[:, :, :, 97], torch.tensor((0 + 4.268) / 9.138))
 
@@ -319,10 +319,10 @@ def test_audio_soundfile_cannot_read_is_decoded_with_pyav(tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    samples, rate = preprocess.decode_audio(path)
+    samples, rate = preprocess_audio.decode_audio(path)
     assert rate == 44100 and samples.shape[1] == 2 and abs(samples.shape[0] - tone.shape[1]) < 4096
     assert 0.25 < np.abs(samples).max() < 0.35
-    assert preprocess.load_audio(path).shape == (3, 1, 128, 204)
+    assert preprocess_audio.load_audio(path).shape == (3, 1, 128, 204)
 
 
 def _bad_files(folder: Path, media: dict[str, list[Path]]) -> list[tuple[str, Path]]:

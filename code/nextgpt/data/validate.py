@@ -16,7 +16,7 @@ truncated or wrong-shaped .npy is still caught), no media decoding, no array loa
 data.skip_bad_records, train.py leaves out exactly the records in report.bad_records() (parse errors are left
 out by the readers themselves, media / embedding problems by train.py) and still fails on anything that is not
 confined to one record (report.only_bad_records is False: an unreadable data file, an unknown dataset).
-Media decoding uses nextgpt.imagebind.preprocess's loaders (the exact code training runs) when importable, else
+Media decoding uses nextgpt.imagebind.encode's LOADERS (the exact code training runs) when importable, else
 header checks with PIL / soundfile / PyAV.
 """
 
@@ -129,10 +129,10 @@ def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[s
         return CORRUPT, f"{path}: empty file"
     if not decode:
         return None
-    from nextgpt.imagebind import preprocess
+    from nextgpt.imagebind.encode import LOADERS
 
     try:
-        getattr(preprocess, f"load_{modality}")(str(path))  # the exact decoding + transforms training uses
+        LOADERS[modality](str(path))  # the exact decoding + transforms training uses
     except (ValueError, OSError, RuntimeError, EOFError, StopIteration, IndexError, MemoryError) as e:
         # what PIL / soundfile / PyAV / MediaError raise on a bad file: this file cannot be trained on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

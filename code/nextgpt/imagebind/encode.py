@@ -14,14 +14,14 @@ import torch
 
 from nextgpt.modalities import get as get_modality
 
-from . import preprocess
+from . import preprocess, preprocess_audio, preprocess_video
 from .model import ImageBindModel, load_imagebind, resolve_config
 
 # NExT-GPT modality -> preprocessing of one file (the ImageBind tower comes from the modality table).
 LOADERS: dict[str, Callable[[str | Path], torch.Tensor]] = {
     "image": preprocess.load_image,        # (3, 224, 224)
-    "video": preprocess.load_video,        # (15, 3, 2, 224, 224)
-    "audio": preprocess.load_audio,        # (3, 1, 128, 204)
+    "video": preprocess_video.load_video,        # (15, 3, 2, 224, 224)
+    "audio": preprocess_audio.load_audio,        # (3, 1, 128, 204)
 }
 
 

@@ -1,4 +1,4 @@
-"""The stage-1 feature cache: ImageBind vectors (out_dim,) per medium in a store folder (nextgpt/store.py: the seed's
+"""The stage-1 feature cache: ImageBind vectors (out_dim,) per medium in a store folder (nextgpt/store/: the seed's
 `<out_dir>/<media file name>.npy` files, or memory-mapped shards), with the one store manifest.
 
 Stage 1 reads these instead of running ImageBind. Items already present and valid are skipped and the encoder is
