@@ -15,7 +15,7 @@ index, float16 unless --fp32; see nextgpt/store/, which also converts a folder b
 
 Caption embeddings are computed with the configured decoder's own text encoder (only it and its tokenizer are
 loaded): image/video (77, D) CLIP last hidden state, audio (D,) CLAP text_embeds L2-normalised; see
-nextgpt/data/embeddings.py. The caption embedded is the NORMALISED caption (readers.normalize_caption), the same
+nextgpt/data/embeddings.py. The caption embedded is the NORMALISED caption (records.normalize_caption), the same
 string the model is trained to write. Any JSON format of the data readers works (pair, generation, t2x,
 instruction_tuning, MosIT). Items are `<out_dir>/<media file name>.npy`; finished items (complete .npy of the
 right shape, made from the same caption text: its hash is recorded with every item) are skipped, so a rerun does

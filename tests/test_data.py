@@ -12,7 +12,8 @@ import torch
 from nextgpt.config import load
 from nextgpt.data import catalog
 from nextgpt.data.collate import Collator
-from nextgpt.data.readers import RecordError, normalize_caption, read_file
+from nextgpt.data.readers import read_file
+from nextgpt.data.records import RecordError, normalize_caption
 from nextgpt.data.sampler import MixtureSampler
 from nextgpt.data.types import Encoded, Media, Sample, Target, Turn
 from nextgpt.tokens import TokenIds

@@ -11,7 +11,8 @@ import json
 import pytest
 
 from nextgpt.data.conversation import encode
-from nextgpt.data.readers import normalize_caption, read_file
+from nextgpt.data.readers import read_file
+from nextgpt.data.records import normalize_caption
 from nextgpt.data.types import Media, Sample, Turn
 from test_conversation import SOFT, legacy_sequence
 

@@ -15,7 +15,7 @@ import torch
 
 import process_embeddings
 from nextgpt.data import embeddings as emb
-from nextgpt.data.readers import normalize_caption
+from nextgpt.data.records import normalize_caption
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink

@@ -16,7 +16,7 @@ import torch
 
 import process_embeddings
 from nextgpt import store
-from nextgpt.data.readers import normalize_caption
+from nextgpt.data.records import normalize_caption
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,16 +15,7 @@ How a record becomes a Sample depends on the catalog role:
   conversation(s)    the file's own turns; input placeholders / `input_modality` -> Media; output placeholders /
                      gpt `output_modality` -> Turn.output_modality + one Target per signal block.
 
-Caption normalisation (`normalize_caption`, exactly the original's process_caption: lower-case; each of "()*#:;~
--> space; runs of 2+ whitespace characters -> one space (a single newline or tab stays); trailing newlines and
-then spaces on both ends removed (a leading newline stays)) is applied to every CAPTION: the caption of a pair record (both as the text and as
-the target), the answer of a comprehension record, and every caption an embedding is computed from
-(`<m>_captions`, a legacy gpt turn's `caption`). `process_embeddings.py` embeds `Target.caption`, i.e. the same
-normalised string the model is trained to write. This fixes the original's defect §7.11 (it trained on the
-normalised caption but embedded the raw one). Free-form conversation text (instructions, chat answers) is
-kept as written. Legacy `conversation` records keep their text verbatim, LLaVA's literal "<image>" included, as the
-original's build_one_instance_stage_3 fed it to the tokenizer; new-layout `conversations` records lose their
-placeholders, which mark where the media go (the medium itself is placed at the start of the first human turn).
+Caption normalisation (records.normalize_caption) is applied to every CAPTION; records.py says where and why.
 
 Bad records raise `RecordError` (a ValueError) naming file, record index and the reason; with `skip_bad` they are
 collected in `ReadResult.errors` instead and the record is left out.
@@ -33,36 +24,17 @@ collected in `ReadResult.errors` instead and the record is left out.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextgpt.data.types import Media, Sample, Target, Turn
-from nextgpt.embed_cache import item_path
+from nextgpt.data.conversation_records import parse_conversations, parse_legacy
+from nextgpt.data.records import (Context, RecordError, media_item, media_name, normalize_caption, required_field,
+                                  target_item, text_value)
+from nextgpt.data.types import Sample, Turn
 from nextgpt.modalities import MODALITIES
 
 ROLES = ("enc", "dec", "instruction")
-_CAPTION_PUNCTUATION = re.compile(r"[\"()*#:;~]")
-_WHITESPACE_RUN = re.compile(r"\s{2,}")
-_PLACEHOLDERS = {m.placeholder: m.name for m in MODALITIES.values()}
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in _PLACEHOLDERS))
-
-
-def normalize_caption(text: str) -> str:
-    """The original process_caption, step for step: lower-case, `"()*#:;~` -> space, runs of 2+ whitespace ->
-    one space (so a single "\\n" or "\\t" stays), trailing "\\n" removed, then spaces (only) stripped on both ends
-    (so a leading "\\n" stays)."""
-    text = _WHITESPACE_RUN.sub(" ", _CAPTION_PUNCTUATION.sub(" ", text.lower()))
-    return text.rstrip("\n").strip(" ")
-
-
-class RecordError(ValueError):
-    """One bad record: `<file> record <index>: <reason>`."""
-
-    def __init__(self, source: str | Path, index: int, reason: str):
-        self.source, self.index, self.reason = str(source), index, reason
-        super().__init__(f"{source} record {index}: {reason}")
 
 
 @dataclass
@@ -70,18 +42,6 @@ class ReadResult:
     samples: list[Sample]
     errors: list[RecordError] = field(default_factory=list)
     records: int = 0                        # records in the file (good + bad)
-
-
-@dataclass(frozen=True)
-class Context:
-    """What a record needs besides itself."""
-    dataset: str
-    source: str
-    role: str                               # enc | dec | instruction
-    prompt: str                             # stage-1 instruction for pair records in the enc role
-    embed_dir: Path
-    media_dirs: dict[str, Path]
-    modality: str | None = None             # expected modality of pair / comprehension / generation records
 
 
 def load_records(path: str | Path) -> list[Any]:
@@ -177,47 +137,8 @@ def parse_record(record: Any, index: int, ctx: Context) -> Sample:
         kind = record_format(record, ctx.role)
     except ValueError as e:
         raise RecordError(ctx.source, index, str(e)) from None
-    parse = {"pair": _parse_pair, "conversations": _parse_conversations, "conversation": _parse_legacy}[kind]
+    parse = {"pair": _parse_pair, "conversations": parse_conversations, "conversation": parse_legacy}[kind]
     return parse(record, index, ctx)
-
-
-def _text(value: Any, what: str, index: int, ctx: Context, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise RecordError(ctx.source, index, f"{what}: expected a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RecordError(ctx.source, index, f"{what}: empty")
-    return value
-
-
-def _field(record: dict, key: str, index: int, ctx: Context) -> Any:
-    if key not in record:
-        raise RecordError(ctx.source, index, f"missing field {key!r}")
-    return record[key]
-
-
-def _media_name(value: Any, what: str, index: int, ctx: Context) -> str:
-    name = _text(value, what, index, ctx).strip()
-    if Path(name).name in ("", ".", ".."):
-        raise RecordError(ctx.source, index, f"{what}: {name!r} is not a file name")
-    return name
-
-
-def _media(modality: str, name: str, ctx: Context) -> Media:
-    return Media(modality=modality, path=str(ctx.media_dirs[modality] / name), name=Path(name).name)
-
-
-def _target(modality: str, embed_name: str, caption: str, ctx: Context) -> Target:
-    # Embedding names appear with and without ".npy" (generation files: "x.jpg.npy"; t2x mm_name: "x.wav");
-    # strip exactly one ".npy" suffix (the original's strip('.npy') mangled names, defect §7.17).
-    name = Path(embed_name).name
-    if name.endswith(".npy"):
-        name = name[: -len(".npy")]
-    return Target(modality=modality, embed_path=str(item_path(ctx.embed_dir, name)), caption=caption)
-
-
-def _check_modality(found: str, index: int, ctx: Context) -> None:
-    if ctx.modality is not None and ctx.role in ("enc", "dec") and found != ctx.modality:
-        raise RecordError(ctx.source, index, f"{found} record in the {ctx.modality} dataset {ctx.dataset}")
 
 
 def _parse_pair(record: dict, index: int, ctx: Context) -> Sample:
@@ -231,177 +152,17 @@ def _parse_pair(record: dict, index: int, ctx: Context) -> Sample:
         modality = present[0]
     else:
         raise RecordError(ctx.source, index, f"ambiguous pair record: {', '.join(m.pair_key for m in present)}")
-    name = _media_name(record[modality.pair_key], modality.pair_key, index, ctx)
-    caption = normalize_caption(_text(_field(record, "caption", index, ctx), "caption", index, ctx))
+    name = media_name(record[modality.pair_key], modality.pair_key, index, ctx)
+    caption = normalize_caption(text_value(required_field(record, "caption", index, ctx), "caption", index, ctx))
     if not caption.strip():
         raise RecordError(ctx.source, index, "caption: empty after normalisation")
     base = dict(dataset=ctx.dataset, source=ctx.source, index=index)
     if ctx.role == "enc":
         return Sample(**base, turns=[Turn("human", ctx.prompt), Turn("gpt", caption)],
-                      media=[_media(modality.name, name, ctx)])
+                      media=[media_item(modality.name, name, ctx)])
     if ctx.role == "dec":
         return Sample(**base, turns=[Turn("human", caption), Turn("gpt", caption, modality.name)],
-                      targets=[_target(modality.name, name, caption, ctx)])
+                      targets=[target_item(modality.name, name, caption, ctx)])
     raise RecordError(ctx.source, index, "a caption pair record cannot be used as instruction data "
                                          "(catalog role must be enc or dec)")
 
-
-def _as_list(value: Any, what: str, index: int, ctx: Context) -> list[str]:
-    """A field that holds one name/caption or a list of them."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    return [_text(v, what, index, ctx, allow_empty=True) for v in items]
-
-
-def _strip_placeholders(text: str) -> str:
-    """Remove <image>/<video>/<audio> and the whitespace (e.g. the newline) around each; text without one is
-    kept as written (a comprehension answer is the raw caption, normalised as the original's process_caption)."""
-    if not _PLACEHOLDER_RE.search(text):
-        return text
-    return re.sub(r"\s*(" + _PLACEHOLDER_RE.pattern + r")\s*", " ", text).strip()
-
-
-def _turn_list(record: dict, key: str, index: int, ctx: Context) -> list[dict]:
-    turns = _field(record, key, index, ctx)
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(ctx.source, index, f"{key}: expected a non-empty list of turns")
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(ctx.source, index, f"{key}[{t}]: expected an object")
-        for k in ("from", "value"):
-            if k not in turn:
-                raise RecordError(ctx.source, index, f"{key}[{t}]: missing field {k!r}")
-        if turn["from"] not in ("human", "gpt"):
-            raise RecordError(ctx.source, index, f"{key}[{t}].from: {turn['from']!r}; expected human or gpt")
-        _text(turn["value"], f"{key}[{t}].value", index, ctx, allow_empty=True)
-    for t, turn in enumerate(turns):
-        expected = "human" if t % 2 == 0 else "gpt"
-        if turn["from"] != expected:
-            raise RecordError(ctx.source, index, f"{key}[{t}] is a {turn['from']} turn; turns must alternate "
-                              "human, gpt, human, ...")
-    if len(turns) < 2:
-        raise RecordError(ctx.source, index, f"{key}: no gpt turn (nothing to learn)")
-    return turns
-
-
-def _unique_media(media: list[Media]) -> list[Media]:
-    # A file that repeats the same medium per turn (preprocessed_llava.json: input_image repeated per <image>)
-    # gives one Media; distinct media are kept in order (the encoder places them all at the start of turn 0).
-    return list({(m.modality, m.name): m for m in media}.values())
-
-
-def _parse_conversations(record: dict, index: int, ctx: Context) -> Sample:
-    """New-layout record: placeholders in the text, names in input_<m> / <m>_caption_embeddings / output_<m>."""
-    raw_turns = _turn_list(record, "conversations", index, ctx)
-    inputs = {m.name: _as_list(record.get(m.input_key), m.input_key, index, ctx) for m in MODALITIES.values()}
-    embeds = {m.name: _as_list(record.get(m.embeddings_key, record.get(m.output_key)),
-                               m.embeddings_key, index, ctx) for m in MODALITIES.values()}
-    captions = {m.name: _as_list(record.get(m.captions_key), m.captions_key, index, ctx)
-                for m in MODALITIES.values()}
-    used_in = {m: 0 for m in MODALITIES}
-    used_out = {m: 0 for m in MODALITIES}
-    media: list[Media] = []
-    targets: list[Target] = []
-    turns: list[Turn] = []
-    for t, turn in enumerate(raw_turns):
-        value = turn["value"]
-        found = [_PLACEHOLDERS[p] for p in _PLACEHOLDER_RE.findall(value)]
-        text = _strip_placeholders(value)
-        if turn["from"] == "human":
-            for m in found:
-                names = inputs[m]
-                if used_in[m] >= len(names):
-                    key = MODALITIES[m].input_key
-                    raise RecordError(ctx.source, index, f"conversations[{t}]: {MODALITIES[m].placeholder} number "
-                                      f"{used_in[m] + 1} has no name in {key!r} ({len(names)} given)")
-                media.append(_media(m, _media_name(names[used_in[m]], MODALITIES[m].input_key, index, ctx), ctx))
-                used_in[m] += 1
-            turns.append(Turn("human", text))
-            continue
-        declared = turn.get("output_modality")
-        if declared in MODALITIES and declared not in found:
-            found.append(declared)          # gpt turn marked by output_modality without a placeholder
-        elif declared not in (None, "text", "") and declared not in MODALITIES:
-            raise RecordError(ctx.source, index, f"conversations[{t}].output_modality: {declared!r}; known: "
-                              f"text, {', '.join(MODALITIES)}")
-        if len(found) > 1:
-            raise RecordError(ctx.source, index, f"conversations[{t}]: {len(found)} output placeholders in one gpt "
-                              "turn; one signal block per turn is supported")
-        output = found[0] if found else None
-        if output is not None:
-            k = used_out[output]
-            if k >= len(embeds[output]):
-                spec = MODALITIES[output]
-                raise RecordError(ctx.source, index, f"conversations[{t}]: output {spec.placeholder} number {k + 1} "
-                                  f"has no entry in {spec.embeddings_key!r} / {spec.output_key!r}")
-            caption = captions[output][k] if k < len(captions[output]) else turn.get("caption") or ""
-            if not isinstance(caption, str):
-                raise RecordError(ctx.source, index, f"caption of output {k + 1}: expected a string")
-            embed_name = _media_name(embeds[output][k], MODALITIES[output].embeddings_key, index, ctx)
-            targets.append(_target(output, embed_name, normalize_caption(caption), ctx))
-            used_out[output] += 1
-        if ctx.role == "enc" and output is None:
-            text = normalize_caption(text)  # a comprehension answer is the caption
-        turns.append(Turn("gpt", text, output))
-    for m, names in inputs.items():
-        if names and used_in[m] == 0:
-            # names given but no placeholder in the text: the medium still belongs to the first human turn
-            media += [_media(m, _media_name(n, MODALITIES[m].input_key, index, ctx), ctx) for n in names]
-        elif used_in[m] < len(names):
-            raise RecordError(ctx.source, index, f"{MODALITIES[m].input_key!r} names {len(names)} media but the text "
-                              f"has {used_in[m]} {MODALITIES[m].placeholder}")
-        if used_out[m] < len(embeds[m]):
-            spec = MODALITIES[m]
-            raise RecordError(ctx.source, index, f"{spec.embeddings_key!r} names {len(embeds[m])} embeddings but the "
-                              f"gpt turns have {used_out[m]} {spec.placeholder}")
-    media = _unique_media(media)
-    for m in media:
-        _check_modality(m.modality, index, ctx)
-    for target in targets:
-        _check_modality(target.modality, index, ctx)
-    return Sample(dataset=ctx.dataset, source=ctx.source, index=index, turns=turns, media=media, targets=targets)
-
-
-def _parse_legacy(record: dict, index: int, ctx: Context) -> Sample:
-    """Legacy record (t2x / llava / alpaca): turn-level input_modality / output_modality, mm_name or image_name."""
-    raw_turns = _turn_list(record, "conversation", index, ctx)
-    media: list[Media] = []
-    targets: list[Target] = []
-    turns: list[Turn] = []
-    first = raw_turns[0]
-    input_modality = first.get("input_modality")
-    if input_modality is None and any(MODALITIES["image"].placeholder in t["value"] for t in raw_turns
-                                      if t["from"] == "human"):
-        input_modality = "image"            # LLaVA text carries <image> even where input_modality is absent
-    if input_modality in MODALITIES:
-        spec = MODALITIES[input_modality]
-        key = spec.pair_key if spec.pair_key in record else "image_name"   # the legacy files say image_name
-        media.append(_media(input_modality, _media_name(_field(record, key, index, ctx), key, index, ctx), ctx))
-    elif input_modality not in (None, "text"):
-        raise RecordError(ctx.source, index, f"conversation[0].input_modality: {input_modality!r}; known: text, "
-                          f"{', '.join(MODALITIES)}")
-    for t, turn in enumerate(raw_turns):
-        text = turn["value"]            # verbatim, "<image>" included: the original tokenised it as written
-        if turn["from"] == "human":
-            turns.append(Turn("human", text))
-            continue
-        output = turn.get("output_modality")
-        if output in (None, "", "text"):
-            turns.append(Turn("gpt", text))
-            continue
-        if output not in MODALITIES:
-            raise RecordError(ctx.source, index, f"conversation[{t}].output_modality: {output!r}; known: text, "
-                              f"{', '.join(MODALITIES)}")
-        if targets:
-            raise RecordError(ctx.source, index, "more than one output block but a legacy record has one mm_name")
-        # The legacy reader takes the embedding from mm_name; the shipped construction script wrote the same
-        # name as image_name (a defect of the released files), so that is accepted as a fallback.
-        key = "mm_name" if "mm_name" in record or "image_name" not in record else "image_name"
-        embed_name = _media_name(_field(record, key, index, ctx), key, index, ctx)
-        caption = turn.get("caption", "")
-        if not isinstance(caption, str):
-            raise RecordError(ctx.source, index, f"conversation[{t}].caption: expected a string")
-        targets.append(_target(output, embed_name, normalize_caption(caption), ctx))
-        turns.append(Turn("gpt", text, output))
-    return Sample(dataset=ctx.dataset, source=ctx.source, index=index, turns=turns, media=media, targets=targets)
