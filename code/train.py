@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from nextgpt import config as config_lib
-from nextgpt import cli, resume, runlock, runtime
+from nextgpt import cli, resume, resume_checks, runlock, runtime
 from nextgpt.runlog import RunLog, TermMeans
 from nextgpt.runtime import to_device
 from nextgpt.stop import StopRequest
@@ -103,8 +103,9 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     from nextgpt.model import caption_encoder
 
     # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config
-    # unless --allow-config-change; checked before anything is loaded or written (nextgpt.resume).
-    start, changes = resume.plan(output_dir, args.resume, cfg.to_dict(), rt.world_size, args.allow_config_change, log)
+    # unless --allow-config-change; checked before anything is loaded or written (nextgpt.resume_checks).
+    start, changes = resume_checks.plan(output_dir, args.resume, cfg.to_dict(), rt.world_size,
+                                        args.allow_config_change, log)
     if rt.is_main:
         config_lib.save(cfg, output_dir / "config.yaml")
         log(f"config {cfg.source} (resolved, saved to {output_dir / 'config.yaml'}):\n{cfg.dump()}")

@@ -354,7 +354,7 @@ def write_window(env, root: Path, log) -> float:
 
 
 def section_write(env, root: Path, refs: References, trials: int, rng: random.Random, log) -> list[Check]:
-    from nextgpt import resume as resume_lib
+    from nextgpt import resume_checks
 
     checks = []
     reference = refs.tensors(1)
@@ -390,11 +390,11 @@ def section_write(env, root: Path, refs: References, trials: int, rng: random.Ra
             problems.append(f"{target} exists after a kill inside its write")
         problems += checkpoint_problems(out / previous)
         try:
-            chosen = resume_lib.find_resume(out, "auto")
+            chosen = resume_checks.find_resume(out, "auto")
             if chosen is None or chosen.name != previous:
-                problems.append(f"resume.find_resume picks {chosen}, expected {previous}")
+                problems.append(f"resume_checks.find_resume picks {chosen}, expected {previous}")
         except (FileNotFoundError, ValueError) as e:
-            problems.append(f"resume.find_resume: {e}")
+            problems.append(f"resume_checks.find_resume: {e}")
         rc, stdout, stderr = run(command, root / f"write_{trial}.resume.log")
         if rc != 0:
             problems.append(f"the resumed run exited {rc}: {last_line(stderr)}")
@@ -967,7 +967,7 @@ def interrupted_then_resumed(stage: int = 1, ranks: int = 1, resume_to_end: bool
     state), no process of the run left, no temporary folder; then the same command finishes the run and (one
     process) ends bit-identical to the uninterrupted one."""
     def check(case: Path, env, text: str) -> list[str]:
-        from nextgpt import resume as resume_lib
+        from nextgpt import resume_checks
 
         out = case / "out"
         problems = []
@@ -981,9 +981,9 @@ def interrupted_then_resumed(stage: int = 1, ranks: int = 1, resume_to_end: bool
         if latest is None:
             problems.append("no checkpoint to resume from")
             return problems
-        problems += resume_lib.verify(out / latest)
-        if resume_lib.world_size_of(out / latest) != ranks:
-            problems.append(f"{latest} holds {resume_lib.world_size_of(out / latest)} rank states, expected {ranks}")
+        problems += resume_checks.verify(out / latest)
+        if resume_checks.world_size_of(out / latest) != ranks:
+            problems.append(f"{latest} holds {resume_checks.world_size_of(out / latest)} rank states, expected {ranks}")
         if problems or not resume_to_end:
             return problems
         rc, stdout, stderr = run(train_command(env, stage, out, None), case / "resumed.log")
@@ -1090,14 +1090,14 @@ def scenario_cases() -> list[Case]:
 
     def latest_intact(name: str):
         def check(case: Path, env, text: str) -> list[str]:
-            from nextgpt import resume as resume_lib
+            from nextgpt import resume_checks
 
             out = case / "out"
             latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
             if latest != name:
                 return [f"latest names {latest}, expected {name}"]
             leftovers = [p.name for p in out.glob(".checkpoint-*")]
-            return resume_lib.verify(out / name) + ([f"partial checkpoint left: {leftovers}"] if leftovers else [])
+            return resume_checks.verify(out / name) + ([f"partial checkpoint left: {leftovers}"] if leftovers else [])
         return check
 
     def config_change_recorded(case: Path, env, text: str) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nextgpt import cli, resume, runlock, stop
+from nextgpt import cli, resume, resume_checks, runlock, stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,23 +233,23 @@ def test_corrupt_latest_falls_back_to_the_newest_that_verifies(tmp_path):
     for step in (2, 4, 6):
         _fake_checkpoint(tmp_path / f"checkpoint-{step}")
     (tmp_path / "latest").write_text("checkpoint-6\n")
-    assert resume.choose(tmp_path, "auto") == (tmp_path / "checkpoint-6", [])
+    assert resume_checks.choose(tmp_path, "auto") == (tmp_path / "checkpoint-6", [])
     optimizer = tmp_path / "checkpoint-6" / "state" / "deepspeed" / "optim_states.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:50])  # truncated
     (tmp_path / "checkpoint-4" / "state" / "rank_0.pt").unlink()
-    chosen, notes = resume.choose(tmp_path, "auto")
+    chosen, notes = resume_checks.choose(tmp_path, "auto")
     assert chosen == tmp_path / "checkpoint-2"
     assert "skipping checkpoint-6" in notes[0] and "optim_states.pt: sha256 differs" in notes[0]
     assert "skipping checkpoint-4" in notes[1] and "rank_0.pt: listed in sha256.json, missing" in notes[1]
     assert "resuming from checkpoint-2 instead" in notes[-1]
     with pytest.raises(ValueError, match="optim_states.pt: sha256 differs"):
-        resume.choose(tmp_path, str(tmp_path / "checkpoint-6"))
+        resume_checks.choose(tmp_path, str(tmp_path / "checkpoint-6"))
     (tmp_path / "checkpoint-6" / "meta.json").unlink()  # meta.json (the delta's hashes) is vouched for too
     assert f"{tmp_path / 'checkpoint-6' / 'meta.json'}: listed in sha256.json, missing" in \
-        resume.verify(tmp_path / "checkpoint-6")
+        resume_checks.verify(tmp_path / "checkpoint-6")
     (tmp_path / "checkpoint-2" / "delta.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no checkpoint verifies"):
-        resume.choose(tmp_path, "auto")
+        resume_checks.choose(tmp_path, "auto")
 
 
 def test_resume_config_changes_are_named_or_allowed(tmp_path):
@@ -259,20 +259,20 @@ def test_resume_config_changes_are_named_or_allowed(tmp_path):
     saved = {"train": {"lr": 1e-4, "max_steps": 8, "log_every": 1, "output_dir": "a"}, "data": {"num_workers": 0}}
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
     same = {"train": {"lr": 1e-4, "max_steps": 8, "log_every": 5, "output_dir": "b"}, "data": {"num_workers": 4}}
-    assert resume.check_config(folder, same, allow=False) == []
+    assert resume_checks.check_config(folder, same, allow=False) == []
     changed = {"train": {"lr": 2e-4, "max_steps": 16, "log_every": 1, "output_dir": "a"}, "data": {"num_workers": 0}}
     with pytest.raises(ValueError, match=r"train.lr: 0.0001 -> 0.0002; train.max_steps: 8 -> 16; pass "
                                          r"--allow-config-change"):
-        resume.check_config(folder, changed, allow=False)
-    assert resume.check_config(folder, changed, allow=True) == ["train.lr: 0.0001 -> 0.0002",
+        resume_checks.check_config(folder, changed, allow=False)
+    assert resume_checks.check_config(folder, changed, allow=True) == ["train.lr: 0.0001 -> 0.0002",
                                                                 "train.max_steps: 8 -> 16"]
 
 
 def test_resume_on_another_number_of_processes_is_one_line(tmp_path):
     folder = _fake_checkpoint(tmp_path / "checkpoint-2", ranks=2)
-    resume.check_world_size(folder, 2)
+    resume_checks.check_world_size(folder, 2)
     with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1.*train.init_from="):
-        resume.check_world_size(folder, 1)
+        resume_checks.check_world_size(folder, 1)
 
 
 # ---------------------------------------------------------------------------------------------- value checks
@@ -437,7 +437,7 @@ def test_sigterm_inside_a_step_saves_it_and_the_run_resumes_to_the_end(tiny_env,
     err = capsys.readouterr().err
     assert "error: interrupted at step 3 (SIGTERM; saved checkpoint-3); resume with the same command" in err
     assert (out / "latest").read_text().strip() == "checkpoint-3" and not (out / "done.json").exists()
-    assert resume.verify(out / "checkpoint-3") == [] and not (out / runlock.LOCK_NAME).exists()
+    assert resume_checks.verify(out / "checkpoint-3") == [] and not (out / runlock.LOCK_NAME).exists()
     monkeypatch.setattr(model_lib.NextGPT, "forward", original)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the run
     assert train.main(argv) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nextgpt import config as config_lib
-from nextgpt import resume, runtime
+from nextgpt import resume, resume_checks, runtime
 
 DSCONFIG = config_lib.REPO_ROOT / "code" / "dsconfig" / "cpu.json"
 
@@ -91,9 +91,9 @@ def test_resume_is_bit_exact_and_layout(rt, tmp_path):
     # exclude_frozen_parameters: DeepSpeed's module state holds only the trainable tensors.
     module_state = torch.load(path / "state" / resume.DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
     assert sorted(module_state["module"]) == ["head.bias", "head.weight"]
-    assert resume.find_resume(tmp_path, "auto") == path
-    assert resume.find_resume(tmp_path, str(tmp_path)) == path
-    assert resume.find_resume(tmp_path, "none") is None
+    assert resume_checks.find_resume(tmp_path, "auto") == path
+    assert resume_checks.find_resume(tmp_path, str(tmp_path)) == path
+    assert resume_checks.find_resume(tmp_path, "none") is None
     python_state, torch_state = random.getstate(), torch.get_rng_state()
 
     # "Interrupt": scramble every RNG and the weights, build a fresh engine, and resume.
@@ -101,7 +101,7 @@ def test_resume_is_bit_exact_and_layout(rt, tmp_path):
     engine = make_engine(rt)
     with torch.no_grad():
         engine.module.head.weight.add_(1.0)
-    state = resume.load(engine, resume.find_resume(tmp_path, "auto"), 0)
+    state = resume.load(engine, resume_checks.find_resume(tmp_path, "auto"), 0)
     assert state["step"] == 3 and state["sampler"] == {"epoch": 0, "position": 3}
     assert random.getstate() == python_state and torch.equal(torch.get_rng_state(), torch_state)
     assert engine.global_steps == 3
@@ -152,12 +152,12 @@ def test_strict_load_of_trainable_state(rt, tmp_path):
 
 
 def test_find_resume_errors(tmp_path):
-    assert resume.find_resume(tmp_path, "auto") is None  # a fresh run
+    assert resume_checks.find_resume(tmp_path, "auto") is None  # a fresh run
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
-        resume.find_resume(tmp_path, str(tmp_path / "nowhere"))
+        resume_checks.find_resume(tmp_path, str(tmp_path / "nowhere"))
     (tmp_path / "latest").write_text("checkpoint-7\n")
     with pytest.raises(FileNotFoundError, match="checkpoint-7, which has no state"):
-        resume.find_resume(tmp_path, "auto")
+        resume_checks.find_resume(tmp_path, "auto")
 
 
 def test_rotation_keeps_newest(tmp_path):
