@@ -81,7 +81,7 @@ class Server:
     def take_uploads(self, state: ChatState, paths: list[str]) -> list:
         """Copy uploads into the session folder after checking each decodes -> Media; ValueError otherwise."""
         from nextgpt.data.types import Media
-        from nextgpt.data.validate import check_media
+        from nextgpt.data.file_checks import check_media
 
         media = []
         for name in paths:

@@ -280,7 +280,7 @@ def test_resume_on_another_number_of_processes_is_one_line(tmp_path):
 def test_validate_reads_values_finite_dtype_shape(tmp_path):
     import numpy as np
 
-    from nextgpt.data.validate import CORRUPT, MISSING, check_values
+    from nextgpt.data.file_checks import CORRUPT, MISSING, check_values
 
     good = tmp_path / "good.npy"
     np.save(good, np.ones((4, 3), np.float32))

@@ -12,7 +12,8 @@ import pytest
 
 import validate_data
 from nextgpt.config import load
-from nextgpt.data.validate import CORRUPT, MISSING, check_media, validate
+from nextgpt.data.file_checks import CORRUPT, MISSING, check_media
+from nextgpt.data.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink

@@ -16,8 +16,8 @@ truncated or wrong-shaped .npy is still caught), no media decoding, no array loa
 data.skip_bad_records, train.py leaves out exactly the records in report.bad_records() (parse errors are left
 out by the readers themselves, media / embedding problems by train.py) and still fails on anything that is not
 confined to one record (report.only_bad_records is False: an unreadable data file, an unknown dataset).
-Media decoding uses nextgpt.imagebind.encode's LOADERS (the exact code training runs) when importable, else
-header checks with PIL / soundfile / PyAV.
+The single-file checks (a medium decodes through nextgpt.imagebind.encode's LOADERS, the exact code training runs;
+an embedding's values) are in file_checks.py.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from nextgpt.data.embeddings import check_npy, read_manifest as read_caption_manifest, storage_shape
+from nextgpt.data.file_checks import CORRUPT, MISSING, check_media, check_values, expected_shapes
 from nextgpt.embed_cache import item_path, read_manifest as read_feature_manifest
-from nextgpt.modalities import MODALITIES, conditioning_shape
-
-MISSING, CORRUPT = "missing", "corrupt"
 
 
 @dataclass
@@ -117,101 +112,6 @@ class Report:
             raise ValueError(self.error_line(full_check))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Single files
-
-def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[str, str] | None:
-    """None when the medium is usable, else (kind, reason). decode=False: existence only."""
-    path = Path(path)
-    if not path.is_file():
-        return MISSING, f"{path}: media file missing"
-    if path.stat().st_size == 0:
-        return CORRUPT, f"{path}: empty file"
-    if not decode:
-        return None
-    from nextgpt.imagebind.encode import LOADERS
-
-    try:
-        LOADERS[modality](str(path))  # the exact decoding + transforms training uses
-    except (ValueError, OSError, RuntimeError, EOFError, StopIteration, IndexError, MemoryError) as e:
-        # what PIL / soundfile / PyAV / MediaError raise on a bad file: this file cannot be trained on
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CORRUPT, reason if reason.startswith(str(path)) else f"{path}: cannot decode ({reason})"
-    return None
-
-
-def check_values(path: str | Path, shape: tuple[int, ...] | None, dtype: str | None, full: bool,
-                 what: str = "caption embedding") -> tuple[str, str] | None:
-    """None when the .npy at `path` is usable, else (kind, reason). Always: complete file of `shape` (header and
-    size). full=True also reads the values: of the dtype the manifest names and all finite (a NaN or inf vector
-    would poison every step it is in; float16 stores overflow to inf)."""
-    from nextgpt import store
-
-    try:
-        sharded = store.open_reader(Path(path).parent).layout == "shards"
-    except ValueError:
-        sharded = False
-    if sharded:          # <folder>/<name>.npy names a row of a memory-mapped shard (nextgpt/store/)
-        reason = store.check_item(path, shape, values=full)
-        if reason is None:
-            return None
-        return (MISSING, f"{path}: {what} missing") if reason == "missing" else (CORRUPT, f"{path}: {reason}")
-    reason = check_npy(path, shape)
-    if reason == "missing":
-        return MISSING, f"{path}: {what} missing"
-    if reason is not None:
-        return CORRUPT, f"{path}: {reason}"
-    if full:
-        try:
-            array = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            return CORRUPT, f"{path}: unreadable .npy ({e})"
-        if dtype is not None and array.dtype != np.dtype(dtype):
-            return CORRUPT, f"{path}: dtype {array.dtype}, the manifest says {dtype}"
-        if not np.issubdtype(array.dtype, np.floating):
-            return CORRUPT, f"{path}: dtype {array.dtype}, expected floating point"
-        finite = np.isfinite(array)
-        if not finite.all():
-            return CORRUPT, f"{path}: {int(finite.size - finite.sum())} non-finite value(s) (NaN/inf)"
-    return None
-
-
-def _check_embedding(path: str, shape: tuple[int, ...] | None, full: bool,
-                     dtype: str | None = None) -> tuple[str, str] | None:
-    return check_values(path, shape, dtype, full)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A config
-
-def _expected_shapes(cfg, report: Report, dtypes: dict[str, str] | None = None) -> dict[str, tuple[int, ...] | None]:
-    """modality -> on-disk caption-embedding shape the configured decoder needs (None: unknown, not checked).
-    `dtypes` (when given) is filled with modality -> the dtype the embedding manifest names."""
-    embed_dir = cfg.path(cfg.data.embed_dir)
-    try:
-        sections = read_caption_manifest(embed_dir)
-    except ValueError as e:
-        report.errors.append(str(e))
-        sections = {}
-    if dtypes is not None:
-        dtypes.update({m: section.dtype for m, section in sections.items()})
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    for m in MODALITIES:
-        decoder = cfg.model.decoders.get(m)
-        try:
-            shapes[m] = storage_shape(m, conditioning_shape(m, cfg.path(decoder))) if decoder else None
-        except (FileNotFoundError, ValueError) as e:
-            shapes[m] = tuple(sections[m].shape) if m in sections else None
-            how = f"using the embedding manifest's {shapes[m]}" if shapes[m] else "shapes are not checked"
-            report.notes.append(f"{m} decoder: {e}; {how}")
-        section = sections.get(m)
-        if section is not None and shapes[m] is not None and tuple(section.shape) != shapes[m]:
-            report.errors.append(f"{embed_dir / 'manifest.json'}: {m} embeddings have shape {tuple(section.shape)} "
-                                 f"(from {section.encoder}) but the configured decoder needs {shapes[m]}; rerun "
-                                 "process_embeddings.py with this config")
-    return shapes
-
-
 def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
              decode_media: bool | None = None) -> Report:
     """Check the catalog datasets `names` (default cfg.data.datasets) of cfg; see the module docstring.
@@ -228,7 +128,7 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
         report.errors.append("no datasets to validate (data.datasets is empty)")
         return report
     dtypes: dict[str, str] = {}
-    shapes = _expected_shapes(cfg, report, dtypes)
+    shapes = expected_shapes(cfg, report, dtypes)
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
     feature_shape = feature_dtype = None
     if feature_dir is not None and feature_dir.is_dir():
@@ -257,8 +157,8 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
             return None
         key = (target.embed_path, target.caption)
         if key not in embed_cache:
-            embed_cache[key] = _check_embedding(target.embed_path, shapes.get(target.modality), decode,
-                                                dtypes.get(target.modality))
+            embed_cache[key] = check_values(target.embed_path, shapes.get(target.modality),
+                                            dtypes.get(target.modality), decode)
             # made from this caption? (the hash recorded with it; an edited caption is stale)
             stale = None if embed_cache[key] else store.check_item(target.embed_path, caption=target.caption)
             if stale is not None:
