@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
-from bench_common import REPO, machine, machine_line, print_table, run_cli, set_threads, write_json, workspace
+from bench_common import bench_args, machine, machine_line, print_table, run_cli, set_threads, workspace
 from bench_pipeline import MID, REAL_PROJECTORS, STAGES, VICUNA_7B
 
 NEW_TOKENS = 38
@@ -123,24 +122,19 @@ def run(args) -> dict:
     result = {"machine": machine(), "llm_shape": shape, "llm_params": llm_params, "build_s": build_s,
               "peak_rss_gib": rss_gib(), "phases_peak_rss_gib": phases, "stages": list(results.values()),
               "command": "python scripts/bench_7b_cpu.py " + " ".join(args.argv)}
-    if args.json:
-        write_json(args.json, result)
-        print(f"\nwrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--shape", default="7b", choices=["7b", "mid"], help="mid: a seconds-long wiring check")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: run it alone)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "7b_cpu.json"))
+    bench_args(p, "7b_cpu.json", threads=2, threads_help="torch threads (default 2: run it alone)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

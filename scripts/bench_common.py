@@ -216,12 +216,27 @@ def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: 
             "cpu_s": usage.ru_utime + usage.ru_stime}          # the child and every descendant it reaped
 
 
-def run_cli(parser, run: Callable[[Any], Any], argv: Sequence[str]) -> int:
-    """The main() of every bench script: parse, run, and turn a known failure into one `error:` line (exit 2)."""
+def bench_args(parser, json_name: str | None, threads: int | None = 1, threads_help: str = "") -> None:
+    """The options every bench script shares: --threads (CPU), --workdir, --json (written by run_cli)."""
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads,
+                            help=threads_help or f"torch threads on CPU (default {threads}, see set_threads)")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
+    parser.add_argument("--json", default=str(REPO / "runs" / "bench" / json_name) if json_name else None,
+                        help="where the results go (JSON)")
+
+
+def run_cli(parser, run: Callable[[Any], Any], argv: Sequence[str] | None) -> int:
+    """The main() of every bench script: parse, run, write the result to --json, and turn a known failure into one
+    `error:` line (exit 2)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = list(argv)
     try:
-        run(args)
+        result = run(args)
+        if result is not None and getattr(args, "json", None):
+            write_json(args.json, result)
+            print(f"\nwrote {args.json}")
     except (ValueError, FileNotFoundError, OSError) as e:  # BenchError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

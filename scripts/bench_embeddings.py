@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_common import (REPO, run_cli, SAMPLES, machine, machine_line, median, print_table,
-                          quiet, resolve_device, set_threads, sync, verdict, write_json, workspace)
+from bench_common import (bench_args, run_cli, SAMPLES, machine, machine_line, median, print_table,
+                          quiet, resolve_device, set_threads, sync, verdict, workspace)
 
 TARGET = 0.90
 TARGET_SHARDS = 0.95      # issue 15: with the shard store the write no longer dominates
@@ -173,10 +172,7 @@ def run(args) -> dict:
     print(f"one atomic .npy write (nextgpt.io.atomic_save_npy: temp file, fsync, rename, directory fsync) takes "
           f"{write_ms:.1f} ms here: file writing alone caps process_embeddings at {1000 / write_ms:.0f} captions/s "
           f"on this disk, whatever the device")
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -187,14 +183,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="the same for both sides (default 32)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="128 captions, 2 repetitions")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "embeddings.json"))
+    bench_args(p, "embeddings.json", threads=1, threads_help="torch threads on CPU (default 1, see bench_common)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

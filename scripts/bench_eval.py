@@ -11,12 +11,10 @@ both runs ask the same requests. Decoding media is not included (that is the dif
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from bench_common import REPO, machine, print_table, resolve_device, run_cli, set_threads, sync, workspace, \
-    write_json
+from bench_common import bench_args, REPO, machine, print_table, resolve_device, run_cli, set_threads, sync, workspace
 
 
 def run(args) -> dict:
@@ -60,10 +58,7 @@ def run(args) -> dict:
     print_table("Evaluation throughput", ["measure", "value", "generated"], rows)
     result = {"machine": machine(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "max_new_tokens": args.max_new_tokens, "runs": runs}
-    if args.json:
-        write_json(args.json, result)
-        print(f"\nwrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,14 +67,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="held-out requests timed (default 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "eval.json"))
+    bench_args(p, "eval.json", threads=1, threads_help="torch threads on CPU (default 1, see bench_common)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from bench_common import REPO, BenchError, machine, print_table, run_cli, write_json, workspace
+from bench_common import bench_args, REPO, BenchError, machine, print_table, run_cli, workspace
 from bench_pipeline import (MID, REAL_PROJECTORS, STAGES, VICUNA_7B, build_7b, flop_share, llm_flop_params,
                             peak_tflops)
 
@@ -142,10 +141,7 @@ def run(args) -> dict:
                  "peak GiB", "ranks identical"], rows)
     result = {"machine": machine(), "device": str(rt.device), "runs": results,
               "command": "python scripts/bench_gpu_steps.py " + " ".join(args.argv)}
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,13 +156,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--equality", action="store_true", help="with 2+ ranks: trainable weights identical on all ranks")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)      # deepspeed launcher
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=None)
+    bench_args(p, None, threads=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,
-                          quiet, resolve_device, set_threads, timed, verdict, write_json, workspace)
+from bench_common import (bench_args, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,
+                          quiet, resolve_device, set_threads, timed, verdict, workspace)
 
 OVERHEAD_TARGETS = {1: 1.00, 2: 0.60, 3: 1.03}      # NExT-GPT step / bare 4N fwd+bwd (issue 16)
 PADDING_TARGET = 0.90
@@ -457,10 +456,7 @@ def run(args) -> dict:
               "overhead_targets": OVERHEAD_TARGETS, "padding_target": PADDING_TARGET,
               "real_projectors": args.real_projectors,
               "command": "python scripts/bench_pipeline.py " + " ".join(args.argv)}
-    if args.json:
-        write_json(args.json, result)
-        print(f"\nwrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -486,14 +482,12 @@ def parser() -> argparse.ArgumentParser:
                    help="stages 1-2 only as configured (no per-modality and suffix-backward-off runs)")
     p.add_argument("--skip-padding", action="store_true")
     p.add_argument("--quick", action="store_true", help="3 batches, 3 repetitions")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "pipeline.json"))
+    bench_args(p, "pipeline.json", threads=1, threads_help="torch threads on CPU (default 1, see bench_common)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_common import (REPO, run_cli, SAMPLES, BenchError, machine, machine_line, peak_rss_of, print_table,
-                          set_threads, write_json, workspace)
+from bench_common import (REPO, SAMPLES, BenchError, bench_args, machine, machine_line, peak_rss_of, print_table,
+                          run_cli, set_threads, workspace)
 
 MID_PRESET_NAME = "bench_mid"
 
@@ -155,10 +155,7 @@ def run(args) -> dict:
     result = dict(machine=machine(), data=str(data_root), batch_size=args.batch_size, steps=args.steps,
                   presets={"mid": mid_preset()} if "mid" in args.presets else {}, runs=results,
                   command="python scripts/bench_stage1_cache.py " + " ".join(args.argv))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -168,9 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--toy", action="store_true", help="toy data instead of the NExT-GPT samples")
     p.add_argument("--quick", action="store_true", help="4 steps (one round timed)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1, see bench_common)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "stage1_cache.json"))
+    bench_args(p, "stage1_cache.json", threads=1, threads_help="torch threads on CPU (default 1, see bench_common)")
     return p
 
 

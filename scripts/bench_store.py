@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import (REPO, run_cli, machine, machine_line, median, print_table, quiet, set_threads, verdict,
-                          write_json, workspace)
+from bench_common import (REPO, bench_args, machine, machine_line, median, print_table, quiet, run_cli, set_threads,
+                          verdict, workspace)
 
 CC3M_ITEMS = 3_300_000
 CC3M_SHAPE = (77, 768)           # SD-1.5's CLIP-L last hidden state
@@ -343,10 +343,7 @@ def run(args) -> dict:
                     ["decoder text encoder", "GFLOP/caption", "/ LLM fwd", "/ LLM fwd+bwd"],
                     [[k, v["encoder_gflops"], v["vs_llm_forward"], v["vs_llm_fwd_bwd"]]
                      for k, v in o["real_sizes"].items()])
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -359,9 +356,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="stage-2 micro-batch (online part)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see bench_common)")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "store.json"))
+    bench_args(p, "store.json", threads=1, threads_help="torch threads (default 1, see bench_common)")
     return p
 
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import (REPO, BenchError, machine, machine_line, peak_rss_of, print_table, run_cli, write_json,
+from bench_common import (bench_args, REPO, BenchError, machine, machine_line, peak_rss_of, print_table, run_cli,
                           workspace)
 from bench_pipeline import MID, REAL_PROJECTORS, write_llm
 
@@ -92,10 +92,7 @@ def run(args) -> dict:
                  "fewer CPU s"], rows)
     result = {"machine": machine(), "runs": runs, "summary": summary, "llm_shape": MID,
               "command": "python scripts/bench_zero.py " + " ".join(args.argv)}
-    if args.json:
-        write_json(args.json, result)
-        print(f"\nwrote {args.json}")
-    return result
+    return result  # run_cli writes it to --json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,15 +103,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=4)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="alternating runs per ZeRO stage (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per process (default 1: 2 ranks, 2 cores)")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench" / "work"))
-    p.add_argument("--json", default=str(REPO / "runs" / "bench" / "zero.json"))
+    bench_args(p, "zero.json", threads=1, threads_help="OMP threads per process (default 1: 2 ranks, 2 cores)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(parser(), run, sys.argv[1:] if argv is None else argv)
+    return run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":
