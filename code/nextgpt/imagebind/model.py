@@ -1,9 +1,11 @@
 """ImageBind (vision incl. video, audio, text) with the exact parameter names of `imagebind_huge.pth`.
 
-Written against the structure of the original's models/imagebind_model.py; the layout of every sub-module mirrors
-it so that `state_dict()` names and shapes equal the released imagebind_huge.pth's (all of them, checked key by
-key) for vision / audio / text. Depth, thermal and IMU are not built: NExT-GPT never uses them, and their entries in a
-full checkpoint are skipped by name (and only those).
+Written against the structure of the original's models/imagebind_model.py: this file holds the assembled model,
+its heads, presets and loading; the preprocessors are in stems.py, the blocks in transformer.py and the head pieces
+in heads.py, as upstream splits multimodal_preprocessors.py / transformer.py / helpers.py. The layout of every
+sub-module mirrors the original so that `state_dict()` names and shapes equal the released imagebind_huge.pth's
+(all of them, checked key by key) for vision / audio / text. Depth, thermal and IMU are not built: NExT-GPT never
+uses them, and their entries in a full checkpoint are skipped by name (and only those).
 
 Shapes at the boundary (huge preset):
     vision  image (B, 3, 224, 224) | video (B, S, 3, 2, 224, 224)  ->  (B, 1024)
@@ -15,15 +17,17 @@ encoded as B*S items and the S unit vectors are averaged (no re-normalisation), 
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .heads import L2Normalize, LogitScale, SelectToken, TextHead
+from .stems import PadIm2Video, PatchPreprocessor, PatchStem, TextPreprocessor
+from .transformer import Trunk
 
 # Modalities this module builds, and the ones a full ImageBind checkpoint also holds but we skip.
 BUILT_MODALITIES = ("vision", "audio", "text")
@@ -64,186 +68,6 @@ def preset(name: str) -> dict:
 def resolve_config(preset_or_config: str | Mapping) -> dict:
     """A preset name or an explicit config dict -> config dict."""
     return preset(preset_or_config) if isinstance(preset_or_config, str) else dict(preset_or_config)
-
-
-# ----------------------------------------------------------------------------------------------- building blocks
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training (audio trunk, rate <= 0.1)."""
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(norm_1(x)); x + mlp(norm_2(x)). Tokens are (B, L, D)."""
-
-    def __init__(self, dim: int, num_heads: int, add_bias_kv: bool, drop_path: float):
-        super().__init__()
-        self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
-        # bias_k / bias_v (audio): one learned key/value appended to every sequence, as the original trunks do.
-        self.attn = nn.MultiheadAttention(dim, num_heads, bias=True, add_bias_kv=add_bias_kv, batch_first=True)
-        self.norm_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm_1(x)
-        x = x + self.drop_path(self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0])
-        return x + self.drop_path(self.mlp(self.norm_2(x)))
-
-
-class Trunk(nn.Module):
-    """`pre_transformer_layer` (a LayerNorm for vision only) then `blocks`; drop path grows linearly per block."""
-
-    def __init__(self, dim: int, num_blocks: int, num_heads: int, pre_layer_norm: bool, add_bias_kv: bool,
-                 drop_path: float):
-        super().__init__()
-        # Index 0 matches the original's Sequential(LayerNorm | Identity, rearrange) -> `pre_transformer_layer.0.*`.
-        self.pre_transformer_layer = nn.Sequential(nn.LayerNorm(dim, eps=1e-6) if pre_layer_norm else nn.Identity())
-        rates = torch.linspace(0, drop_path, num_blocks, device="cpu").tolist() if num_blocks else []
-        self.blocks = nn.ModuleList(Block(dim, num_heads, add_bias_kv, rate) for rate in rates)
-
-    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.pre_transformer_layer(tokens)
-        for block in self.blocks:
-            tokens = block(tokens, attn_mask=attn_mask)
-        return tokens
-
-
-class PadIm2Video(nn.Module):
-    """Images (B, C, H, W) become 2-frame videos (B, C, 2, H, W) by repetition; videos pass through."""
-
-    def __init__(self, frames: int):
-        super().__init__()
-        self.frames = frames
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
-            x = x.unsqueeze(2)
-        if x.ndim != 5:
-            raise ValueError(f"vision input must be (B, C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
-        if x.shape[2] == 1:
-            x = x.repeat(1, 1, self.frames, 1, 1)
-        return x
-
-
-class PatchStem(nn.Module):
-    """Convolutional patchifier: `proj` then flatten to tokens (B, N, D), then `norm_layer` if any."""
-
-    def __init__(self, proj: nn.Module, norm_layer: nn.Module | None = None):
-        super().__init__()
-        self.proj = proj
-        self.norm_layer = norm_layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
-        return self.norm_layer(tokens) if self.norm_layer is not None else tokens
-
-
-class PositionEmbedding(nn.Module):
-    """Learned positions for 1 CLS + N patches; lives in `pos_embedding_helper.pos_embed` like the original."""
-
-    def __init__(self, num_tokens: int, dim: int):
-        super().__init__()
-        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-
-class PatchPreprocessor(nn.Module):
-    """Stem + CLS token + positions. The input grid is fixed (224x224 images, 128x204 spectrograms)."""
-
-    def __init__(self, stem: PatchStem, num_patches: int, dim: int):
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.rgbt_stem = stem
-        self.pos_embedding_helper = PositionEmbedding(1 + num_patches, dim)
-        self.num_patches = num_patches
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.rgbt_stem(x)                                         # (B, N, D)
-        if patches.shape[1] != self.num_patches:
-            # The original interpolates positions for other grids; NExT-GPT never feeds any.
-            raise ValueError(f"input {tuple(x.shape)} gives {patches.shape[1]} patches; this model expects "
-                             f"{self.num_patches} (224x224 frames / 128x204 spectrograms)")
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
-        return tokens + self.pos_embedding_helper.pos_embed                 # (B, 1 + N, D)
-
-
-class TextPreprocessor(nn.Module):
-    """Token + position embeddings; the causal mask is a (persistent) buffer, as in the released file."""
-
-    def __init__(self, vocab_size: int, context_length: int, dim: int):
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.pos_embed = nn.Parameter(torch.empty(1, context_length, dim))
-        nn.init.normal_(self.pos_embed, std=0.01)
-        self.register_buffer("mask", torch.full((context_length, context_length), float("-inf")).triu_(1))
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(text) + self.pos_embed                   # (B, 77, D)
-
-
-class SelectToken(nn.Module):
-    def __init__(self, index: int = 0):
-        super().__init__()
-        self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, self.index, ...]
-
-
-class TextHead(nn.Module):
-    """Picks each sequence's end-of-text token, then LayerNorm + projection (`proj.0`, `proj.1`)."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, out_dim, bias=False))
-
-    def forward(self, tokens: torch.Tensor, eos_positions: torch.Tensor) -> torch.Tensor:
-        return self.proj(tokens[torch.arange(tokens.shape[0], device=tokens.device), eos_positions])
-
-
-class L2Normalize(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1, p=2)
-
-
-class LogitScale(nn.Module):
-    """x * min(exp(log_logit_scale), 100); learnable for text, a fixed buffer (log 20) for audio."""
-
-    def __init__(self, init: float, learnable: bool, max_scale: float = 100.0):
-        super().__init__()
-        value = torch.ones([]) * math.log(init)
-        if learnable:
-            self.log_logit_scale = nn.Parameter(value)
-        else:
-            self.register_buffer("log_logit_scale", value)
-        self.max_scale = max_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clip(self.log_logit_scale.exp(), max=self.max_scale) * x
 
 
 def _cls_head(dim: int, out_dim: int) -> nn.Sequential:
