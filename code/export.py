@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nextgpt import cli
 from nextgpt import config as config_lib
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -207,8 +208,8 @@ def export(args: argparse.Namespace) -> Path:
         from nextgpt import legacy
 
         return legacy.export_legacy(model, out, getattr(torch, args.dtype or "float16"))
-    dtype_name = args.dtype or json.loads((cfg.path(cfg.model.llm) / "config.json").read_text()).get(
-        "torch_dtype") or json.loads((cfg.path(cfg.model.llm) / "config.json").read_text()).get("dtype") or "float32"
+    llm_config = json.loads((cfg.path(cfg.model.llm) / "config.json").read_text())
+    dtype_name = args.dtype or llm_config.get("torch_dtype") or llm_config.get("dtype") or "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"{cfg.model.llm}/config.json: torch_dtype {dtype_name!r}; pass --dtype")
     model = build(cfg, checkpoint, getattr(torch, dtype_name))
@@ -217,16 +218,13 @@ def export(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        path = export(args)
-    except (ValueError, FileNotFoundError, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.format}: {path}")
-    return 0
+
+    def body() -> int:
+        print(f"exported {args.format}: {export(args)}")
+        return 0
+
+    return cli.run(body, "export")  # any failure: one `error:` line (exit 2), the traceback in a log it names
 
 
 if __name__ == "__main__":
-    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
-
-    raise SystemExit(run_cli(main, "export"))
+    raise SystemExit(main())

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextgpt import cli
 from nextgpt import config as config_lib
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
@@ -378,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compare the ImageBind .pth key table (and a legacy delta's keys) without loading them")
     p.add_argument("--delta", default=None, help="check this delta (folder or pytorch_model.pt) and require it")
     args = p.parse_args(argv)
-    try:
-        cfg = config_lib.from_args(args)
-    except (config_lib.ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: check(args), "check_ckpt")  # any failure: one `error:` line (exit 2)
+
+
+def check(args) -> int:
+    cfg = config_lib.from_args(args)
     print(f"check-ckpt: {args.config}" + (f" (+ {len(args.overrides)} --set)" if args.overrides else ""))
     items = Checker(cfg, check_keys=args.check_keys).run(args.delta)
     failures = report(items)
@@ -394,6 +394,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
-
-    raise SystemExit(run_cli(main, "check_ckpt"))
+    raise SystemExit(main())

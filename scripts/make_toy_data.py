@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import toyworld as toy
+from nextgpt import cli
 from nextgpt.io import atomic_dir, atomic_write_text
 
 PAIR_SETS = {"image": "cc3m", "video": "webvid", "audio": "audiocap"}    # modality -> T_X_pair_data folder
@@ -290,16 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: counts must be at least 1: {', '.join(bad)}", file=sys.stderr)
         return 2
-    try:
+
+    def body() -> int:
         build(Path(args.out), counts, args.seed)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[toy] done -> {args.out}")
-    return 0
+        print(f"[toy] done -> {args.out}")
+        return 0
+
+    return cli.run(body, "make_toy_data")  # any failure: one `error:` line (exit 2), the traceback in a log
 
 
 if __name__ == "__main__":
-    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
-
-    raise SystemExit(run_cli(main, "make_toy_data"))
+    raise SystemExit(main())

@@ -29,10 +29,10 @@ import csv
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextgpt import cli
 from nextgpt.io import atomic_dir, atomic_write_text
 from nextgpt.modalities import MODALITIES
 
@@ -341,11 +341,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: report(args, run(args)), "prepare_data")  # any failure: one `error:` line (exit 2)
+
+
+def report(args, result: dict) -> int:
     print(f"wrote {result['json']}: {result['records']} {args.modality} record(s)")
     if result["missing"]:
         print(f"left out {len(result['missing'])} row(s) (missing/empty media or caption), listed in "
@@ -357,6 +356,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
-
-    raise SystemExit(run_cli(main, "prepare_data"))
+    raise SystemExit(main())

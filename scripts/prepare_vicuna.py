@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
+
+from nextgpt import cli
 
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -160,16 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="dtype of the addition and the output (FastChat: float16)")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         count = apply_delta(args.base, args.delta, args.out, args.dtype)
-    except DeltaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[vicuna] {count} tensors merged -> {args.out}")
-    return 0
+        print(f"[vicuna] {count} tensors merged -> {args.out}")
+        return 0
+
+    return cli.run(body, "prepare_vicuna")  # any failure: one `error:` line (exit 2), the traceback in a log
 
 
 if __name__ == "__main__":
-    from nextgpt.cli import run as run_cli  # any failure: one `error:` line, the traceback in a log it names
-
-    raise SystemExit(run_cli(main, "prepare_vicuna"))
+    raise SystemExit(main())
