@@ -22,6 +22,7 @@ import pytest
 import app
 import programmed_llm
 from nextgpt.config import REPO_ROOT
+from nextgpt.runtime import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 START_TIMEOUT = 240          # seconds for the app to load the model and listen (the CPU may be shared)
@@ -42,12 +43,6 @@ def test_modality_of_upload():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def programmed(tiny_env, tmp_path_factory):
     return programmed_llm.build(tiny_env, tmp_path_factory.mktemp("programmed_app"))
@@ -61,7 +56,7 @@ def server(tiny_env, programmed, tmp_path_factory):
                     "chromium-driver)")
     pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
     _ = tiny_env.imagebind                              # the tiny ImageBind encodes uploaded images
-    port = _free_port()
+    port = free_port()
     argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
     log = tmp_path_factory.mktemp("app_log") / "app.log"
     with open(log, "w") as out:
