@@ -12,8 +12,11 @@ Parts, each on the real code paths:
               page cache, both layouts. Targets: shards <= 100 files and <= half the bytes; shard reads >= files.
   precompute  ImageBind features (tiny ImageBind) of N toy images with process_embeddings.py in 1 process and in
               2 processes (--shard 0/2, 1/2, started together), each with 1 torch thread and media decoded in the
-              process (--workers 0) so that only the process count differs; items/s from the moment every process
-              has imported and is ready (a go-file), to the last exit. Outputs compared byte for byte. Target >= 1.8x.
+              process (--workers 0) so that only the process count differs, in both layouts; beside it, in the same
+              repetitions, the bare compute (decode + encode of the same share, nothing else) in 1 and 2 processes:
+              what two processes give on this machine at that moment (its two vCPUs do not scale 2x even for a
+              loop with no I/O). Two warm worker processes run every job, so start-up is in no figure. Outputs
+              compared item for item. Target >= 1.8x; `kept` = pipeline ratio / bare ratio.
   online      stage-2 training step (forward + backward, image targets) on the mid config: a 4-layer 512-wide
               Llama and a 4-layer 512-wide CLIP text encoder as the image decoder's, with caption embeddings read
               from the store (precomputed) vs made by the frozen text encoder inside the step (online); plus the same
@@ -118,69 +121,130 @@ def bench_store(work: Path, count: int, reads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# precompute: 1 process vs 2 processes
+# precompute: 1 process vs 2 processes, against the same compute without the pipeline
+
+def _bare_share(argv: list[str]) -> None:
+    """The compute a features run cannot avoid, with nothing else: this share's batches (the same split as
+    --shard), each image decoded (imagebind LOADERS) and encoded, the vectors dropped. No store, no DataLoader."""
+    import torch
+
+    from nextgpt import store
+    from nextgpt.imagebind.encode import LOADERS, Encoder
+
+    pairs, _, _ = argv[:3]
+    opt = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    rank, world = store.parse_share(opt.get("--shard"))
+    folder = Path(pairs).parent / "images"
+    names = [r["image_name"] for r in json.loads(Path(pairs).read_text())]
+    encoder = Encoder(opt["--imagebind"], opt["--preset"], device="cpu")
+    for batch in store.share_batches(names, int(opt["--batch-size"]), rank, world):
+        encoder.encode_tensors("image", torch.stack([LOADERS["image"](folder / n) for n in batch])).numpy()
+
 
 def _worker(args) -> int:
-    """One timed process_embeddings run: import, say ready, wait for the go-file, run, record seconds."""
+    """A long-lived benchmark process: imports and builds once, then runs each job file it is given
+    (`job_<k>_<j>.json`: {"argv", "bare"}) and records its seconds in `done_<k>_<j>.json`. Starting the
+    processes once keeps their start-up (torch import, first model build, ~3 s here) out of every measurement."""
     set_threads(1)
+    if args.pin:
+        os.sched_setaffinity(0, {args.index % os.cpu_count()})
     sys.path.insert(0, str(REPO / "code"))
-    # Everything a run imports, before the clock starts (a long run amortises it; here it would dominate).
-    import process_embeddings
-    import torch  # noqa: F401
+    import process_embeddings  # noqa: F401  (everything a run imports, before any clock starts)
     import tqdm  # noqa: F401
 
+    import nextgpt.config  # noqa: F401
     import nextgpt.data.readers  # noqa: F401
-    import nextgpt.imagebind.encode  # noqa: F401
     import nextgpt.imagebind.features  # noqa: F401
-    import nextgpt.imagebind.preprocess  # noqa: F401
-    import nextgpt.imagebind.preprocess_audio  # noqa: F401
-    import nextgpt.imagebind.preprocess_video  # noqa: F401
+    from nextgpt.imagebind.encode import Encoder
+    from nextgpt.io import atomic_write_text
 
-    if "--imagebind" in args.argv:        # the first model build imports torch's lazy modules (~3 s here)
-        from nextgpt.imagebind.encode import Encoder
-
+    with quiet():                           # the first model build imports torch's lazy modules
+        Encoder(args.imagebind, "tiny", device="cpu")
+    folder, k = Path(args.jobs), args.index
+    (folder / f"ready_{k}").write_text("ready")
+    for j in range(10**6):
+        job = folder / f"job_{k}_{j}.json"
+        while not job.exists():
+            time.sleep(0.002)
+        spec = json.loads(job.read_text())
+        if spec.get("exit"):
+            return 0
+        if spec.get("skip"):                # a 1-process job: this worker sits it out
+            atomic_write_text(folder / f"done_{k}_{j}.json", json.dumps({"rc": 0, "seconds": 0, "end": 0}))
+            continue
+        start = time.perf_counter()
         with quiet():
-            Encoder(args.argv[args.argv.index("--imagebind") + 1], args.argv[args.argv.index("--preset") + 1],
-                    device="cpu")
-    ready, go, record = Path(args.ready), Path(args.go), Path(args.record)
-    ready.write_text("ready")
-    while not go.exists():
-        time.sleep(0.01)
-    start = time.perf_counter()
-    with quiet():
-        rc = process_embeddings.main(args.argv)
-    record.write_text(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "end": time.time()}))
-    return 0
+            if spec["bare"]:
+                _bare_share(spec["argv"])
+                rc = 0
+            else:
+                rc = process_embeddings.main(spec["argv"])
+        seconds = time.perf_counter() - start
+        atomic_write_text(folder / f"done_{k}_{j}.json", json.dumps({"rc": rc, "seconds": seconds, "end": time.time()}))
 
 
-def _timed_processes(commands: list[list[str]], scratch: Path) -> float:
-    """Start every command's worker, wait until all are ready, release them together; wall seconds to the last."""
-    go = scratch / "go"
-    go.unlink(missing_ok=True)
-    procs, records = [], []
-    for k, argv in enumerate(commands):
-        ready, record = scratch / f"ready_{k}", scratch / f"record_{k}.json"
-        ready.unlink(missing_ok=True)
-        record.unlink(missing_ok=True)
-        records.append(record)
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", "--ready", str(ready), "--go", str(go),
-                                        "--record", str(record), "--", *argv],
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"}), ready))
-    while not all(ready.exists() for _, ready in procs):
-        if any(p.poll() is not None for p, _ in procs):
-            raise RuntimeError("a benchmark worker exited before it was ready")
-        time.sleep(0.05)
-    start = time.time()
-    go.write_text("go")
-    for p, _ in procs:
-        p.wait()
-    results = [json.loads(r.read_text()) for r in records]
-    if any(r["rc"] != 0 for r in results):
-        raise RuntimeError(f"process_embeddings failed in a benchmark worker: {results}")
-    return max(r["end"] for r in results) - start
+class _Workers:
+    """Two warm worker processes; `run([argv, ...], bare)` starts one job per argv together (job files written
+    within microseconds of each other) and returns the wall seconds from the start to the last one's end."""
+
+    def __init__(self, scratch: Path, imagebind: Path, count: int = 2, pin: bool = False):
+        from nextgpt.io import atomic_write_text
+
+        self.folder, self.jobs, self.write = scratch / "jobs", 0, atomic_write_text
+        self.folder.mkdir(parents=True)
+        self.procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--jobs", str(self.folder), "--index",
+                                        str(k), "--imagebind", str(imagebind), *(["--pin"] if pin else [])],
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(count)]
+        while not all((self.folder / f"ready_{k}").exists() for k in range(count)):
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a benchmark worker exited before it was ready")
+            time.sleep(0.05)
+
+    def run(self, commands: list[list[str]], bare: bool) -> float:
+        j, self.jobs = self.jobs, self.jobs + 1
+        for k in range(len(self.procs)):            # every worker takes job j; the idle ones are told to skip it
+            if k >= len(commands):
+                self.write(self.folder / f"job_{k}_{j}.json", json.dumps({"skip": True, "bare": True, "argv": []}))
+        start = time.time()
+        for k, argv in enumerate(commands):
+            self.write(self.folder / f"job_{k}_{j}.json", json.dumps({"argv": argv, "bare": bare}))
+        results = []
+        for k in range(len(self.procs)):
+            done = self.folder / f"done_{k}_{j}.json"
+            while not done.exists():
+                if self.procs[k].poll() is not None:
+                    raise RuntimeError(f"benchmark worker {k} exited (rc {self.procs[k].returncode})")
+                time.sleep(0.005)
+            results.append(json.loads(done.read_text()))
+        if any(r["rc"] != 0 for r in results):
+            raise RuntimeError(f"process_embeddings failed in a benchmark worker: {results}")
+        return max(r["end"] for r in results[:len(commands)]) - start
+
+    def close(self) -> None:
+        for k in range(len(self.procs)):
+            self.write(self.folder / f"job_{k}_{self.jobs}.json", json.dumps({"exit": True}))
+        for p in self.procs:
+            p.wait()
 
 
-def bench_precompute(env, work: Path, count: int, reps: int, store_layout: str = "files") -> dict:
+def _same_items(a: Path, b: Path, names: list[str]) -> bool:
+    """Every item equal in store folders a and b (read through StoreReader, so the shards layout compares items,
+    not shard file names; get() widens float16 to float32 exactly), and the manifests record the same (dtype,
+    shape, count, encoder)."""
+    import numpy as np
+
+    from nextgpt import store
+
+    ra, rb = store.StoreReader(a), store.StoreReader(b)
+    same = all(ra.has(n) and rb.has(n) and np.array_equal(ra.get(n), rb.get(n)) for n in names)
+    return same and (a / store.MANIFEST).read_text() == (b / store.MANIFEST).read_text()
+
+
+def bench_precompute(env, work: Path, count: int, reps: int, pin: bool = False) -> dict:
+    """Per repetition, interleaved: the bare compute, the files layout and the shards layout, each in 1 process
+    and then in 2 (--shard 0/2, 1/2). Ratios are per repetition (1-process seconds / 2-process seconds, taken
+    seconds apart), then the median; `kept` = the pipeline's ratio / the bare ratio of the same repetition: how
+    much of what two processes give on this machine at that moment the pipeline keeps."""
     images = sorted((env.data / "T_X_pair_data" / "cc3m" / "images").glob("*"))
     scratch = work / "precompute"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -195,24 +259,40 @@ def bench_precompute(env, work: Path, count: int, reps: int, store_layout: str =
     pairs = scratch / "pairs.json"
     pairs.write_text(json.dumps(records))
 
-    def argv(out: Path, *more: str) -> list[str]:
+    def argv(out: Path, layout: str, *more: str) -> list[str]:
         return [str(pairs), "image", str(out), "--features", "--imagebind", str(env.imagebind), "--preset", "tiny",
-                "--batch-size", "8", "--workers", "0", "--device", "cpu", "--store", store_layout, *more]
+                "--batch-size", "8", "--workers", "0", "--device", "cpu", "--store", layout, *more]
 
-    one_times, two_times = [], []
-    for rep in range(reps):             # interleaved, so that a change in the machine's load hits both sides
-        one, two = scratch / f"one_{rep}", scratch / f"two_{rep}"
-        one_times.append(_timed_processes([argv(one)], scratch))
-        two_times.append(_timed_processes([argv(two, "--shard", "0/2"), argv(two, "--shard", "1/2")], scratch))
-    names = sorted(p.name for p in (scratch / "one_0").glob("*.npy"))
-    identical = names == sorted(p.name for p in (scratch / "two_0").glob("*.npy")) and all(
-        (scratch / "one_0" / n).read_bytes() == (scratch / "two_0" / n).read_bytes() for n in names)
-    manifests_equal = (scratch / "one_0" / "manifest.json").read_text() == \
-        (scratch / "two_0" / "manifest.json").read_text()
-    result = dict(items=count, reps=reps, one_process_items_per_s=count / median(one_times),
-                  two_processes_items_per_s=count / median(two_times), bit_identical=identical and manifests_equal)
-    result["ratio"] = result["two_processes_items_per_s"] / result["one_process_items_per_s"]
-    result["ratios_per_rep"] = [a / b for a, b in zip(one_times, two_times)]
+    variants = ("bare", "files", "shards")
+    seconds = {(v, n): [] for v in variants for n in (1, 2)}
+    workers = _Workers(scratch, env.imagebind, pin=pin)
+    try:
+        for bare in (True, False):         # untimed: each worker's first run pays its one-time costs (allocator,
+            warm = scratch / f"warm_{bare}"    # oneDNN kernels, lazy imports), as a long run would only once
+            workers.run([argv(warm, "files", "--shard", "0/2"), argv(warm, "files", "--shard", "1/2")], bare)
+        for rep in range(reps):            # interleaved, so that a change in the machine's load hits every side
+            for variant in variants:
+                layout = "files" if variant == "bare" else variant
+                one, two = scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}"
+                seconds[variant, 1].append(workers.run([argv(one, layout)], variant == "bare"))
+                seconds[variant, 2].append(workers.run([argv(two, layout, "--shard", "0/2"),
+                                                        argv(two, layout, "--shard", "1/2")], variant == "bare"))
+    finally:
+        workers.close()
+    result: dict = dict(items=count, reps=reps)
+    for variant in variants:
+        ratios = [a / b for a, b in zip(seconds[variant, 1], seconds[variant, 2])]
+        result[variant] = dict(one_process_items_per_s=count / median(seconds[variant, 1]),
+                               two_processes_items_per_s=count / median(seconds[variant, 2]),
+                               ratio=median(ratios), ratios_per_rep=ratios)
+        if variant != "bare":
+            bare = [a / b for a, b in zip(seconds["bare", 1], seconds["bare", 2])]
+            result[variant]["kept"] = median([r / b for r, b in zip(ratios, bare)])
+            result[variant]["bit_identical"] = all(
+                _same_items(scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}",
+                            [r["image_name"] for r in records]) for rep in range(reps))
+    result["ratio"] = result["files"]["ratio"]            # the seed's layout: the headline figure
+    result["bit_identical"] = result["files"]["bit_identical"] and result["shards"]["bit_identical"]
     shutil.rmtree(scratch, ignore_errors=True)
     return result
 
@@ -299,6 +379,7 @@ def run(args) -> dict:
 
     if args.quick:
         args.count, args.reads, args.images, args.reps = min(args.count, 20_000), 2000, 64, 1
+        args.precompute_reps = 1
     set_threads(args.threads)
     work = Path(args.workdir).resolve()
     env = workspace(work / "tiny")
@@ -322,14 +403,21 @@ def run(args) -> dict:
               f"{c['files_bytes'] / 2**40:.2f} TiB (float32) | shards {c['shards_files']:,} files "
               f"({c['rows_per_shard']:,} rows each), {c['shards_bytes'] / 2**40:.2f} TiB (float16)")
     if "precompute" in args.parts:
-        p = result["precompute"] = bench_precompute(env, work, args.images, args.reps)
-        print_table(f"process_embeddings --features (tiny ImageBind, {p['items']} toy images, 1 torch thread and no "
-                    f"decode workers per process, median of {p['reps']})",
-                    ["processes", "items/s", "ratio", "target"],
-                    [[1, p["one_process_items_per_s"], 1.0, ""],
-                     [2, p["two_processes_items_per_s"], p["ratio"], f">= 1.8 {verdict(p['ratio'], 1.8, True)}"]])
+        p = result["precompute"] = bench_precompute(env, work, args.images, args.precompute_reps, args.pin)
+        rows = []
+        for variant, label in (("bare", "bare: decode + encode, nothing else"),
+                               ("files", "process_embeddings --store files"),
+                               ("shards", "process_embeddings --store shards")):
+            v = p[variant]
+            rows.append([label, v["one_process_items_per_s"], v["two_processes_items_per_s"], v["ratio"],
+                         v.get("kept", ""), f">= 1.8 {verdict(v['ratio'], 1.8, True)}" if variant != "bare" else ""])
+        print_table(f"ImageBind features (tiny ImageBind, {p['items']} toy images, batch 8), 1 process vs 2 "
+                    f"(--shard 0/2, 1/2), 1 torch thread and no decode workers per process; ratio = median over "
+                    f"{p['reps']} repetitions of 1-process s / 2-process s; kept = ratio / bare ratio",
+                    ["", "1 proc items/s", "2 procs items/s", "2 / 1", "kept", "target"], rows)
         print(f"2-process output {'bit-identical to' if p['bit_identical'] else 'DIFFERS from'} the 1-process output "
-              "(every .npy and the manifest)")
+              "(every item and the manifest, both layouts); per-repetition 2 / 1 ratios: "
+              + "; ".join(f"{v} " + " ".join(f"{r:.2f}" for r in p[v]["ratios_per_rep"]) for v in ("bare", "files", "shards")))
     if "online" in args.parts:
         o = result["online"] = bench_online(env, work, args.batch_size, args.reps + 2, torch.device("cpu"),
                                             torch.float32)
@@ -352,9 +440,11 @@ def parser() -> argparse.ArgumentParser:
                    choices=["store", "precompute", "online"])
     p.add_argument("--count", type=int, default=100_000, help="store items (default 100 000)")
     p.add_argument("--reads", type=int, default=5000)
-    p.add_argument("--images", type=int, default=640, help="media for the 1- vs 2-process run (default 640)")
+    p.add_argument("--images", type=int, default=1280, help="media for the 1- vs 2-process run (default 1280)")
     p.add_argument("--batch-size", type=int, default=8, help="stage-2 micro-batch (online part)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="store reads and online steps (default 3)")
+    p.add_argument("--precompute-reps", type=int, default=5, help="1- vs 2-process repetitions (default 5)")
+    p.add_argument("--pin", action="store_true", help="precompute: worker k on core k")
     p.add_argument("--quick", action="store_true")
     bench_args(p, "store.json", threads=1, threads_help="torch threads (default 1, see bench_common)")
     return p
@@ -365,13 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--worker":
         w = argparse.ArgumentParser()
         w.add_argument("--worker", action="store_true")
-        w.add_argument("--ready")
-        w.add_argument("--go")
-        w.add_argument("--record")
-        w.add_argument("argv", nargs=argparse.REMAINDER)
-        args = w.parse_args(argv)
-        args.argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        return _worker(args)
+        w.add_argument("--jobs", required=True)
+        w.add_argument("--index", type=int, required=True)
+        w.add_argument("--imagebind", required=True)
+        w.add_argument("--pin", action="store_true")
+        return _worker(w.parse_args(argv))
     return run_cli(parser(), run, argv)
 
 
