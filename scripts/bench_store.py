@@ -417,7 +417,8 @@ def run(args) -> dict:
                     ["", "1 proc items/s", "2 procs items/s", "2 / 1", "kept", "target"], rows)
         print(f"2-process output {'bit-identical to' if p['bit_identical'] else 'DIFFERS from'} the 1-process output "
               "(every item and the manifest, both layouts); per-repetition 2 / 1 ratios: "
-              + "; ".join(f"{v} " + " ".join(f"{r:.2f}" for r in p[v]["ratios_per_rep"]) for v in ("bare", "files", "shards")))
+              + "; ".join(f"{v} " + " ".join(f"{r:.2f}" for r in p[v]["ratios_per_rep"])
+                          for v in ("bare", "files", "shards")))
     if "online" in args.parts:
         o = result["online"] = bench_online(env, work, args.batch_size, args.reps + 2, torch.device("cpu"),
                                             torch.float32)
