@@ -155,17 +155,25 @@ def _find(media: Path, stems: list[str], extensions: tuple[str, ...], subdirs: l
     return None
 
 
+def _dataset_table(table: Path, media: Path, modality: str, columns: tuple[str, ...], hint: str
+                   ) -> list[tuple[str, dict]]:
+    """A public dataset's table (AudioCaps, WebVid) beside its media folder: both must exist and the table must
+    have `columns` (one line naming the first missing one and what the dataset's table has: `hint`)."""
+    if not media.is_dir():
+        raise FileNotFoundError(f"{media}: {modality} folder not found")
+    records = _table(table)
+    for key in columns:
+        if records and key not in records[0][1]:
+            raise ValueError(f"{table}: no column {key!r}; {hint}")
+    return records
+
+
 def read_audiocaps(table: Path, media: Path) -> list[Row]:
     """AudioCaps CSV (audiocap_id, youtube_id, start_time, caption). Download tools name clips differently; tried, in
     order: <audiocap_id>, <youtube_id>, Y<youtube_id> (AudioSet style), <youtube_id>_<start_time>, with any
     audio extension."""
-    if not media.is_dir():
-        raise FileNotFoundError(f"{media}: audio folder not found")
-    records = _table(table)
-    for key in ("youtube_id", "caption"):
-        if records and key not in records[0][1]:
-            raise ValueError(f"{table}: no column {key!r}; an AudioCaps CSV has audiocap_id, youtube_id, start_time, "
-                             "caption")
+    records = _dataset_table(table, media, "audio", ("youtube_id", "caption"),
+                             "an AudioCaps CSV has audiocap_id, youtube_id, start_time, caption")
     rows = []
     extensions = MODALITIES["audio"].extensions
     for where, r in records:
@@ -178,13 +186,8 @@ def read_audiocaps(table: Path, media: Path) -> list[Row]:
 def read_webvid(table: Path, media: Path) -> list[Row]:
     """WebVid CSV (videoid, name = the caption, page_dir, ...). Tried: <media>/<page_dir>/<videoid>.mp4 (the
     download script's layout), then <media>/<videoid>.<any video extension>."""
-    if not media.is_dir():
-        raise FileNotFoundError(f"{media}: video folder not found")
-    records = _table(table)
-    for key in ("videoid", "name"):
-        if records and key not in records[0][1]:
-            raise ValueError(f"{table}: no column {key!r}; a WebVid CSV has videoid, contentUrl, duration, "
-                             "page_dir, name")
+    records = _dataset_table(table, media, "video", ("videoid", "name"),
+                             "a WebVid CSV has videoid, contentUrl, duration, page_dir, name")
     rows = []
     for where, r in records:
         vid = str(r.get("videoid", ""))
