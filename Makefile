@@ -63,11 +63,11 @@ check-ckpt:
 
 tiny: ckpt/tiny/.complete
 ckpt/tiny/.complete:
-	$(PY) scripts/make_tiny_ckpt.py --out ckpt/tiny --data data/toy
+	$(PY) scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny --data data/toy
 
 toy-data: data/toy/.complete
 data/toy/.complete:
-	$(PY) scripts/make_toy_data.py --out data/toy
+	$(PY) scripts/tiny/make_toy_data.py --out data/toy
 
 # Caption embeddings (stage 2/3 targets) and ImageBind features (stage-1 cache) for the selected config.
 # NUM_GPUS / HOSTFILE: one process per GPU / node slot through the DeepSpeed launcher, each computing a disjoint
@@ -145,10 +145,10 @@ test: .env-ready
 	$(PY) -m pytest -q $(ARGS)
 
 bench:
-	$(PY) scripts/bench_all.py $(ARGS)
+	$(PY) dev/bench/bench_all.py $(ARGS)
 
 chaos:
-	$(PY) scripts/chaos.py $(ARGS)
+	$(PY) dev/chaos/run.py $(ARGS)
 
 clean-tiny:
 	rm -rf ckpt/tiny data/toy runs/demo

@@ -100,7 +100,7 @@ class Server:
                 max_new_tokens: float, steps: float, guidance: float, seed: float, session: str | None = None):
         """Gradio generator: yields (textbox, chat history, state, download list) as the reply streams in."""
         from nextgpt.data.types import Turn
-        from nextgpt.generate import Conversation, Reply, Sampling, stream
+        from nextgpt.model.generate import Conversation, Reply, Sampling, stream
 
         state = state or self.new_state(session)
         text = (message or {}).get("text", "").strip()
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from nextgpt.loading import checkpoint_info, load_model, pick_device
+        from nextgpt.checkpoint.load import checkpoint_info, load_model, pick_device
 
         cfg = config_lib.from_args(args)
         checkpoint = Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt)

@@ -69,7 +69,7 @@ def describe(value: str) -> dict:
     """--ckpt value -> {"name", "path", "kind", "stage", "step"}; FileNotFoundError naming a bad path (cheap)."""
     if value.lower() in BASE_NAMES:
         return {"name": "base", "path": "", "kind": "base", "stage": None, "step": None}
-    from nextgpt.loading import checkpoint_info
+    from nextgpt.checkpoint.load import checkpoint_info
 
     info = checkpoint_info(value)
     path = Path(info.path)
@@ -81,7 +81,7 @@ def load(cfg, entry: dict, device, dtype):
     """Base model (projectors seeded by train.seed) + the checkpoint; groups it lacks stay as initialised."""
     import torch
 
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
     from nextgpt.model.nextgpt import build_model
 
     torch.manual_seed(cfg.train.seed)
@@ -123,7 +123,7 @@ def _main(argv: list[str] | None) -> int:
 
     from nextgpt.eval import run as evaluation
     from nextgpt.eval.report import table, write_report
-    from nextgpt.loading import pick_device
+    from nextgpt.checkpoint.load import pick_device
     from nextgpt.tokens import load_tokenizer
 
     tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))

@@ -13,7 +13,7 @@
                                                               token ids, modalities, conditioning shapes, ImageBind
     README.md                                                 model card: base, fingerprint, data, metrics if any
 --format legacy writes <out>/pytorch_model.pt in the original's key layout (fp16, as the released files;
-nextgpt.legacy, the same key map that imports the released checkpoint).
+nextgpt.checkpoint.legacy, the same key map that imports the released checkpoint).
 
 The checkpoint's own config.yaml decides how the model is built (LLM, template, LoRA, projector sizes); --config /
 --set override it. A base loaded in 8-bit or 4-bit is refused: LoRA merged into rounded weights is not the trained
@@ -90,7 +90,7 @@ def _prune(data: dict, cls, prefix: str = "") -> list[str]:
 
 def build(cfg, checkpoint: Path, dtype):
     """Base LLM + projectors, then the checkpoint strictly (a stage-1 delta has no output projectors or LoRA)."""
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
     from nextgpt.model.nextgpt import build_model
 
     model = build_model(cfg, device="cpu", dtype=dtype)
@@ -126,7 +126,7 @@ def model_card(cfg, checkpoint: Path, meta: dict, base_config: dict, metrics_pat
     metrics = next((read_json(p) for p in candidates if p.is_file()), None)
     if metrics_path and metrics is None:
         raise FileNotFoundError(f"{metrics_path}: --metrics file not found")
-    base = meta.get("base") or {}                 # nextgpt.fingerprint, recorded in meta.json by save_delta
+    base = meta.get("base") or {}                 # nextgpt.checkpoint.fingerprint, recorded in meta.json by save_delta
     fingerprint = ", ".join(f"{part} {value.get('digest')}" for part, value in base.items()
                             if isinstance(value, dict) and value.get("digest")) or "not recorded"
     lines = [
@@ -192,7 +192,7 @@ def export_hf(model, cfg, checkpoint: Path, out: Path, meta: dict, metrics: Path
 def export(args: argparse.Namespace) -> Path:
     import torch
 
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
 
     checkpoint = checkpoint_lib.resolve_checkpoint(args.ckpt)
     cfg = load_config(checkpoint, args.config, args.overrides)
@@ -205,7 +205,7 @@ def export(args: argparse.Namespace) -> Path:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if args.format == "legacy":
         model = build(cfg, checkpoint, torch.float32)
-        from nextgpt import legacy
+        from nextgpt.checkpoint import legacy
 
         return legacy.export_legacy(model, out, getattr(torch, args.dtype or "float16"))
     llm_config = json.loads((cfg.path(cfg.model.llm) / "config.json").read_text())

@@ -14,7 +14,7 @@ did, `<Image>cat.jpg</Image> what is this?` (also <Video>, <Audio>), or with fla
 What is loaded when: the LLM + delta at start; ImageBind only when a request names media; each diffusion pipeline
 the first time its signal tokens appear in a reply, then kept. Files: reply_<n>.txt per request and
 <modality>_<i>.<ext> per generated medium, numbered within the run, in --out (default inference.out_dir).
-The generation itself is nextgpt.generate, the same code the web demo (app.py) and evaluate.py run.
+The generation itself is nextgpt.model.generate, the same code the web demo (app.py) and evaluate.py run.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ class Session:
     """The loaded model, the lazily loaded decoders and the output counters of one run."""
 
     def __init__(self, cfg, checkpoint: Path, out_dir: Path, device, dtype, seed: int):
-        from nextgpt.generate import Sampling
-        from nextgpt.loading import load_model
+        from nextgpt.model.generate import Sampling
+        from nextgpt.checkpoint.load import load_model
         from nextgpt.model.decoders import Decoders
 
         self.cfg, self.out_dir, self.seed = cfg, out_dir, seed
@@ -87,7 +87,7 @@ class Session:
     def run(self, request: Request) -> dict:
         """Generate for one request, print the reply, write its files; returns {text, files, truncated}."""
         from nextgpt.data.types import Media
-        from nextgpt.generate import Conversation, decode, generate
+        from nextgpt.model.generate import Conversation, decode, generate
         from nextgpt.io import atomic_write_text
 
         check_media(request)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from nextgpt.loading import checkpoint_info
+        from nextgpt.checkpoint.load import checkpoint_info
 
         cfg = config_lib.from_args(args)
         seed = cfg.inference.seed if args.seed is None else args.seed
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             check_media(request)
         elif any(getattr(args, m) for m in MODALITIES):
             raise ValueError("--image/--video/--audio need --prompt (or name media inside interactive lines)")
-        from nextgpt.loading import pick_device
+        from nextgpt.checkpoint.load import pick_device
 
         device, dtype, reason = pick_device(args.device)
         print(f"device: {reason}", flush=True)

@@ -5,8 +5,8 @@
     deepspeed --num_gpus 2 code/train.py --config ... --set train.micro_batch_size=2
 
 config -> runtime (device, dtype, rank) -> model (+ init_from, trainable set) -> data (nextgpt.data.loaders) ->
-engine (nextgpt.engine.build_engine) -> the loop below, which adds up NextGPT.forward's dict of losses (nextgpt.runlog).
-Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.resume); `--resume auto` (the default)
+engine (nextgpt.training.deepspeed.build_engine) -> the loop below, which adds up NextGPT.forward's dict of losses (nextgpt.training.runlog).
+Checkpoints go to <train.output_dir>/checkpoint-<step>/ (nextgpt.checkpoint.resume); `--resume auto` (the default)
 continues from <train.output_dir>/latest bit-exactly on CPU.
 """
 
@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from nextgpt import config as config_lib
-from nextgpt import cli, resume, resume_checks, runlock, runtime
-from nextgpt.runlog import RunLog, TermMeans
+from nextgpt import cli, runtime
+from nextgpt.checkpoint import resume
+from nextgpt.checkpoint import resume_checks
+from nextgpt.training import runlock
+from nextgpt.training.runlog import RunLog, TermMeans
 from nextgpt.runtime import to_device
-from nextgpt.stop import StopRequest
+from nextgpt.training.stop import StopRequest
 
 
 class TrainingAborted(RuntimeError):
@@ -76,13 +79,13 @@ def train(args: argparse.Namespace) -> dict:
     output_dir = cfg.path(cfg.train.output_dir)
     lock = log = None
     try:
-        # One run per output folder (nextgpt.runlock); its run id names this run's temporary folders.
+        # One run per output folder (nextgpt.training.runlock); its run id names this run's temporary folders.
         lock, run_id = runlock.acquire_collective(output_dir, rt.is_main, "training")
         cli.set_log(output_dir / "train.log")  # where main's error line sends the traceback
         log = RunLog(output_dir, rt.is_main, cfg.train.report_to, cfg.to_dict())
         for note in lock.notes if lock else []:
             log(note)
-        # SIGINT / SIGTERM / a dead launcher: stop at the end of the step, save, exit 130/143 (nextgpt.stop).
+        # SIGINT / SIGTERM / a dead launcher: stop at the end of the step, save, exit 130/143 (nextgpt.training.stop).
         with StopRequest(watch_launcher="LOCAL_RANK" not in rt.env_we_set) as stop:
             return _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id)
     finally:
@@ -94,16 +97,17 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> dict:
-    from nextgpt import checkpoint, legacy
+    from nextgpt.checkpoint import delta as checkpoint
+    from nextgpt.checkpoint import legacy
     from nextgpt.data.loaders import build_run_data, count_steps
     from nextgpt.eval.training import GenerationChecks
-    from nextgpt.engine import build_engine
+    from nextgpt.training.deepspeed import build_engine
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
     from nextgpt.model import caption_encoder
 
     # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config
-    # unless --allow-config-change; checked before anything is loaded or written (nextgpt.resume_checks).
+    # unless --allow-config-change; checked before anything is loaded or written (nextgpt.checkpoint.resume_checks).
     start, changes = resume_checks.plan(output_dir, args.resume, cfg.to_dict(), rt.world_size,
                                         args.allow_config_change, log)
     if rt.is_main:

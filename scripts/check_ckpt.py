@@ -41,7 +41,7 @@ SOURCES = {
     "delta": "train it (make stage1 / stage2 / stage3), or the released NExT-GPT delta: hf download "
              "ChocoWu/nextgpt_7b_tiva_v0 pytorch_model.pt --local-dir <folder>",
 }
-TINY_SOURCE = "make tiny (scripts/make_tiny_ckpt.py --out ckpt/tiny)"
+TINY_SOURCE = "make tiny (scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny)"
 
 # Components each decoder pipeline loads (safety_checker / feature_extractor are not loaded: we pass None).
 PIPELINE_COMPONENTS = {

@@ -5,8 +5,8 @@
     CPU) -> the held-out evaluation of the base model vs the stage 1/2/3 checkpoints (= make eval CONFIG=tiny) ->
     inference: a question about a toy image, then requests for an image, a video and a sound
 
-Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/make_tiny_ckpt.py,
-scripts/make_toy_data.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
+Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/tiny/make_tiny_ckpt.py,
+scripts/tiny/make_toy_data.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
 with the tiny configs and `--set` overrides for --workdir and the demo's step budgets (STAGE_SETTINGS). The one
 exception is the toy-language warm-up below: the original has no such step (its Vicuna is already trained).
 
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from nextgpt import cli
 from nextgpt.io import atomic_write_text
 from nextgpt.runtime import free_port
-from tiny_workspace import tiny_env_at
+from tiny.tiny_workspace import tiny_env_at
 
 CPU_DS_CONFIG = ROOT / "code" / "dsconfig" / "cpu.json"
 DEFAULT_STEPS = {1: 600, 2: 100, 3: 2000}
@@ -121,7 +121,7 @@ def toy_chat_corpus() -> list[str]:
     """The toy world's text in the conversation template: captions, captions after caption requests, requests for
     media answered in words ("Here is a video for you."), and the text-only questions. No media and no signal
     tokens: describing media and producing them are what the three stages teach."""
-    import toyworld as toy
+    from tiny import toyworld as toy
     from nextgpt.data.conversation import ASSISTANT, HUMAN_PREFIX, TURN_END
 
     def chat(question: str, answer: str) -> str:
@@ -298,12 +298,12 @@ def demo(args) -> int:
 
     # 1-2: tiny checkpoints of the real architectures; the tiny Vicuna learns the toy language
     steps("tiny checkpoints", env.ckpt / ".complete",
-          tool("scripts/make_tiny_ckpt.py", "--out", str(env.ckpt), "--data", str(env.data)))
+          tool("scripts/tiny/make_tiny_ckpt.py", "--out", str(env.ckpt), "--data", str(env.data)))
     steps("toy-language pre-training of the tiny Vicuna", llm_folder / "pretrained.json",
           lambda log: pretrain_tiny_llm(llm_folder, args.pretrain_steps))
 
     # 3-5: toy data; caption embeddings (stage 2/3 targets); ImageBind features (stage 1/3 inputs)
-    steps("toy data", env.data / ".complete", tool("scripts/make_toy_data.py", "--out", str(env.data),
+    steps("toy data", env.data / ".complete", tool("scripts/tiny/make_toy_data.py", "--out", str(env.data),
                                                     *[f"--{kind}={count}" for kind, count in TOY_COUNTS.items()]))
 
     def process(what: str, stages: tuple[str, ...], *extra: str):
@@ -340,9 +340,9 @@ def demo(args) -> int:
         return action
 
     # A stage finished on another base (e.g. `make stage3 CONFIG=tiny` before the toy-language pre-training changed
-    # the tiny Vicuna) is not skipped: a delta is only valid on its own base (nextgpt.fingerprint). It is trained
+    # the tiny Vicuna) is not skipped: a delta is only valid on its own base (nextgpt.checkpoint.fingerprint). It is trained
     # again, and so is everything after it (their deltas were trained on top of it).
-    from nextgpt.fingerprint import stale_run
+    from nextgpt.checkpoint.fingerprint import stale_run
 
     stale = next((stage for stage in (1, 2, 3) if stale_run(outputs[stage], cfg[stage])), None)
     if stale is not None:

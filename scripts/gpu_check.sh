@@ -6,10 +6,10 @@
 #     DRY_RUN=1 scripts/gpu_check.sh       # CPU: the same scripts at mid shape and a few steps (checks the wiring)
 #
 # Parts (each under its own time limit; a part that fails is recorded and the rest still run):
-#   steps      7B-shaped stage 1/2/3 bf16 steps through deepspeed.initialize (scripts/bench_gpu_steps.py):
+#   steps      7B-shaped stage 1/2/3 bf16 steps through deepspeed.initialize (dev/bench/bench_gpu_steps.py):
 #              tokens/s, samples/s, MFU (4N), peak memory per GPU
 #   equality   with 2+ GPUs: the stage-2 steps on 2 ranks (deepspeed --num_gpus 2) leave bit-identical weights
-#   imagebind  ImageBind-huge features/s per modality, random weights (scripts/bench_encoder.py)
+#   imagebind  ImageBind-huge features/s per modality, random weights (dev/bench/bench_encoder.py)
 #   clip       CLIP ViT-L/14 text-encoder caption embeddings/s through process_embeddings (bench_embeddings.py)
 # Nothing is downloaded: every model is built at its real shape with random weights.
 set -uo pipefail
@@ -44,13 +44,13 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 fi
 
-part steps 240 "$PY" scripts/bench_gpu_steps.py "${DEVICE[@]}" --json "$OUT/steps.json"
+part steps 240 "$PY" dev/bench/bench_gpu_steps.py "${DEVICE[@]}" --json "$OUT/steps.json"
 if [ "$GPUS" -ge 2 ]; then
-    part equality 90 "$PY" -m deepspeed.launcher.runner --num_gpus 2 scripts/bench_gpu_steps.py "${DEVICE[@]}" \
+    part equality 90 "$PY" -m deepspeed.launcher.runner --num_gpus 2 dev/bench/bench_gpu_steps.py "${DEVICE[@]}" \
         --stages 2 --steps 3 --equality --json "$OUT/equality.json"
 fi
-part imagebind 60 "$PY" scripts/bench_encoder.py "${ENCODER[@]}" --json "$OUT/imagebind.json"
-part clip 90 "$PY" scripts/bench_embeddings.py "${CLIP[@]}" --json "$OUT/clip.json"
+part imagebind 60 "$PY" dev/bench/bench_encoder.py "${ENCODER[@]}" --json "$OUT/imagebind.json"
+part clip 90 "$PY" dev/bench/bench_embeddings.py "${CLIP[@]}" --json "$OUT/clip.json"
 
 # One JSON: every part's own JSON (or its exit code and the tail of its log).
 STATUS_LINE=""

@@ -1,4 +1,4 @@
-"""Shared fixtures. `tiny_env`: a tiny workspace (scripts/tiny_workspace.py: tiny checkpoints, toy data, the
+"""Shared fixtures. `tiny_env`: a tiny workspace (scripts/tiny/tiny_workspace.py: tiny checkpoints, toy data, the
 config overrides pointing the tiny configs at them), built once per test session in a tmp dir.
 
     def test_something(tiny_env):
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_workspace import TinyEnv, build_tiny_env
+from tiny.tiny_workspace import TinyEnv, build_tiny_env
 
 
 @pytest.fixture(scope="session")

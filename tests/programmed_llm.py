@@ -21,7 +21,7 @@ def build(tiny_env, root):
     import torch
     from transformers import LlamaForCausalLM
 
-    from nextgpt import checkpoint
+    from nextgpt.checkpoint import delta as checkpoint
     from nextgpt.data.conversation import prompt_for_generation
     from nextgpt.model import llm as llm_utils
     from nextgpt.model.nextgpt import build_model

@@ -180,7 +180,7 @@ def test_corrupt_upload_is_a_chat_message_and_the_next_request_works(server, bro
 
 @pytest.fixture(scope="module")
 def handler(tiny_env, programmed, tmp_path_factory):
-    from nextgpt.loading import load_model
+    from nextgpt.checkpoint.load import load_model
     from nextgpt.model.decoders import Decoders
 
     cfg = tiny_env.config("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")

@@ -147,7 +147,7 @@ def test_prepare_audiocaps_and_webvid(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llms(tmp_path_factory):
-    import make_tiny_llms
+    from tiny import make_tiny_llms
 
     root = tmp_path_factory.mktemp("tiny_llms")
     assert make_tiny_llms.main(["--out", str(root)]) == 0
@@ -207,7 +207,7 @@ def _programmed_base(source, out, tokenizer, token_ids, last_prompt_id):
 def test_llm_through_stages_and_inference(tiny_env, tiny_llms, tmp_path, llm, template, capsys):
     import inference
     import train
-    from nextgpt import checkpoint
+    from nextgpt.checkpoint import delta as checkpoint
     from nextgpt.data.conversation import prompt_for_generation
     from nextgpt.model import llm as llm_utils
     from nextgpt.model.nextgpt import build_model
@@ -263,7 +263,8 @@ def test_export_hf_logits_legacy_and_8bit_refusal(tiny_env, tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nextgpt import checkpoint, legacy as legacy_lib
+    from nextgpt.checkpoint import delta as checkpoint
+    from nextgpt.checkpoint import legacy as legacy_lib
     from nextgpt.model import llm as llm_utils
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
@@ -334,7 +335,7 @@ def test_wandb_offline_run_writes_its_files(tiny_env, tmp_path, monkeypatch):
 def test_module_lr_groups_follow_the_schedule(tiny_env):
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-    from nextgpt import engine
+    from nextgpt.training import deepspeed as engine
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
 
@@ -367,7 +368,7 @@ def test_wandb_media_are_written_offline(tmp_path, monkeypatch):
     from PIL import Image
 
     from nextgpt.model.decoders import Decoded
-    from nextgpt.runlog import RunLog
+    from nextgpt.training.runlog import RunLog
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-import chaos
+from chaos import run as chaos
 
 
 def test_bad_input_cases_pass_and_a_silent_failure_is_caught(tiny_env, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nextgpt import checkpoint
-from nextgpt import legacy as legacy_lib
+from nextgpt.checkpoint import delta as checkpoint
+from nextgpt.checkpoint import legacy as legacy_lib
 from nextgpt.data.types import Media, Sample, Target, Turn
 from nextgpt.io import sha256_file
 from nextgpt.model import llm as llm_utils

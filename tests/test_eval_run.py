@@ -71,7 +71,7 @@ def test_evaluate_model_on_programmed_replies(tiny_env, tiny_model, tmp_path):
     """Replies given by hand (a random tiny LLM emits no signal block): everything after generation is real."""
     from nextgpt.eval.embedders import ImageBindScorer
     from nextgpt.eval.report import write_report
-    from nextgpt.generate import Conversation, Output, Reply
+    from nextgpt.model.generate import Conversation, Output, Reply
     from nextgpt.model.decoders import Decoders
 
     cfg, model = tiny_model
@@ -127,7 +127,7 @@ def test_evaluate_model_on_programmed_replies(tiny_env, tiny_model, tmp_path):
 
 
 def test_evaluate_cli_writes_the_report_and_is_deterministic(tiny_env, tmp_path, capsys):
-    from nextgpt import checkpoint
+    from nextgpt.checkpoint import delta as checkpoint
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
 
@@ -160,7 +160,7 @@ def test_evaluate_cli_writes_the_report_and_is_deterministic(tiny_env, tmp_path,
 def test_evaluate_bad_inputs_are_one_line_errors(tiny_env, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from nextgpt import checkpoint
+    from nextgpt.checkpoint import delta as checkpoint
     from nextgpt.model.nextgpt import build_model
 
     def error(*argv) -> str:

@@ -1,4 +1,4 @@
-"""Base fingerprints (nextgpt.fingerprint): every delta's meta.json records the LLM / ImageBind it was trained on,
+"""Base fingerprints (nextgpt.checkpoint.fingerprint): every delta's meta.json records the LLM / ImageBind it was trained on,
 and loading it onto another base is a one-line error naming both, unless train.allow_other_base. Also the
 `adapter/` model card: what it is, how to load it with PEFT, no absolute paths."""
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nextgpt import checkpoint, fingerprint
+from nextgpt.checkpoint import delta as checkpoint
+from nextgpt.checkpoint import fingerprint
 from nextgpt.model import llm as llm_utils
 from nextgpt.model.nextgpt import build_model
 from nextgpt.model.trainable import set_trainable

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import check_ckpt
-import make_tiny_ckpt
-import make_toy_data
+from tiny import make_tiny_ckpt
+from tiny import make_toy_data
 from nextgpt import config as config_lib
-import toyworld as toy
+from tiny import toyworld as toy
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -499,8 +499,8 @@ def _make(*args) -> str:
 
 
 def test_make_targets_run_the_scripts():
-    assert "scripts/make_tiny_ckpt.py --out ckpt/tiny" in _make("-B", "tiny")
-    assert "scripts/make_toy_data.py --out data/toy" in _make("-B", "toy-data")
+    assert "scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny" in _make("-B", "tiny")
+    assert "scripts/tiny/make_toy_data.py --out data/toy" in _make("-B", "toy-data")
     assert "scripts/check_ckpt.py --config code/config/stage_3.yaml" in _make("check-ckpt")
     assert "scripts/check_ckpt.py --config code/config/tiny/stage_3.yaml" in _make("check-ckpt", "CONFIG=tiny")
 

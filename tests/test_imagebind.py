@@ -102,7 +102,7 @@ def media(tmp_path_factory) -> dict[str, list[Path]]:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    import make_tiny_ckpt
+    from tiny import make_tiny_ckpt
 
     path = tmp_path_factory.mktemp("ckpt") / "imagebind" / "imagebind_tiny.pth"
     make_tiny_ckpt.write_imagebind(path)
@@ -203,7 +203,7 @@ def test_load_imagebind_errors_list_the_keys(tmp_path, tiny_checkpoint):
 
 
 def test_tiny_checkpoint_is_seeded_and_loads(tmp_path, tiny_checkpoint):
-    import make_tiny_ckpt
+    from tiny import make_tiny_ckpt
 
     again = tmp_path / "again.pth"
     make_tiny_ckpt.write_imagebind(again)
@@ -475,7 +475,7 @@ def test_feature_cache_names_the_bad_medium(tmp_path, media, tiny_checkpoint):
 
 
 def test_bench_encoder_reports_throughput_and_memory(tmp_path, media, tiny_checkpoint, capsys):
-    import bench_encoder
+    from bench import bench_encoder
 
     report = tmp_path / "bench.json"
     assert bench_encoder.main(["--count", "2", "--batch-size", "2", "--media-dir", str(media["image"][0].parent),

@@ -140,7 +140,8 @@ def test_interactive_session_loads_once_and_numbers_outputs(tiny_env, programmed
 
 def test_legacy_pytorch_model_pt(tiny_env, programmed, tmp_path, capsys):
     """An original-layout pytorch_model.pt loads through import_legacy and gives the same reply."""
-    from nextgpt import checkpoint, legacy as legacy_lib
+    from nextgpt.checkpoint import delta as checkpoint
+    from nextgpt.checkpoint import legacy as legacy_lib
     from nextgpt.model.nextgpt import build_model
 
     cfg = tiny_env.config("stage_3", *programmed["overrides"])
@@ -157,11 +158,11 @@ def test_legacy_pytorch_model_pt(tiny_env, programmed, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# nextgpt.generate: the one generation path (inference.py, app.py, evaluate.py)
+# nextgpt.model.generate: the one generation path (inference.py, app.py, evaluate.py)
 
 @pytest.fixture(scope="module")
 def signal_model(tiny_env, programmed):
-    from nextgpt.loading import load_model
+    from nextgpt.checkpoint.load import load_model
 
     cfg = tiny_env.config("stage_3", *programmed["overrides"])
     model, info = load_model(cfg, programmed["deltas"]["signal"])
@@ -173,7 +174,7 @@ def test_batch_equals_one_at_a_time_and_rows_keep_their_media(tiny_env, signal_m
     import torch
 
     from nextgpt.data.types import Media
-    from nextgpt.generate import Conversation, Sampling, generate
+    from nextgpt.model.generate import Conversation, Sampling, generate
 
     model, _ = signal_model
     image = next((tiny_env.data / "T_X_pair_data" / "cc3m" / "images").iterdir())
@@ -194,7 +195,7 @@ def test_batch_equals_one_at_a_time_and_rows_keep_their_media(tiny_env, signal_m
 
 
 def test_stream_yields_text_then_the_reply_with_media(tiny_env, signal_model, programmed, tmp_path):
-    from nextgpt.generate import Conversation, Reply, Sampling, stream
+    from nextgpt.model.generate import Conversation, Reply, Sampling, stream
     from nextgpt.model.decoders import Decoders
 
     model, _ = signal_model
@@ -211,7 +212,7 @@ def test_stream_yields_text_then_the_reply_with_media(tiny_env, signal_model, pr
 def test_multi_turn_history_rebuilds_the_signal_block(signal_model):
     from nextgpt.data.conversation import prompt_for_generation
     from nextgpt.data.types import Turn
-    from nextgpt.generate import Conversation, Sampling, generate
+    from nextgpt.model.generate import Conversation, Sampling, generate
 
     model, _ = signal_model
     sampling = Sampling(max_new_tokens=6, do_sample=False)
@@ -225,7 +226,7 @@ def test_multi_turn_history_rebuilds_the_signal_block(signal_model):
 
 
 def test_too_long_conversation_and_bad_sampling_are_one_line_errors(signal_model):
-    from nextgpt.generate import Conversation, Sampling, generate
+    from nextgpt.model.generate import Conversation, Sampling, generate
 
     model, _ = signal_model
     context = model.causal_lm.config.max_position_embeddings
@@ -238,7 +239,7 @@ def test_too_long_conversation_and_bad_sampling_are_one_line_errors(signal_model
 
 
 def test_checkpoint_info_reads_meta(signal_model, programmed, tmp_path):
-    from nextgpt.loading import checkpoint_info
+    from nextgpt.checkpoint.load import checkpoint_info
 
     _, info = signal_model
     assert (info.kind, info.stage, info.step) == ("delta", 3, 0)

@@ -78,7 +78,7 @@ def test_env_then_three_stages_in_one_line(clone, config):
     ports = [int(re.search(r"--master_port (\d+)", t).group(1)) for t in trains]
     assert all(1024 <= p < 65536 for p in ports) and 29500 not in ports
     if config:
-        assert _ran(lines, r"scripts/make_tiny_ckpt.py") and _ran(lines, r"scripts/make_toy_data.py")
+        assert _ran(lines, r"scripts/tiny/make_tiny_ckpt.py") and _ran(lines, r"scripts/tiny/make_toy_data.py")
 
 
 def test_env_demo_and_env_test_in_one_line(clone):

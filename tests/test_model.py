@@ -14,7 +14,7 @@ from nextgpt.model.nextgpt import build_model
 from nextgpt.model.trainable import set_trainable
 from nextgpt.modalities import MODALITIES
 
-HIDDEN, VOCAB_BASE, NEW = 64, 700, 38            # scripts/make_tiny_ckpt.py: hidden 64, sentencepiece vocab 700
+HIDDEN, VOCAB_BASE, NEW = 64, 700, 38            # scripts/tiny/make_tiny_ckpt.py: hidden 64, sentencepiece vocab 700
 
 
 def make_batch(model, samples, seed=0, max_length=256):

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from nextgpt import cli, resume, resume_checks, runlock, stop
+from nextgpt import cli
+from nextgpt.checkpoint import resume
+from nextgpt.checkpoint import resume_checks
+from nextgpt.training import runlock
+from nextgpt.training import stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +179,7 @@ def test_rank_stops_when_its_launcher_dies(tmp_path):
     """launcher (python) -> rank (python). SIGKILL the launcher: the rank's watch sees it and stops itself."""
     rank = textwrap.dedent(f"""
         import sys, time
-        from nextgpt import stop
+        from nextgpt.training import stop
         stop.POLL_SECONDS = 0.1
         with stop.StopRequest(watch_launcher=True) as request:
             request.arm()

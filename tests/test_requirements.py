@@ -28,7 +28,7 @@ def requirement_names() -> list[str]:
 
 
 def test_every_pinned_package_is_used():
-    sources = "\n".join(p.read_text(errors="ignore") for folder in ("code", "scripts", "tests")
+    sources = "\n".join(p.read_text(errors="ignore") for folder in ("code", "scripts", "dev", "tests")
                         for p in (REPO / folder).rglob("*.py"))
     unused = []
     for name in requirement_names():

@@ -1,4 +1,4 @@
-"""nextgpt.resume with a real DeepSpeed engine on CPU and a tiny stand-in module (the NExT-GPT model is exercised
+"""nextgpt.checkpoint.resume with a real DeepSpeed engine on CPU and a tiny stand-in module (the NExT-GPT model is exercised
 end to end in test_train.py): layout, atomic rename + `latest`, keep_last rotation, bit-exact continuation."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nextgpt import config as config_lib
-from nextgpt import resume, resume_checks, runtime
+from nextgpt import runtime
+from nextgpt.checkpoint import resume
+from nextgpt.checkpoint import resume_checks
 
 DSCONFIG = config_lib.REPO_ROOT / "code" / "dsconfig" / "cpu.json"
 

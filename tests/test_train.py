@@ -153,7 +153,7 @@ def test_stage_3_lora_from_stage_2(env, stage_2, stage_3):
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert json.loads((checkpoint / "meta.json").read_text())["stage"] == 3
     # --export-legacy: the original's pytorch_model.pt layout, which imports back into a stage-3 model
-    from nextgpt import legacy as legacy_lib
+    from nextgpt.checkpoint import legacy as legacy_lib
     from nextgpt.model.nextgpt import build_model
 
     legacy = torch.load(checkpoint / "pytorch_model.pt", weights_only=True)
@@ -170,7 +170,7 @@ def test_finetune_8bit_from_stage_3(env, stage_3, tmp_path):
     log = (out / "train.log").read_text()
     assert "optimizer: bitsandbytes AdamW8bit" in log and "quantization 8bit" in log
     # the fine-tuned delta loads into a fresh 8-bit model
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
     from nextgpt.model.nextgpt import build_model
 
     cfg = env.config("fine_tuning", f"train.output_dir={out}")

@@ -116,7 +116,7 @@ class TrainConfig:
     seed: int = 13
     output_dir: str = "ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_1"
     init_from: str = ""                     # previous stage's checkpoint dir, or an original pytorch_model.pt
-    allow_other_base: bool = False          # load a delta whose meta.json base fingerprint differs (nextgpt.fingerprint)
+    allow_other_base: bool = False          # load a delta whose meta.json base fingerprint differs (nextgpt.checkpoint.fingerprint)
     save_every: int = 0                     # steps; 0: only at the end
     keep_last: int = 2
     eval_every: int = 0
@@ -183,7 +183,7 @@ class InferenceConfig:
     out_dir: str = "runs/inference"
     ckpt: str = "ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_3"
     # Decoder settings, one mapping per modality (`inference.image.steps`); what each pipeline is given from them
-    # is its row of the modality table (nextgpt.modalities -> nextgpt.media_files).
+    # is its row of the modality table (nextgpt.modalities -> nextgpt.model.media_files).
     image: ImageDecoding = field(default_factory=ImageDecoding)
     video: VideoDecoding = field(default_factory=VideoDecoding)
     audio: AudioDecoding = field(default_factory=AudioDecoding)
@@ -285,3 +285,4 @@ def add_config_args(parser: Any, default: str | None = None) -> None:
 
 def from_args(args: Any) -> Config:
     return load(args.config, args.overrides)
+

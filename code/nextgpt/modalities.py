@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nextgpt import media_files
+from nextgpt.model import media_files
 from nextgpt.io import read_json
 
 # Wrapper tokens around the one soft token of an input medium. The original uses <Img>...</Img> for images,
@@ -32,7 +32,7 @@ class Modality:
     pooled: bool              # decoder consumes one pooled vector (AudioLDM/CLAP) instead of a token sequence
     file_ext: str             # what inference writes
     extensions: tuple[str, ...]  # media files we accept as input
-    # The pipeline's specifics (nextgpt.media_files), given this modality's cfg.inference mapping as `settings`:
+    # The pipeline's specifics (nextgpt.model.media_files), given this modality's cfg.inference mapping as `settings`:
     pipeline_arguments: Callable[[Any], dict]          # settings -> sizes + output_type beside prompt_embeds
     read_output: Callable[[Any, Any, Any], tuple]      # (output, pipeline, settings) -> (data, rate)
     encode_file: Callable[[Any, float], bytes]         # (data, rate) -> bytes of the .file_ext file

@@ -35,7 +35,7 @@ class Item:
     key: str                              # "<dataset>/<record index>"
     dataset: str
     kind: str                             # caption | generate | text
-    conversation: object                  # nextgpt.generate.Conversation
+    conversation: object                  # nextgpt.model.generate.Conversation
     requested: str                        # modality asked for, or "text"
     references: list[str] = field(default_factory=list)    # reference answers (caption / text items)
     embed_path: str = ""                  # caption embedding of the asked medium (generate items)
@@ -78,7 +78,7 @@ def held_out_datasets(cfg, tokenizer, token_ids, log=print) -> dict:
 def build_items(cfg, datasets: dict, limit: int = 0) -> list[Item]:
     """Held-out records -> requests, in dataset order, at most `limit` per dataset (0: all)."""
     from nextgpt.data.types import Turn
-    from nextgpt.generate import Conversation
+    from nextgpt.model.generate import Conversation
 
     items: list[Item] = []
     for name, dataset in datasets.items():
@@ -119,7 +119,7 @@ class FeatureMemo:
         self.features: dict[str, torch.Tensor] = {}           # path -> (F,) float32 on the CPU
 
     def attach(self, model) -> None:
-        """Route model.encode_media (used by nextgpt.generate) through the memo."""
+        """Route model.encode_media (used by nextgpt.model.generate) through the memo."""
         encode = model.encode_media
 
         def encode_media(paths: Sequence[str], modalities: Sequence[str]) -> torch.Tensor:     # -> (N, F)
@@ -145,14 +145,14 @@ def _bar(iterable, total: int, desc: str, enabled: bool):
 
 
 def _sampling(cfg, options: Options):
-    from nextgpt.generate import Sampling
+    from nextgpt.model.generate import Sampling
 
     return Sampling.from_config(cfg.inference, **({} if options.sample else {"do_sample": False}))
 
 
 def generate_replies(model, items: Sequence[Item], cfg, options: Options) -> list:
     """Replies to every item, in batches of options.batch_size (one seed per batch, derived from options.seed)."""
-    from nextgpt.generate import generate
+    from nextgpt.model.generate import generate
 
     sampling = _sampling(cfg, options)
     batches = [list(items[i:i + options.batch_size]) for i in range(0, len(items), options.batch_size)]

@@ -229,11 +229,11 @@ class NextGPT(nn.Module):
         """Answer a prompt (text or turns ending with a human turn) about optional input media; settings left None
         come from cfg.inference, sampling draws from the current torch random state.
 
-        A shorthand for one conversation through nextgpt.generate, the one generation path (inference.py, app.py
+        A shorthand for one conversation through nextgpt.model.generate, the one generation path (inference.py, app.py
         and evaluate.py use it directly: batches, streaming, decoding to files).
         """
         from nextgpt.data.types import Turn
-        from nextgpt.generate import Conversation, Sampling, generate
+        from nextgpt.model.generate import Conversation, Sampling, generate
 
         if self.tokenizer is None:
             raise ValueError("generate needs the model's tokenizer")

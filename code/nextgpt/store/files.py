@@ -1,6 +1,6 @@
 """The files layout's caption hashes: `captions-<modality>.tsv` (name TAB hash, compacted by the merge step) plus
 the append-only logs `.captions-<modality>.<writer>.log` that writers add to after each batch is in place. The
-.npy items themselves are written by nextgpt.embed_cache."""
+.npy items themselves are written by nextgpt.store.embed_cache."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ class StoreReader:
                 check_shard(path, len(data["names"]), data["shape"])
                 self._maps[path] = np.load(path, mmap_mode="r")       # (rows, *shape), no copy until indexed
             return np.asarray(self._maps[path][row], dtype=np.float32)
-        from nextgpt.embed_cache import load_item
+        from nextgpt.store.embed_cache import load_item
 
         return np.asarray(load_item(item_path(self.folder, name)), dtype=np.float32)
 

@@ -92,7 +92,7 @@ class StoreWriter:
     # files: .npy per item on the background writer, whose thread then logs the batch's caption hashes (a hash
     # line never precedes its .npy; a kill between the two leaves an item without a hash: recomputed next run)
     def _put_files(self, names: list[str], stored: np.ndarray, hashes: list[str]) -> None:
-        from nextgpt.embed_cache import ItemWriter
+        from nextgpt.store.embed_cache import ItemWriter
 
         if self._files is None:
             self._files = ItemWriter(self.folder, self.section.dtype)

@@ -1,12 +1,12 @@
 """Tiny LLMs of the other supported families, built offline, for `model.llm` tests and the "your LLM" walkthrough.
 
     mistral/   2-layer MistralForCausalLM with grouped-query attention (4 query heads, 2 key/value heads) and the
-               tiny Vicuna's sentencepiece tokenizer (scripts/make_tiny_ckpt.py writes it)
+               tiny Vicuna's sentencepiece tokenizer (scripts/tiny/make_tiny_ckpt.py writes it)
     qwen2/     2-layer Qwen2ForCausalLM (GQA, q/k/v biases) with a byte-level BPE Qwen2Tokenizer learned on the toy
                words: no BOS, <|endoftext|> pad, <|im_start|>/<|im_end|> and a ChatML chat template
                (model.template=chat), eos = <|im_end|> as in the Instruct releases
 
-    python scripts/make_tiny_llms.py --out ckpt/tiny            # -> ckpt/tiny/mistral, ckpt/tiny/qwen2
+    python scripts/tiny/make_tiny_llms.py --out ckpt/tiny            # -> ckpt/tiny/mistral, ckpt/tiny/qwen2
 
 Seeded and deterministic; same widths as the tiny Vicuna (hidden 64), so only the LLM differs in a run.
 """
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import make_tiny_ckpt
+from tiny import make_tiny_ckpt
 from nextgpt.io import atomic_dir
 
 # ChatML, the turn format Qwen2-Instruct uses, written for these tiny models (one system line, then the turns).

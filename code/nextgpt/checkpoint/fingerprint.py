@@ -219,7 +219,7 @@ def stale_run(run_dir: str | os.PathLike, cfg) -> str | None:
 
     For steps that skip work already done (scripts/demo.py): a run trained on another base, or one whose
     meta.json records no base (made before fingerprints existed), is stale. No run there: None."""
-    from nextgpt.checkpoint import META_FILE, resolve_checkpoint
+    from nextgpt.checkpoint.delta import META_FILE, resolve_checkpoint
 
     try:
         folder = resolve_checkpoint(run_dir)

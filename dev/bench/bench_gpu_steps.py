@@ -1,11 +1,11 @@
 """7B-shaped NExT-GPT training steps through deepspeed.initialize: tokens/s, samples/s, MFU, peak memory per stage.
 
-    python scripts/bench_gpu_steps.py --json runs/gpu_check/steps.json                  # one GPU (bf16)
-    deepspeed --num_gpus 2 scripts/bench_gpu_steps.py --stages 2 --equality --json ...  # 2 ranks: identical weights
-    python scripts/bench_gpu_steps.py --device cpu --shape mid --stages 1 2 3 --steps 2  # dry run of the same code
+    python dev/bench/bench_gpu_steps.py --json runs/gpu_check/steps.json                  # one GPU (bf16)
+    deepspeed --num_gpus 2 dev/bench/bench_gpu_steps.py --stages 2 --equality --json ...  # 2 ranks: identical weights
+    python dev/bench/bench_gpu_steps.py --device cpu --shape mid --stages 1 2 3 --steps 2  # dry run of the same code
 
 The model is build_7b of bench_pipeline (Vicuna-7B's shape, random init, the tiny tokenizer's ids, NExT-GPT's
-projectors at their real size) around the real NextGPT; the engine is nextgpt.engine.build_engine with the stage's
+projectors at their real size) around the real NextGPT; the engine is nextgpt.training.deepspeed.build_engine with the stage's
 DeepSpeed JSON (code/dsconfig/stage_<N>.json, "auto" filled from the stage YAML) -- the objects train.py builds;
 each step is engine(batch) -> engine.backward(loss) -> engine.step() on batches from the real loader (toy data,
 the tiny tokenizer). Timing: the median of --steps steps after --warmup, synchronised.
@@ -24,8 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_common import bench_args, REPO, BenchError, machine, print_table, run_cli, workspace
-from bench_pipeline import (MID, REAL_PROJECTORS, STAGES, VICUNA_7B, build_7b, flop_share, llm_flop_params,
+from bench.common import bench_args, REPO, BenchError, machine, print_table, run_cli, workspace
+from bench.bench_pipeline import (MID, REAL_PROJECTORS, STAGES, VICUNA_7B, build_7b, flop_share, llm_flop_params,
                             peak_tflops)
 
 SHAPES = {"7b": VICUNA_7B, "mid": {**MID, "vocab_size": 32000}}
@@ -57,7 +57,7 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     torch.manual_seed(0)
     model, _ = build_7b(cfg, rt.device, rt.dtype, SHAPES[args.shape], with_bare=False)
     counts = set_trainable(model, cfg)
-    from nextgpt.engine import build_engine
+    from nextgpt.training.deepspeed import build_engine
 
     engine = build_engine(model, cfg, ds)
     loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size)
@@ -140,7 +140,7 @@ def run(args) -> dict:
                 ["stage", "ZeRO", "step ms", "tokens/s/GPU", "samples/s/GPU", "MFU (4N)", "run FLOPs share",
                  "peak GiB", "ranks identical"], rows)
     result = {"machine": machine(), "device": str(rt.device), "runs": results,
-              "command": "python scripts/bench_gpu_steps.py " + " ".join(args.argv)}
+              "command": "python dev/bench/bench_gpu_steps.py " + " ".join(args.argv)}
     return result  # run_cli writes it to --json
 
 

@@ -2,11 +2,11 @@
 process_embeddings, and one table of faults (bad inputs, signals, locks, corrupt checkpoints, ...) driving one
 runner. Prints pass counts per section and a `by class:` line; `make chaos`.
 
-    python scripts/chaos.py                      # everything (~25 min on 2 busy CPU cores)
-    python scripts/chaos.py --quick              # fewer kills, the quick subset of the table
-    python scripts/chaos.py --classes signals lock
-    python scripts/chaos.py --cases config_typo wrong_type_set
-    python scripts/chaos.py --list               # the table: class, name, what it breaks
+    python dev/chaos/run.py                      # everything (~25 min on 2 busy CPU cores)
+    python dev/chaos/run.py --quick              # fewer kills, the quick subset of the table
+    python dev/chaos/run.py --classes signals lock
+    python dev/chaos/run.py --cases config_typo wrong_type_set
+    python dev/chaos/run.py --list               # the table: class, name, what it breaks
 
 Sections
   resume       kill -9 `code/train.py` (tiny configs, stages 1-3, checkpoint every 2 steps) after a random number
@@ -45,7 +45,7 @@ Classes of the table (`--list` shows every row)
                  output (bind mount), inference --out a file (reply printed first); mounts need root, else "not run"
 
 Everything runs in --workdir (default runs/chaos/): a tiny workspace (tiny checkpoints + toy data, built once by
-scripts/tiny_workspace.py) and hard-linked copies of its data that each case breaks. Exit status: 0 when
+scripts/tiny/tiny_workspace.py) and hard-linked copies of its data that each case breaks. Exit status: 0 when
 every check passed, 1 otherwise; --json writes the per-check results.
 """
 
@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench_common import REPO, machine_line, print_table, write_json, workspace
+from bench.common import REPO, machine_line, print_table, write_json, workspace
 
 PYTHON = sys.executable
 TRAIN = str(REPO / "code" / "train.py")
@@ -354,7 +354,7 @@ def write_window(env, root: Path, log) -> float:
 
 
 def section_write(env, root: Path, refs: References, trials: int, rng: random.Random, log) -> list[Check]:
-    from nextgpt import resume_checks
+    from nextgpt.checkpoint import resume_checks
 
     checks = []
     reference = refs.tensors(1)
@@ -967,7 +967,7 @@ def interrupted_then_resumed(stage: int = 1, ranks: int = 1, resume_to_end: bool
     state), no process of the run left, no temporary folder; then the same command finishes the run and (one
     process) ends bit-identical to the uninterrupted one."""
     def check(case: Path, env, text: str) -> list[str]:
-        from nextgpt import resume_checks
+        from nextgpt.checkpoint import resume_checks
 
         out = case / "out"
         problems = []
@@ -1090,7 +1090,7 @@ def scenario_cases() -> list[Case]:
 
     def latest_intact(name: str):
         def check(case: Path, env, text: str) -> list[str]:
-            from nextgpt import resume_checks
+            from nextgpt.checkpoint import resume_checks
 
             out = case / "out"
             latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
@@ -1568,7 +1568,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json) if args.json else root / "results.json"
     write_json(json_path, {"seed": seed, "passed": sum(c.ok for c in checks), "total": len(checks),
                            "seconds": time.time() - started, "checks": [asdict(c) for c in checks],
-                           "command": "python scripts/chaos.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+                           "command": "python dev/chaos/run.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     print(f"wrote {json_path}")
     return 0 if not failures else 1
 

@@ -1,8 +1,8 @@
 """ImageBind encoder throughput (images/s, videos/s, audio clips/s) and the memory of loading ImageBind-huge.
 
-    python scripts/bench_encoder.py                          # tiny preset, random weights, synthetic media
-    python scripts/bench_encoder.py --preset huge --device cuda --checkpoint ckpt/.../imagebind_huge.pth
-    python scripts/bench_encoder.py --media-dir ../shared/samples/nextgpt/T_X_pair_data --json bench.json
+    python dev/bench/bench_encoder.py                          # tiny preset, random weights, synthetic media
+    python dev/bench/bench_encoder.py --preset huge --device cuda --checkpoint ckpt/.../imagebind_huge.pth
+    python dev/bench/bench_encoder.py --media-dir ../shared/samples/nextgpt/T_X_pair_data --json bench.json
 
 Throughput is measured three ways per modality: end to end (decode + preprocess + model, as the feature cache
 runs), preprocessing alone, and the model alone on preprocessed batches. Without --checkpoint the model has
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_HUGE = "ckpt/pretrained_ckpt/imagebind_ckpt/huge/imagebind_huge.pth"
 EXTENSIONS = {"image": (".jpg", ".jpeg", ".png"), "video": (".mp4",), "audio": (".wav", ".flac")}
 

@@ -3,7 +3,7 @@ the model with its checkpoint, and a description of that checkpoint for a person
 
     device, dtype, reason = pick_device(args.device)      # bf16 (else fp16) on a GPU, fp32 on the CPU
     info = checkpoint_info(path)                          # cheap: fails before anything heavy loads
-    model, info = load_model(cfg, path, device, dtype)    # then nextgpt.generate.generate / stream
+    model, info = load_model(cfg, path, device, dtype)    # then nextgpt.model.generate.generate / stream
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class CheckpointInfo:
 
 def checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Cheap (no weights read): FileNotFoundError naming the path when it is not a checkpoint."""
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
     from nextgpt.io import read_json
 
     path = Path(path)
@@ -71,7 +71,7 @@ def load_model(cfg, path: str | Path, device=None, dtype=None):
     """Base LLM + projectors, then the checkpoint (a delta folder, a run folder's `latest`, or an original
     pytorch_model.pt) through checkpoint.load_checkpoint -> (model in eval mode, CheckpointInfo).
     ImageBind loads on the first request with media, the decoders on their first output."""
-    from nextgpt import checkpoint as checkpoint_lib
+    from nextgpt.checkpoint import delta as checkpoint_lib
     from nextgpt.model.nextgpt import build_model
 
     info = checkpoint_info(path)                  # fails fast, before the LLM is read

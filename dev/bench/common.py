@@ -1,6 +1,6 @@
 """Helpers the benchmark and fault-injection scripts share: a cached tiny workspace, timing, tables, JSON.
 
-    env = workspace(Path("runs/bench/work"))      # tiny checkpoints + toy data (scripts/tiny_workspace.py), once
+    env = workspace(Path("runs/bench/work"))      # tiny checkpoints + toy data (scripts/tiny/tiny_workspace.py), once
     cfg = env.config("stage_1", "train.micro_batch_size=8")
     print_table("title", ["col", ...], rows);  write_json(path, {...})
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SAMPLES = REPO.parent / "shared" / "samples" / "nextgpt"      # real NExT-GPT records + media, when present
 ENV_RECORD = "workspace.json"
@@ -33,7 +33,7 @@ class BenchError(ValueError):
 
 def workspace(root: Path, log: Callable[[str], None] = print):
     """A tiny_workspace.TinyEnv in `root` (tiny checkpoints, toy data, caption embeddings, ImageBind features)."""
-    from tiny_workspace import TinyEnv, build_tiny_env
+    from tiny.tiny_workspace import TinyEnv, build_tiny_env
 
     root = Path(root).resolve()
     record = root / ENV_RECORD

@@ -26,7 +26,7 @@ import random
 import sys
 from pathlib import Path
 
-import toyworld as toy
+from tiny import toyworld as toy
 from nextgpt import cli
 from nextgpt.io import atomic_dir, atomic_write_text
 

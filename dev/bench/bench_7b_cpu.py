@@ -1,8 +1,8 @@
 """Vicuna-7B's exact shape on this CPU: one stage-2 step (suffix backward) and one stage-3 LoRA step through the
 real model code, within 24 GiB. A benchmark, not a test: it takes minutes and ~14 GiB; run it alone.
 
-    python scripts/bench_7b_cpu.py                      # prints peak RSS, step times, trainable counts; JSON
-    python scripts/bench_7b_cpu.py --threads 2 --batch-size 2
+    python dev/bench/bench_7b_cpu.py                      # prints peak RSS, step times, trainable counts; JSON
+    python dev/bench/bench_7b_cpu.py --threads 2 --batch-size 2
 
 The LLM is LlamaForCausalLM at Vicuna-7B's shape (hidden 4096, 32 layers, MLP 11008, 32 heads) with the vocabulary
 grown by NExT-GPT's 38 tokens (32038 rows), random init, bf16; it is built once and wrapped as each stage wraps it
@@ -21,8 +21,8 @@ import resource
 import time
 from pathlib import Path
 
-from bench_common import bench_args, machine, machine_line, print_table, run_cli, set_threads, workspace
-from bench_pipeline import MID, REAL_PROJECTORS, STAGES, VICUNA_7B
+from bench.common import bench_args, machine, machine_line, print_table, run_cli, set_threads, workspace
+from bench.bench_pipeline import MID, REAL_PROJECTORS, STAGES, VICUNA_7B
 
 NEW_TOKENS = 38
 
@@ -121,7 +121,7 @@ def run(args) -> dict:
                  "peak RSS GiB"], rows)
     result = {"machine": machine(), "llm_shape": shape, "llm_params": llm_params, "build_s": build_s,
               "peak_rss_gib": rss_gib(), "phases_peak_rss_gib": phases, "stages": list(results.values()),
-              "command": "python scripts/bench_7b_cpu.py " + " ".join(args.argv)}
+              "command": "python dev/bench/bench_7b_cpu.py " + " ".join(args.argv)}
     return result  # run_cli writes it to --json
 
 

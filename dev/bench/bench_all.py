@@ -1,17 +1,17 @@
 """Every benchmark, one summary table, runs/bench/results.json (`make bench`).
 
-    python scripts/bench_all.py              # a few minutes on 2 CPU cores
-    python scripts/bench_all.py --quick      # fewer repetitions / steps
-    python scripts/bench_all.py --only pipeline embeddings
+    python dev/bench/bench_all.py              # a few minutes on 2 CPU cores
+    python dev/bench/bench_all.py --quick      # fewer repetitions / steps
+    python dev/bench/bench_all.py --only pipeline embeddings
 
 Runs, each in its own process (each prints its own table):
-  pipeline     scripts/bench_pipeline.py      NExT-GPT step / bare Llama fwd+bwd (target <= 1.10); padding efficiency
+  pipeline     dev/bench/bench_pipeline.py      NExT-GPT step / bare Llama fwd+bwd (target <= 1.10); padding efficiency
                                               with length grouping (target >= 0.90)
-  embeddings   scripts/bench_embeddings.py    process_embeddings / bare text-encoder forward (target >= 0.90)
-  stage1       scripts/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
-  encoder      scripts/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
-  eval         scripts/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
-  store        scripts/bench_store.py         shard store vs files (files, bytes, reads per 100 k items), 2- vs
+  embeddings   dev/bench/bench_embeddings.py    process_embeddings / bare text-encoder forward (target >= 0.90)
+  stage1       dev/bench/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
+  encoder      dev/bench/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
+  eval         dev/bench/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
+  store        dev/bench/bench_store.py         shard store vs files (files, bytes, reads per 100 k items), 2- vs
                                               1-process precompute, online vs precomputed caption embeddings
 and, when a CUDA device is present, the GPU variants: bench_pipeline --device cuda --model 7b (tokens/s, MFU) and
 bench_embeddings --device cuda --encoder clip-l. Without a GPU they are listed as not run.
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import REPO, machine, machine_line, print_table, verdict, write_json
+from bench.common import REPO, machine, machine_line, print_table, verdict, write_json
 
 OUT = REPO / "runs" / "bench"
 
@@ -36,25 +36,25 @@ OUT = REPO / "runs" / "bench"
 def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
     q = ["--quick"] if quick else []
     out = [
-        ("pipeline", ["scripts/bench_pipeline.py", *q, "--json", str(OUT / "pipeline.json")], OUT / "pipeline.json"),
-        ("embeddings", ["scripts/bench_embeddings.py", *q, "--json", str(OUT / "embeddings.json")],
+        ("pipeline", ["dev/bench/bench_pipeline.py", *q, "--json", str(OUT / "pipeline.json")], OUT / "pipeline.json"),
+        ("embeddings", ["dev/bench/bench_embeddings.py", *q, "--json", str(OUT / "embeddings.json")],
          OUT / "embeddings.json"),
-        ("stage1", ["scripts/bench_stage1_cache.py", *q, "--json", str(OUT / "stage1_cache.json")],
+        ("stage1", ["dev/bench/bench_stage1_cache.py", *q, "--json", str(OUT / "stage1_cache.json")],
          OUT / "stage1_cache.json"),
-        ("encoder", ["scripts/bench_encoder.py", "--count", "2" if quick else "4", "--device", "cpu",
+        ("encoder", ["dev/bench/bench_encoder.py", "--count", "2" if quick else "4", "--device", "cpu",
                      "--json", str(OUT / "encoder.json")], OUT / "encoder.json"),
-        ("eval", ["scripts/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
+        ("eval", ["dev/bench/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
          OUT / "eval.json"),
-        ("store", ["scripts/bench_store.py", *q, "--json", str(OUT / "store.json")], OUT / "store.json"),
+        ("store", ["dev/bench/bench_store.py", *q, "--json", str(OUT / "store.json")], OUT / "store.json"),
     ]
     if cuda:
         out += [
-            ("pipeline_cuda", ["scripts/bench_pipeline.py", "--device", "cuda", "--model", "7b", "--skip-padding",
+            ("pipeline_cuda", ["dev/bench/bench_pipeline.py", "--device", "cuda", "--model", "7b", "--skip-padding",
                                "--json", str(OUT / "pipeline_cuda.json")], OUT / "pipeline_cuda.json"),
-            ("embeddings_cuda", ["scripts/bench_embeddings.py", "--device", "cuda", "--encoder", "clip-l",
+            ("embeddings_cuda", ["dev/bench/bench_embeddings.py", "--device", "cuda", "--encoder", "clip-l",
                                  "--count", "2048", "--batch-size", "128", "--json", str(OUT / "embeddings_cuda.json")],
              OUT / "embeddings_cuda.json"),
-            ("encoder_cuda", ["scripts/bench_encoder.py", "--device", "cuda", "--preset", "huge", "--count", "8",
+            ("encoder_cuda", ["dev/bench/bench_encoder.py", "--device", "cuda", "--preset", "huge", "--count", "8",
                               "--json", str(OUT / "encoder_cuda.json")], OUT / "encoder_cuda.json"),
         ]
     return out

@@ -2,7 +2,7 @@
 projectors as `llama_proj.*` / `gen_text_hidden_fcs*.0.*`, the whole resized embedding and lm_head matrices, and
 in stage 3 the LoRA weights under PEFT-wrapped names.
 
-It maps onto our delta-state names (nextgpt.checkpoint) through LEGACY_KEY_MAP, the one explicit key map used for
+It maps onto our delta-state names (nextgpt.checkpoint.delta) through LEGACY_KEY_MAP, the one explicit key map used for
 both import and export; loading is as strict as for our delta folders.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nextgpt.checkpoint import LEGACY_FILE
-from nextgpt.delta_state import apply_delta_state, delta_state
+from nextgpt.checkpoint.delta import LEGACY_FILE
+from nextgpt.checkpoint.delta_state import apply_delta_state, delta_state
 from nextgpt.io import atomic_write_bytes, first_line
 from nextgpt.model import llm as llm_utils
 

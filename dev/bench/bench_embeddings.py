@@ -1,8 +1,8 @@
 """process_embeddings throughput vs the bare text-encoder forward at the same batch size.
 
-    python scripts/bench_embeddings.py                  # CPU: CLIP text encoder 512 wide, 4 layers (random init)
-    python scripts/bench_embeddings.py --quick
-    python scripts/bench_embeddings.py --device cuda --encoder clip-l     # SD-1.5's CLIP ViT-L/14 text shape
+    python dev/bench/bench_embeddings.py                  # CPU: CLIP text encoder 512 wide, 4 layers (random init)
+    python dev/bench/bench_embeddings.py --quick
+    python dev/bench/bench_embeddings.py --device cuda --encoder clip-l     # SD-1.5's CLIP ViT-L/14 text shape
 
 Pipeline = `nextgpt.data.precompute.write_caption_embeddings` (what `process_embeddings.py` and `make embeddings` run
 per output folder): load the decoder's tokenizer + text encoder, tokenize to 77, encode, then either one atomic
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import (bench_args, run_cli, SAMPLES, machine, machine_line, median, print_table,
+from bench.common import (bench_args, run_cli, SAMPLES, machine, machine_line, median, print_table,
                           quiet, resolve_device, set_threads, sync, verdict, workspace)
 
 TARGET = 0.90
@@ -60,7 +60,7 @@ def write_decoder(folder: Path, tiny_decoder: Path, shape: dict) -> Path:
 
 
 def captions(count: int) -> list[str]:
-    from toyworld import tokenizer_corpus
+    from tiny.toyworld import tokenizer_corpus
 
     found = []
     for path in sorted(SAMPLES.glob("T_X_pair_data/*/*.json")) if SAMPLES.is_dir() else []:
@@ -156,7 +156,7 @@ def run(args) -> dict:
                   shards_captions_per_s=shards_rate, shards_ratio=shards_rate / bare_rate, shards_target=TARGET_SHARDS,
                   encoder_load_seconds=load_seconds, atomic_npy_write_ms=write_ms, conditioning=list(encoder.shape),
                   target=TARGET,
-                  machine=machine(), command="python scripts/bench_embeddings.py " + " ".join(args.argv))
+                  machine=machine(), command="python dev/bench/bench_embeddings.py " + " ".join(args.argv))
     width = ENCODERS[args.encoder]["hidden_size"]
     print_table(f"process_embeddings vs bare text-encoder forward ({args.encoder}: CLIP text {width} wide, "
                 f"{ENCODERS[args.encoder]['num_hidden_layers']} layers; {args.count} captions, batch "

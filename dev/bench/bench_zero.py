@@ -1,7 +1,7 @@
 """ZeRO-0 (plain data parallel) against ZeRO-2 for the stages that train a few parameters on a frozen LLM.
 
-    python scripts/bench_zero.py                      # 2 CPU processes (gloo), mid Llama, stages 1 and 2
-    python scripts/bench_zero.py --stages 2 --steps 24
+    python dev/bench/bench_zero.py                      # 2 CPU processes (gloo), mid Llama, stages 1 and 2
+    python dev/bench/bench_zero.py --stages 2 --steps 24
 
 Each run is the real `deepspeed code/train.py` launch (`deepspeed.launcher.runner --num_gpus 2`) with
 code/dsconfig/cpu.json where only zero_optimization.stage differs, on the mid-size Llama of bench_pipeline (4 layers,
@@ -27,9 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import (bench_args, REPO, BenchError, machine, machine_line, peak_rss_of, print_table, run_cli,
+from bench.common import (bench_args, REPO, BenchError, machine, machine_line, peak_rss_of, print_table, run_cli,
                           workspace)
-from bench_pipeline import MID, REAL_PROJECTORS, write_llm
+from bench.bench_pipeline import MID, REAL_PROJECTORS, write_llm
 
 STAGES = {1: "stage_1", 2: "stage_2", 3: "stage_3"}
 
@@ -91,7 +91,7 @@ def run(args) -> dict:
                 ["stage", *[f"ZeRO-{z} samples/s" for z in args.zero], *[f"ZeRO-{z} CPU s" for z in args.zero],
                  "fewer CPU s"], rows)
     result = {"machine": machine(), "runs": runs, "summary": summary, "llm_shape": MID,
-              "command": "python scripts/bench_zero.py " + " ".join(args.argv)}
+              "command": "python dev/bench/bench_zero.py " + " ".join(args.argv)}
     return result  # run_cli writes it to --json
 
 

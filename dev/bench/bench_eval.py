@@ -1,8 +1,8 @@
 """Evaluation throughput: held-out requests per second through nextgpt.eval (batched greedy generation, signal
 scan, alignment), on the mid-size LLM (4 layers, hidden 512; bench_pipeline's) with the toy held-out requests.
 
-    python scripts/bench_eval.py                  # CPU, batch 1 and 8
-    python scripts/bench_eval.py --device cuda    # bf16 (written for a GPU; see README for what has run)
+    python dev/bench/bench_eval.py                  # CPU, batch 1 and 8
+    python dev/bench/bench_eval.py --device cuda    # bf16 (written for a GPU; see README for what has run)
 
 The LLM is random, so a reply runs until "###" or max_new_tokens: tokens/s is reported beside requests/s, and
 both runs ask the same requests. Decoding media is not included (that is the diffusion pipelines' own speed).
@@ -14,13 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
-from bench_common import bench_args, REPO, machine, print_table, resolve_device, run_cli, set_threads, sync, workspace
+from bench.common import bench_args, REPO, machine, print_table, resolve_device, run_cli, set_threads, sync, workspace
 
 
 def run(args) -> dict:
     import torch
 
-    from bench_pipeline import MID, write_llm
+    from bench.bench_pipeline import MID, write_llm
     from nextgpt import config
     from nextgpt.eval import run as evaluation
     from nextgpt.model.nextgpt import build_model

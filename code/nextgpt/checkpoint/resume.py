@@ -1,7 +1,7 @@
 """Training checkpoints (ARCHITECTURE §4) and resuming from them.
 
     <output_dir>/checkpoint-<step>/   delta.safetensors (+ adapter/, tokenizer files, config.yaml, meta.json) from
-                                      nextgpt.checkpoint.save_delta: what the next stage's init_from loads
+                                      nextgpt.checkpoint.delta.save_delta: what the next stage's init_from loads
         state/deepspeed/              engine.save_checkpoint(exclude_frozen_parameters=True): optimizer, scheduler
         state/latest                  "deepspeed": DeepSpeed's own tag file, so its zero_to_fp32.py needs no -t
         state/rank_<r>.pt             step, sampler position, every RNG (python, numpy, torch) of rank r and a

@@ -1,8 +1,8 @@
 """Dataset-scale data path (issue 15): sharded precompute, the shard store, online caption embeddings.
 
-    python scripts/bench_store.py                 # every part, CPU
-    python scripts/bench_store.py --quick         # 20 k store items, fewer repetitions
-    python scripts/bench_store.py --parts store   # any of: store precompute online
+    python dev/bench/bench_store.py                 # every part, CPU
+    python dev/bench/bench_store.py --quick         # 20 k store items, fewer repetitions
+    python dev/bench/bench_store.py --parts store   # any of: store precompute online
 
 Parts, each on the real code paths:
   store       100 k items of the tiny image caption-embedding shape (77, 32) written by nextgpt.store.StoreWriter
@@ -21,7 +21,7 @@ Parts, each on the real code paths:
               Llama and a 4-layer 512-wide CLIP text encoder as the image decoder's, with caption embeddings read
               from the store (precomputed) vs made by the frozen text encoder inside the step (online); plus the same
               ratio from FLOP counts at the real sizes (CLIP-L / OpenCLIP-H / CLAP text encoders vs Vicuna-7B).
-process_embeddings / bare text-encoder forward with each layout is scripts/bench_embeddings.py.
+process_embeddings / bare text-encoder forward with each layout is dev/bench/bench_embeddings.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import (REPO, bench_args, machine, machine_line, median, print_table, quiet, run_cli, set_threads,
+from bench.common import (REPO, bench_args, machine, machine_line, median, print_table, quiet, run_cli, set_threads,
                           verdict, workspace)
 
 CC3M_ITEMS = 3_300_000
@@ -325,13 +325,13 @@ def flop_ratios(tokens_per_sample: int) -> dict:
 def bench_online(env, work: Path, batch_size: int, reps: int, device, dtype) -> dict:
     import torch
 
-    from bench_embeddings import ENCODERS, write_decoder
-    from bench_pipeline import MID, write_llm
+    from bench.bench_embeddings import ENCODERS, write_decoder
+    from bench.bench_pipeline import MID, write_llm
     from nextgpt.data.dataset import build_loader
     from nextgpt.model import caption_encoder
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
-    from tiny_workspace import code_script
+    from tiny.tiny_workspace import code_script
 
     llm = write_llm(work / "llm_mid", env.ckpt / "vicuna", MID)
     decoder = write_decoder(work / "text_encoder_mid", env.ckpt / "stable-diffusion", ENCODERS["mid"])
@@ -384,7 +384,7 @@ def run(args) -> dict:
     work = Path(args.workdir).resolve()
     env = workspace(work / "tiny")
     print(machine_line())
-    result: dict = {"machine": machine(), "command": "python scripts/bench_store.py " + " ".join(args.argv)}
+    result: dict = {"machine": machine(), "command": "python dev/bench/bench_store.py " + " ".join(args.argv)}
     if "store" in args.parts:
         s = result["store"] = bench_store(work, args.count, args.reads)
         f, h = s["files"], s["shards"]

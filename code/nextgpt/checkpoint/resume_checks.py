@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nextgpt.io import sha256_file
-from nextgpt.resume import CHECKPOINT_RE, DS_TAG, STATE_HASHES
+from nextgpt.checkpoint.resume import CHECKPOINT_RE, DS_TAG, STATE_HASHES
 
 
 def latest(output_dir: str | os.PathLike) -> Path | None:

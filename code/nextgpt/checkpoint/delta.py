@@ -9,11 +9,11 @@ A delta folder holds
                         is on and trained or loaded
     tokenizer files     tokenizer.json, tokenizer_config.json, ... (with the 38 tokens)
     config.yaml         the resolved config
-    meta.json           stage, step, token ids, base fingerprint (nextgpt.fingerprint: load_delta refuses another
+    meta.json           stage, step, token ids, base fingerprint (nextgpt.checkpoint.fingerprint: load_delta refuses another
                         base unless train.allow_other_base), library versions, sha256 of every file (written last)
 
 Internally every delta tensor has one name (the "delta state"): the keys above plus `lora.<PEFT key>` for LoRA.
-The original's pytorch_model.pt maps onto the same names (nextgpt.legacy); load_checkpoint takes either.
+The original's pytorch_model.pt maps onto the same names (nextgpt.checkpoint.legacy); load_checkpoint takes either.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from nextgpt.delta_state import apply_delta_state, delta_state, group_of
-from nextgpt.fingerprint import BaseMismatchError, base_fingerprint, check_same_base
+from nextgpt.checkpoint.delta_state import apply_delta_state, delta_state, group_of
+from nextgpt.checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_same_base
 from nextgpt.io import atomic_dir, atomic_write_bytes, atomic_write_text, first_line, read_json, sha256_file
 from nextgpt.model import llm as llm_utils
-from nextgpt.model_card import finish_adapter
+from nextgpt.checkpoint.adapter_card import finish_adapter
 
 logger = logging.getLogger("nextgpt")
 
@@ -84,7 +84,7 @@ def _write_delta(model, out_dir: Path, cfg, meta: dict | None) -> None:
     if lora:
         with atomic_dir(out_dir / ADAPTER_DIR) as tmp:
             model.llm.save_pretrained(str(tmp), save_embedding_layers=False)
-            # a model card and no absolute paths (nextgpt.model_card)
+            # a model card and no absolute paths (nextgpt.checkpoint.adapter_card)
             finish_adapter(tmp, cfg, cfg.train.stage, len(model.tokenizer) if model.tokenizer is not None else 0,
                            len(model.token_ids.new_token_ids))
     elif (out_dir / ADAPTER_DIR).exists():
@@ -104,7 +104,7 @@ def _write_delta(model, out_dir: Path, cfg, meta: dict | None) -> None:
         "token_rows": model.token_rows,
         "full_token_matrices": bool(model.full_token_matrices),
         "new_token_ids": list(model.token_ids.new_token_ids),
-        "base": base_fingerprint(cfg),          # what load_delta compares (nextgpt.fingerprint)
+        "base": base_fingerprint(cfg),          # what load_delta compares (nextgpt.checkpoint.fingerprint)
         "versions": _versions(),
         "files": files,
     }
@@ -218,7 +218,7 @@ def load_checkpoint(model, path: str | os.PathLike, allow_missing=()) -> set[str
     """A delta folder (or run folder with `latest`) or an original pytorch_model.pt -> groups loaded."""
     kind, where = locate(path)
     if kind == "legacy":
-        from nextgpt.legacy import import_legacy
+        from nextgpt.checkpoint.legacy import import_legacy
 
         return import_legacy(model, where, allow_missing)
     return set(load_delta(model, where, allow_missing)["loaded"])

@@ -6,7 +6,7 @@
                                     after a whole matrix was loaded)
     lora.<PEFT key>                 LoRA weights, when LoRA is on
 
-nextgpt.checkpoint writes / reads it as a delta folder, nextgpt.legacy as the original's pytorch_model.pt.
+nextgpt.checkpoint.delta writes / reads it as a delta folder, nextgpt.checkpoint.legacy as the original's pytorch_model.pt.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The tiny workspace: tiny checkpoints (make_tiny_ckpt) and toy data (make_toy_data) in one folder, plus the
 config overrides that point the tiny configs at it. Tests (tests/conftest.py's `tiny_env`), benchmarks and
-scripts/chaos.py (bench_common.workspace) build theirs with it.
+dev/chaos/run.py (bench_common.workspace) build theirs with it.
 
     env = build_tiny_env(Path("runs/work"))
     cfg = env.config("stage_2", "train.max_steps=3")      # code/config/tiny/stage_2.yaml, paths -> the workspace
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIGS = REPO / "code" / "config" / "tiny"
 
 
@@ -108,7 +108,7 @@ class TinyEnv:
     def imagebind(self) -> Path:
         path = self.ckpt / "imagebind" / "imagebind_tiny.pth"
         if not path.exists():
-            import make_tiny_ckpt
+            from tiny import make_tiny_ckpt
 
             make_tiny_ckpt.write_imagebind(path)
         return path
@@ -150,8 +150,8 @@ def tiny_env_at(root: Path, ckpt: Path | None = None, data: Path | None = None) 
 
 def build_tiny_env(root: Path) -> TinyEnv:
     """Toy data (make_toy_data.main) and tiny checkpoints (make_tiny_ckpt.main) under `root`."""
-    import make_tiny_ckpt
-    import make_toy_data
+    from tiny import make_tiny_ckpt
+    from tiny import make_toy_data
 
     env = tiny_env_at(root)
     if make_toy_data.main(["--out", str(env.data)]) != 0:

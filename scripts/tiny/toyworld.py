@@ -2,7 +2,7 @@
 renderers that turn a caption's attributes into media.
 
 Images are coloured shapes on a background, videos a shape moving in a direction, audio a tone of some pitch
-and pattern. `scripts/make_toy_data.py` writes them in the NExT-GPT layouts; `scripts/make_tiny_ckpt.py` trains
+and pattern. `scripts/tiny/make_toy_data.py` writes them in the NExT-GPT layouts; `scripts/tiny/make_tiny_ckpt.py` trains
 the tiny tokenizers on `tokenizer_corpus()`. Importing this module does no work (numpy / PIL load in the
 renderers).
 """

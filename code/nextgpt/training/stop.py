@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 from nextgpt.cli import Interrupted, signal_name
-from nextgpt.runlock import pid_alive, process_start_time
+from nextgpt.training.runlock import pid_alive, process_start_time
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 1.0

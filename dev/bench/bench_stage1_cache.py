@@ -1,7 +1,7 @@
 """Stage 1 with the ImageBind feature cache vs live ImageBind encoding: samples/s and peak resident memory.
 
-    python scripts/bench_stage1_cache.py              # tiny and mid ImageBind presets, cache vs live, CPU
-    python scripts/bench_stage1_cache.py --quick      # fewer steps
+    python dev/bench/bench_stage1_cache.py              # tiny and mid ImageBind presets, cache vs live, CPU
+    python dev/bench/bench_stage1_cache.py --quick      # fewer steps
 
 Each run is a real `code/train.py` process on the tiny stage-1 config (tiny Vicuna, train.micro_batch_size 4),
 reading the NExT-GPT sample records and media (../shared/samples/nextgpt; toy data when absent):
@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_common import (REPO, SAMPLES, BenchError, bench_args, machine, machine_line, peak_rss_of, print_table,
+from bench.common import (REPO, SAMPLES, BenchError, bench_args, machine, machine_line, peak_rss_of, print_table,
                           run_cli, set_threads, workspace)
 
 MID_PRESET_NAME = "bench_mid"
@@ -154,7 +154,7 @@ def run(args) -> dict:
                 ["preset", "mode", "samples/s", "x live", "peak RSS MiB", "process s"], rows)
     result = dict(machine=machine(), data=str(data_root), batch_size=args.batch_size, steps=args.steps,
                   presets={"mid": mid_preset()} if "mid" in args.presets else {}, runs=results,
-                  command="python scripts/bench_stage1_cache.py " + " ".join(args.argv))
+                  command="python dev/bench/bench_stage1_cache.py " + " ".join(args.argv))
     return result  # run_cli writes it to --json
 
 

@@ -34,7 +34,7 @@ def write_tokenizer(out: Path, vocab_size: int = 700) -> None:
     import io
 
     import sentencepiece as spm
-    from toyworld import tokenizer_corpus
+    from tiny.toyworld import tokenizer_corpus
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -117,7 +117,7 @@ def _toy_words() -> list[str]:
     """Distinct words of the toy world (lower-case, punctuation split off), in first-seen order."""
     import re
 
-    from toyworld import tokenizer_corpus
+    from tiny.toyworld import tokenizer_corpus
 
     words: dict[str, None] = {}
     for line in tokenizer_corpus():

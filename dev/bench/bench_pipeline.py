@@ -1,8 +1,8 @@
 """Pipeline overhead of a NExT-GPT training step, and padding efficiency of the stage mixtures.
 
-    python scripts/bench_pipeline.py                      # CPU: mid-size Llama (4 layers, hidden 512), stages 1-3
-    python scripts/bench_pipeline.py --quick              # fewer batches and repetitions
-    python scripts/bench_pipeline.py --device cuda --model 7b     # GPU: 7B-shaped random-init Vicuna, tokens/s + MFU
+    python dev/bench/bench_pipeline.py                      # CPU: mid-size Llama (4 layers, hidden 512), stages 1-3
+    python dev/bench/bench_pipeline.py --quick              # fewer batches and repetitions
+    python dev/bench/bench_pipeline.py --device cuda --model 7b     # GPU: 7B-shaped random-init Vicuna, tokens/s + MFU
 
 Overhead = median time of one NExT-GPT training step (model(batch) -> loss.backward(): embedding with the soft
 tokens, the LLM, hidden states, output projectors, LM + l2 losses, token accuracy, PEFT token rows / LoRA)
@@ -49,7 +49,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bench_common import (bench_args, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,
+from bench.common import (bench_args, run_cli, SAMPLES, BenchError, machine, machine_line, median, print_table,
                           quiet, resolve_device, set_threads, timed, verdict, workspace)
 
 OVERHEAD_TARGETS = {1: 1.00, 2: 0.60, 3: 1.03}      # NExT-GPT step / bare 4N fwd+bwd (issue 16)
@@ -116,7 +116,7 @@ def write_llm(folder: Path, tokenizer_dir: Path, shape: dict) -> Path:
 
 def prepare_samples(env, work: Path, args) -> None:
     """Tiny-decoder caption embeddings and tiny-ImageBind features of the sample records (real commands)."""
-    from tiny_workspace import code_script
+    from tiny.tiny_workspace import code_script
 
     process_embeddings = code_script("process_embeddings")
     if not SAMPLES.is_dir() or args.toy:
@@ -455,7 +455,7 @@ def run(args) -> dict:
               "llm_shape": VICUNA_7B if args.model == "7b" else MID, "overhead": overhead, "padding": padding,
               "overhead_targets": OVERHEAD_TARGETS, "padding_target": PADDING_TARGET,
               "real_projectors": args.real_projectors,
-              "command": "python scripts/bench_pipeline.py " + " ".join(args.argv)}
+              "command": "python dev/bench/bench_pipeline.py " + " ".join(args.argv)}
     return result  # run_cli writes it to --json
 
 
