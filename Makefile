@@ -22,22 +22,43 @@ PY := $(ROOT)/scripts/python.sh
 # DeepSpeed's runner defaults to port 29500, so two trainings on one machine collide: a free port per launch.
 DEEPSPEED = $(PY) -m nextgpt.launch --master_port $$($(ROOT)/scripts/free_port.sh)
 
-# --- which configs and where their outputs go (mirrors the YAML output_dir values) ------------------------------
+# --- which configs -------------------------------------------------------------------------------------------
 ifeq ($(CONFIG),tiny)
   CFG_DIR := code/config/tiny
   DS_DIR_DEFAULT := cpu
-  CKPT_OUT := ckpt/tiny/delta
   DATA_ROOT := data/toy
   PREREQ_CKPT := ckpt/tiny/.complete
   PREREQ_DATA := data/toy/.complete
 else
   CFG_DIR := code/config
   DS_DIR_DEFAULT :=
-  CKPT_OUT := ckpt/delta_ckpt/nextgpt/7b_tiva_v0
   DATA_ROOT := data
   PREREQ_CKPT :=
   PREREQ_DATA :=
 endif
+
+# The features / embeddings a stage needs get only the `--set key=value` overrides of ARGS (e.g. another data.root),
+# not train.py's own flags.
+set_args = $(foreach kv,$(filter-out -%,$(1)),$(if $(findstring =,$(kv)),--set $(kv)))
+SET_ARGS = $(call set_args,$(ARGS))
+
+# --- where each stage writes: asked of the config (YAML + --set), never mirrored here -----------------------------
+# A `--set train.output_dir=DIR` in ARGS is the folder of the stage you name: `make stage2 ARGS="--set
+# train.output_dir=DIR"` trains stage 2 into DIR and looks for DIR/done.json; the stages it needs first keep their
+# own folders (they get ARGS without that override). Relative values are relative to the repository root, where
+# make runs (as train.py resolves them). The config is asked when a recipe RUNS (`make env stage1` on a fresh clone
+# has no python yet when the Makefile is parsed): `stageN` asks, then runs the chain `stageN-chain` with the folders.
+ARGS_NO_OUT = $(filter-out --set-output-dir=%,$(subst --set train.output_dir=,--set-output-dir=,$(ARGS)))
+TOP_STAGE ?= $(lastword $(sort $(filter stage1 stage2 stage3,$(MAKECMDGOALS))))
+stage_args = $(if $(filter stage$(1),$(TOP_STAGE)),$(ARGS),$(ARGS_NO_OUT))
+# a shell command substitution (it runs in the recipe): stage N's train.output_dir
+ask_output_dir = $$($(PY) -m nextgpt.config --print train.output_dir --config $(CFG_DIR)/stage_$(1).yaml \
+                   $(call set_args,$(call stage_args,$(1))))
+ASK_STAGE_DIRS = out_1="$(call ask_output_dir,1)" && out_2="$(call ask_output_dir,2)" && \
+                 out_3="$(call ask_output_dir,3)"
+CHECK_STAGE_DIRS = { [ -n "$$out_1" ] && [ -n "$$out_2" ] && [ -n "$$out_3" ] || \
+                   { echo "error: the config named no train.output_dir for a stage" >&2; false; }; }
+PASS_STAGE_DIRS = OUT_1="$$out_1" OUT_2="$$out_2" OUT_3="$$out_3" TOP_STAGE=$(TOP_STAGE)
 
 # DeepSpeed config per stage: code/dsconfig/stage_N.json on GPUs, cpu.json for CONFIG=tiny; DS_CONFIG overrides.
 ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/cpu.json,code/dsconfig/$(1).json))
@@ -45,7 +66,9 @@ ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
 LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 finetune finetune-own infer app export data-report eval demo test bench chaos clean-tiny
+.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 stage1-chain \
+        stage2-chain stage3-chain finetune finetune-chain finetune-own infer app export data-report eval demo test \
+        bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
@@ -84,25 +107,30 @@ validate:
 	$(PY) code/validate_data.py --config $(CFG_DIR)/stage_3.yaml $(ARGS)
 
 # Stages chain through their final checkpoints: `make stage3` runs whatever is missing before it, once.
-# The features / embeddings a stage needs get only the `--set key=value` overrides of ARGS (e.g. another data.root),
-# not train.py's own flags.
-SET_ARGS = $(foreach kv,$(filter-out -%,$(ARGS)),$(if $(findstring =,$(kv)),--set $(kv)))
-stage1: $(CKPT_OUT)/stage_1/done.json
-stage2: $(CKPT_OUT)/stage_2/done.json
-stage3: $(CKPT_OUT)/stage_3/done.json
+# `make stage1 stage2 stage3` is one chain in one make (each stage once): the first of those goals runs them all.
+STAGE_GOALS = $(or $(filter stage1 stage2 stage3 finetune,$(MAKECMDGOALS)),$@)
+stage1 stage2 stage3 finetune:
+	@$(if $(filter $@,$(firstword $(STAGE_GOALS))),$(ASK_STAGE_DIRS) && $(CHECK_STAGE_DIRS) && \
+	  $(MAKE) --no-print-directory $(addsuffix -chain,$(STAGE_GOALS)) $(PASS_STAGE_DIRS),true)
 
-$(CKPT_OUT)/stage_1/done.json: | $(PREREQ_CKPT) $(PREREQ_DATA)
+ifdef OUT_1
+stage1-chain: $(OUT_1)/done.json
+stage2-chain: $(OUT_2)/done.json
+stage3-chain: $(OUT_3)/done.json
+
+$(OUT_1)/done.json: | $(PREREQ_CKPT) $(PREREQ_DATA)
 	$(MAKE) --no-print-directory check-ckpt CONFIG=$(CONFIG)
-	$(MAKE) --no-print-directory features CONFIG=$(CONFIG) ARGS='$(SET_ARGS)'
-	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_1.yaml --ds_config $(call ds_config,stage_1) $(ARGS)
-$(CKPT_OUT)/stage_2/done.json: $(CKPT_OUT)/stage_1/done.json
-	$(MAKE) --no-print-directory embeddings CONFIG=$(CONFIG) ARGS='$(SET_ARGS)'
-	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_2.yaml --ds_config $(call ds_config,stage_2) $(ARGS)
-$(CKPT_OUT)/stage_3/done.json: $(CKPT_OUT)/stage_2/done.json
-	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_3.yaml --ds_config $(call ds_config,stage_3) $(ARGS)
+	$(MAKE) --no-print-directory features CONFIG=$(CONFIG) ARGS='$(call set_args,$(ARGS_NO_OUT))'
+	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_1.yaml --ds_config $(call ds_config,stage_1) $(call stage_args,1)
+$(OUT_2)/done.json: $(OUT_1)/done.json
+	$(MAKE) --no-print-directory embeddings CONFIG=$(CONFIG) ARGS='$(call set_args,$(ARGS_NO_OUT))'
+	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_2.yaml --ds_config $(call ds_config,stage_2) $(call stage_args,2)
+$(OUT_3)/done.json: $(OUT_2)/done.json
+	$(LAUNCH) code/train.py --config $(CFG_DIR)/stage_3.yaml --ds_config $(call ds_config,stage_3) $(call stage_args,3)
 
-finetune: $(CKPT_OUT)/stage_3/done.json
+finetune-chain: $(OUT_3)/done.json
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/fine_tuning.yaml --ds_config $(call ds_config,fine_tuning) $(ARGS)
+endif
 
 # Fine-tune the released model on your own data (code/config/finetune_own.yaml, data/README.md): the caption
 # embeddings of its datasets, then LoRA (+ projectors) training. train.py picks the dsconfig (8-bit: fine_tuning.json)
@@ -120,9 +148,9 @@ app:
 
 # Export a checkpoint (code/export.py): EXPORT_FORMAT=hf a merged Hugging Face folder (LoRA + token rows merged,
 # tokenizer with the 38 tokens, projectors.safetensors, model card), legacy the original's pytorch_model.pt.
-EXPORT_CKPT ?= $(CKPT_OUT)/stage_3
+EXPORT_CKPT ?= "$(call ask_output_dir,3)"
 EXPORT_FORMAT ?= hf
-EXPORT_OUT ?= exports/$(notdir $(EXPORT_CKPT))-$(EXPORT_FORMAT)
+EXPORT_OUT ?= exports/$$(basename $(EXPORT_CKPT))-$(EXPORT_FORMAT)
 export:
 	$(PY) code/export.py --ckpt $(EXPORT_CKPT) --out $(EXPORT_OUT) --format $(EXPORT_FORMAT) $(ARGS)
 
@@ -134,7 +162,7 @@ data-report:
 
 # Held-out evaluation of checkpoints -> runs/eval/<name>/report.md (code/evaluate.py). CKPTS: what to compare,
 # default the base model and every stage's final checkpoint; CONFIG=tiny evaluates 8 records per dataset.
-CKPTS ?= base $(CKPT_OUT)/stage_1 $(CKPT_OUT)/stage_2 $(CKPT_OUT)/stage_3
+CKPTS ?= base "$(call ask_output_dir,1)" "$(call ask_output_dir,2)" "$(call ask_output_dir,3)"
 eval:
 	$(PY) code/evaluate.py --config $(CFG_DIR)/eval.yaml --ckpt $(CKPTS) --out runs/eval/$(if $(CONFIG),$(CONFIG),default) $(if $(filter tiny,$(CONFIG)),--limit 8,) $(ARGS)
 

@@ -32,8 +32,10 @@ def clone(tmp_path):
         shutil.copy2(REPO / name, target / name)
     log = tmp_path / "commands.log"
     recorder = tmp_path / "recorder"
-    # -c snippets (the free-port helper) really run; everything else is recorded
+    # -c snippets (the free-port helper) and the Makefile asking the config where a stage writes really run;
+    # everything else is recorded
     recorder.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+                        f'if [ "$1 $2" = "-m nextgpt.config" ]; then exec {sys.executable} "$@"; fi\n'
                         f'echo "$*" >> {log}\n')
     recorder.chmod(0o755)
     fake_env = tmp_path / "fake_make_env.sh"
@@ -59,6 +61,7 @@ def clone(tmp_path):
         return lines
 
     assert not (target / ".venv").exists()
+    make.target = target
     return make
 
 
@@ -96,3 +99,20 @@ def test_master_port_and_args_are_honoured(clone):
     for target in ("validate", "embeddings", "features"):
         lines = clone("env", target, "ARGS=--set data.root=/elsewhere")
         assert lines and all(line.endswith("--set data.root=/elsewhere") for line in lines), (target, lines)
+
+
+def test_set_output_dir_moves_where_make_looks(clone):
+    """`make stage2 ARGS="--set train.output_dir=DIR"` trains stage 2 into DIR and looks for DIR/done.json (the
+    Makefile asks the config); the stage before it keeps its own folder."""
+    args = "ARGS=--set train.output_dir=runs/elsewhere"
+    trains = _ran(clone("env", "stage2", "CONFIG=tiny", args), r"code/train\.py --config")
+    assert [re.search(r"stage_(\d)\.yaml", t).group(1) for t in trains] == ["1", "2"]
+    assert "train.output_dir" not in trains[0] and trains[1].endswith("--set train.output_dir=runs/elsewhere")
+    target = clone.target
+    (target / "ckpt/tiny/delta/stage_1").mkdir(parents=True)
+    (target / "ckpt/tiny/delta/stage_1/done.json").write_text("{}")
+    trains = _ran(clone("env", "stage2", "CONFIG=tiny", args), r"code/train\.py --config")
+    assert [re.search(r"stage_(\d)\.yaml", t).group(1) for t in trains] == ["2"]   # DIR/done.json is missing
+    (target / "runs/elsewhere").mkdir(parents=True)
+    (target / "runs/elsewhere/done.json").write_text("{}")
+    assert not _ran(clone("env", "stage2", "CONFIG=tiny", args), r"code/train\.py --config")

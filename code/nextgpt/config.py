@@ -116,7 +116,7 @@ class TrainConfig:
     seed: int = 13
     output_dir: str = "ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_1"
     init_from: str = ""                     # previous stage's checkpoint dir, or an original pytorch_model.pt
-    allow_other_base: bool = False          # load a delta whose meta.json base fingerprint differs (nextgpt.checkpoint.fingerprint)
+    allow_other_base: bool = False          # load a delta whose meta.json base fingerprint differs (checkpoint/fingerprint)
     save_every: int = 0                     # steps; 0: only at the end
     keep_last: int = 2
     eval_every: int = 0
@@ -286,3 +286,35 @@ def add_config_args(parser: Any, default: str | None = None) -> None:
 def from_args(args: Any) -> Config:
     return load(args.config, args.overrides)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nextgpt.config --print train.output_dir --config X [--set k=v ...]`: one resolved value per line.
+
+    The Makefile asks this where a stage writes instead of mirroring the YAMLs, so `--set train.output_dir=…` moves
+    the training and the done.json make looks for together. `--path` resolves the value as the scripts do
+    (`Config.path`: relative to the repository root)."""
+    import argparse
+
+    from nextgpt import cli
+
+    parser = argparse.ArgumentParser(prog="python -m nextgpt.config", description=main.__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--print", dest="keys", action="append", required=True, metavar="KEY",
+                        help="a dotted setting to print, e.g. train.output_dir (repeatable)")
+    parser.add_argument("--path", action="store_true", help="print the values as resolved paths")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        cfg = from_args(args)
+        for key in args.keys:
+            value: Any = cfg
+            for part in key.split("."):
+                if not dataclasses.is_dataclass(value) or not hasattr(value, part):
+                    raise ConfigError(f"--print {key}: no such setting")
+                value = getattr(value, part)
+            print(cfg.path(str(value)) if args.path else value)
+
+    return cli.run(body, "config")
+
+if __name__ == "__main__":
+    raise SystemExit(main())
