@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nextgpt.checkpoint.fingerprint import portable_path
+from nextgpt.checkpoint.layout import portable_path
 from nextgpt.io import atomic_write_text
 
 CARD = """---

@@ -27,20 +27,16 @@ from pathlib import Path
 
 import torch
 
+from nextgpt.checkpoint.adapter_card import finish_adapter
 from nextgpt.checkpoint.delta_state import apply_delta_state, delta_state, group_of
 from nextgpt.checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_same_base
+from nextgpt.checkpoint.layout import (ADAPTER_DIR, CONFIG_FILE, DELTA_FILE, LATEST_FILE, LEGACY_FILE,  # noqa: F401
+                                       META_FILE, locate, resolve_checkpoint)
+from nextgpt.checkpoint.legacy import import_legacy
 from nextgpt.io import atomic_dir, atomic_write_bytes, atomic_write_text, first_line, read_json, sha256_file
 from nextgpt.model import llm as llm_utils
-from nextgpt.checkpoint.adapter_card import finish_adapter
 
 logger = logging.getLogger("nextgpt")
-
-DELTA_FILE = "delta.safetensors"
-ADAPTER_DIR = "adapter"
-CONFIG_FILE = "config.yaml"
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
-LEGACY_FILE = "pytorch_model.pt"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Delta folders
@@ -109,23 +105,6 @@ def _write_delta(model, out_dir: Path, cfg, meta: dict | None) -> None:
         "files": files,
     }
     atomic_write_text(out_dir / META_FILE, json.dumps(record, indent=2) + "\n")
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A delta folder: `path` itself, or the sub-folder named in `<path>/latest`."""
-    path = Path(path)
-    if (path / DELTA_FILE).is_file():
-        return path
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        name = latest.read_text().strip()
-        target = path / name
-        if not name or not (target / DELTA_FILE).is_file():
-            raise FileNotFoundError(f"{latest}: names {name!r}, which holds no {DELTA_FILE}")
-        return target
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    raise FileNotFoundError(f"{path}: neither a delta folder ({DELTA_FILE}) nor a run folder with '{LATEST_FILE}'")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -201,25 +180,10 @@ def _read_adapter(model, adapter: Path) -> dict[str, torch.Tensor]:
     return {f"lora.{k}": v for k, v in weights.items() if "lora_" in k}
 
 
-def locate(path: str | os.PathLike) -> tuple[str, Path]:
-    """What `path` holds, without reading weights: ("legacy", the original's .pt file) or ("delta", the delta
-    folder: `path` or the one its `latest` names). FileNotFoundError naming the path otherwise."""
-    path = Path(path)
-    if path.is_file() or path.suffix in (".pt", ".pth", ".bin"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found")
-        return "legacy", path
-    if not (path / DELTA_FILE).exists() and not (path / LATEST_FILE).exists() and (path / LEGACY_FILE).is_file():
-        return "legacy", path / LEGACY_FILE
-    return "delta", resolve_checkpoint(path)
-
-
 def load_checkpoint(model, path: str | os.PathLike, allow_missing=()) -> set[str]:
     """A delta folder (or run folder with `latest`) or an original pytorch_model.pt -> groups loaded."""
     kind, where = locate(path)
     if kind == "legacy":
-        from nextgpt.checkpoint.legacy import import_legacy
-
         return import_legacy(model, where, allow_missing)
     return set(load_delta(model, where, allow_missing)["loaded"])
 

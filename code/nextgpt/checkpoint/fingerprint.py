@@ -24,6 +24,8 @@ import json
 import os
 from pathlib import Path
 
+from nextgpt.checkpoint.layout import META_FILE, portable_path, resolve_checkpoint  # noqa: F401
+
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # (tensor-name suffix, rows read): enough to tell two trainings of one architecture apart
@@ -162,22 +164,6 @@ def imagebind_fingerprint(path: str | os.PathLike, preset: str) -> dict:
     return _imagebind(_file_key(path), preset)
 
 
-def portable_path(value: str | os.PathLike) -> str:
-    """A path as it may be written into a checkpoint: relative ones as given, absolute ones relative to the
-    repository when inside it, else only the last folder name (a checkpoint never records this machine's layout)."""
-    from nextgpt.config import REPO_ROOT
-
-    path = Path(value)
-    if not path.is_absolute():
-        return str(value)
-    for root in (REPO_ROOT, REPO_ROOT.resolve()):
-        try:
-            return str(path.relative_to(root))
-        except ValueError:
-            continue
-    return path.name
-
-
 def base_fingerprint(cfg, portable: bool = True) -> dict:
     """{"llm": ..., "imagebind": ...} for cfg.model.llm / cfg.model.imagebind (+ preset); paths made portable (to
     record in a checkpoint) or as on this machine (to name in a message)."""
@@ -219,8 +205,6 @@ def stale_run(run_dir: str | os.PathLike, cfg) -> str | None:
 
     For steps that skip work already done (scripts/demo.py): a run trained on another base, or one whose
     meta.json records no base (made before fingerprints existed), is stale. No run there: None."""
-    from nextgpt.checkpoint.delta import META_FILE, resolve_checkpoint
-
     try:
         folder = resolve_checkpoint(run_dir)
     except FileNotFoundError:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nextgpt.checkpoint.delta import LEGACY_FILE
+from nextgpt.checkpoint.layout import LEGACY_FILE
 from nextgpt.checkpoint.delta_state import apply_delta_state, delta_state
 from nextgpt.io import atomic_write_bytes, first_line
 from nextgpt.model import llm as llm_utils
