@@ -148,7 +148,7 @@ def test_batch_writer_is_atomic_and_overlaps(tmp_path, monkeypatch):
     import threading
 
     import nextgpt.io
-    from nextgpt.store.embed_cache import ItemWriter, item_path, remove_stale_temps
+    from nextgpt.store.files import ItemWriter, item_path, remove_stale_temps
 
     arrays = np.arange(3 * 4, dtype=np.float64).reshape(3, 4)
     with ItemWriter(tmp_path, "float16") as writer:

@@ -28,7 +28,7 @@ import torch
 from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
 from nextgpt import store
-from nextgpt.store.embed_cache import read_manifest
+from nextgpt.store.files import read_manifest
 from nextgpt.tokens import IGNORE, signal_blocks
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from nextgpt import store
 from nextgpt.io import read_json
+from nextgpt.store.files import check_npy  # noqa: F401  (data.file_checks uses it from here)
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
 MANIFEST = "manifest.json"
@@ -64,36 +65,6 @@ def storage_shape(modality: str, conditioning: tuple[int, int]) -> tuple[int, ..
 def stored_shape(modality: str, decoder_dir: str | Path) -> tuple[int, ...]:
     """storage_shape of the decoder in `decoder_dir` (reads only its JSON configs)."""
     return storage_shape(modality, conditioning_shape(modality, decoder_dir))
-
-
-def check_npy(path: str | Path, shape: tuple[int, ...] | None = None) -> str | None:
-    """None when `path` is a complete .npy (of `shape`), else the reason. Reads only the header and compares the
-    file size with what the header promises, so a truncated file (a killed non-atomic writer) is caught without
-    loading the array: cheap enough to check millions of files before training."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                found, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                found, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return f"unsupported .npy version {version}"
-            offset = f.tell()
-    except FileNotFoundError:
-        return "missing"
-    except (ValueError, OSError, EOFError) as e:
-        return f"unreadable .npy ({e})"
-    if dtype.hasobject:
-        return "object array (not a plain .npy)"
-    expected = offset + int(np.prod(found, dtype=np.int64)) * dtype.itemsize
-    if size != expected:
-        return f"truncated or padded .npy ({size} bytes, header promises {expected})"
-    if shape is not None and tuple(found) != tuple(shape):
-        return f"shape {tuple(found)}, expected {tuple(shape)}"
-    return None
 
 
 def decoder_fingerprint(decoder_dir: str | Path) -> str:

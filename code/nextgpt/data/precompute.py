@@ -20,7 +20,7 @@ def write_caption_embeddings(items: dict[str, str], modality: str, out_dir: str 
     from tqdm import tqdm
 
     from nextgpt.data import embeddings as emb
-    from nextgpt.store.embed_cache import remove_stale_temps
+    from nextgpt.store.files import remove_stale_temps
 
     out_dir, decoder_dir = Path(out_dir), Path(decoder_dir)
     rank, world = share

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nextgpt.data.types import Media, Target
-from nextgpt.store.embed_cache import item_path
+from nextgpt.store.files import item_path
 
 _CAPTION_PUNCTUATION = re.compile(r"[\"()*#:;~]")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nextgpt.data.file_checks import CORRUPT, MISSING, check_media, check_values, expected_shapes
-from nextgpt.store.embed_cache import item_path, read_manifest as read_feature_manifest
+from nextgpt.store.files import item_path, read_manifest as read_feature_manifest
 
 
 @dataclass

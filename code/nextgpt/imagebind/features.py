@@ -129,7 +129,7 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
     todo = [batch for batch in todo if batch]
     tag = f"{rank}of{world}"
     if layout == "files":
-        from nextgpt.store.embed_cache import remove_stale_temps
+        from nextgpt.store.files import remove_stale_temps
 
         remove_stale_temps(out_dir, names)
     else:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nextgpt.store.files import read_file_hashes
+from nextgpt.store.files import check_npy, load_item, read_file_hashes
 from nextgpt.store.manifest import (MANIFEST, SHARD_DIR, Section, StoreError, caption_hash, item_path,
                                     modality_of_name, read_manifest)
 from nextgpt.store.shards import ShardIndex, check_shard, read_index
@@ -99,7 +99,6 @@ class StoreReader:
                 check_shard(path, len(data["names"]), data["shape"])
                 self._maps[path] = np.load(path, mmap_mode="r")       # (rows, *shape), no copy until indexed
             return np.asarray(self._maps[path][row], dtype=np.float32)
-        from nextgpt.store.embed_cache import load_item
 
         return np.asarray(load_item(item_path(self.folder, name)), dtype=np.float32)
 
@@ -145,8 +144,6 @@ def check_item(path: str | Path, shape: Sequence[int] | None = None, caption: st
     """None when the item `<folder>/<name>.npy` is stored complete (either layout), of `shape`, made from
     `caption` (when hashes are recorded) and, with values=True, finite; else the reason ("missing" when absent).
     The files layout reads only the .npy header unless values=True."""
-    from nextgpt.data.embeddings import check_npy
-
     folder, name = split_item_path(path)
     try:
         reader = open_reader(folder)

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from nextgpt.store.manifest import SHARD_DIR, StoreError
+from nextgpt.store.files import check_npy
 
 def shard_indexes(folder: Path, modality: str | None = None) -> list[Path]:
     pattern = f"{modality}-*.index.json" if modality else "*.index.json"
@@ -42,8 +43,6 @@ def shard_table(folder: str | Path, modality: str | None = None) -> dict[str, tu
 
 
 def check_shard(path: Path, rows: int, shape: Sequence[int]) -> None:
-    from nextgpt.data.embeddings import check_npy
-
     reason = check_npy(path, (rows, *shape))
     if reason is not None:
         raise StoreError(f"{path}: damaged shard ({reason})")

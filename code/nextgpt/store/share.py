@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nextgpt.io import atomic_write_text
-from nextgpt.store.files import compact_file_hashes, read_file_hashes
+from nextgpt.store.files import check_npy, compact_file_hashes, read_file_hashes
 from nextgpt.store.manifest import Manifest, Section, StoreError, item_path, read_manifest, write_manifest
 from nextgpt.store.reader import forget_reader
 from nextgpt.store.shards import read_index, shard_table
@@ -20,8 +20,6 @@ def done_names(folder: str | Path, modality: str, layout: str, names: Sequence[s
     """Of `names`, those already stored complete, of `shape`, and (when `hashes` is given) made from the same
     caption. The files layout checks each .npy header against its size (no array load). A shard of another
     `dtype` holding one of them is an error (a store has one dtype per modality)."""
-    from nextgpt.data.embeddings import check_npy
-
     folder = Path(folder)
     if layout == "shards":
         table = shard_table(folder, modality)

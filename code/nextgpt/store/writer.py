@@ -12,6 +12,7 @@ import numpy as np
 
 from nextgpt.io import atomic_write_bytes, atomic_write_text, npy_bytes
 from nextgpt.store.manifest import LAYOUTS, SHARD_BYTES, SHARD_DIR, Section, StoreError
+from nextgpt.store.files import ItemWriter
 
 class StoreWriter:
     """Writes items of ONE modality into a store folder, in either layout.
@@ -92,8 +93,6 @@ class StoreWriter:
     # files: .npy per item on the background writer, whose thread then logs the batch's caption hashes (a hash
     # line never precedes its .npy; a kill between the two leaves an item without a hash: recomputed next run)
     def _put_files(self, names: list[str], stored: np.ndarray, hashes: list[str]) -> None:
-        from nextgpt.store.embed_cache import ItemWriter
-
         if self._files is None:
             self._files = ItemWriter(self.folder, self.section.dtype)
         lines = "".join(f"{n}\t{h}\n" for n, h in zip(names, hashes) if h)
