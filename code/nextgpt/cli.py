@@ -50,6 +50,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGINT / SIGTERM are for the training process, which stops its workers
+    (here, not in training/stop.py, because data/ builds the loaders and sits below training/)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     if not lines:

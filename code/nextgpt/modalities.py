@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-from nextgpt.model import media_files
 from nextgpt.io import read_json
 
 # Wrapper tokens around the one soft token of an input medium. The original uses <Img>...</Img> for images,
@@ -32,10 +30,11 @@ class Modality:
     pooled: bool              # decoder consumes one pooled vector (AudioLDM/CLAP) instead of a token sequence
     file_ext: str             # what inference writes
     extensions: tuple[str, ...]  # media files we accept as input
-    # The pipeline's specifics (nextgpt.model.media_files), given this modality's cfg.inference mapping as `settings`:
-    pipeline_arguments: Callable[[Any], dict]          # settings -> sizes + output_type beside prompt_embeds
-    read_output: Callable[[Any, Any, Any], tuple]      # (output, pipeline, settings) -> (data, rate)
-    encode_file: Callable[[Any, float], bytes]         # (data, rate) -> bytes of the .file_ext file
+    # The pipeline's specifics: names of functions in nextgpt.model.media_files (named here, not imported: the
+    # table sits at the top and the decoders in model/), given this modality's cfg.inference mapping as `settings`:
+    pipeline_arguments: str   # settings -> sizes + output_type beside prompt_embeds
+    read_output: str          # (output, pipeline, settings) -> (data, rate)
+    encode_file: str          # (data, rate) -> bytes of the .file_ext file
 
     @property
     def signal_tokens(self) -> list[str]:
@@ -57,20 +56,20 @@ MODALITIES: dict[str, Modality] = {
                  pair_key="image_name", media_folder="images", input_key="input_image", output_key="output_image",
                  placeholder="<image>", pipeline="StableDiffusionPipeline", pooled=False, file_ext="png",
                  extensions=(".jpg", ".jpeg", ".png", ".bmp", ".webp"),
-                 pipeline_arguments=media_files.image_arguments, read_output=media_files.image_output,
-                 encode_file=media_files.png_bytes),
+                 pipeline_arguments="image_arguments", read_output="image_output",
+                 encode_file="png_bytes"),
         Modality(name="video", signal_prefix="VID", num_signal_tokens=24, imagebind_key="vision",
                  pair_key="video_name", media_folder="videos", input_key="input_video", output_key="output_video",
                  placeholder="<video>", pipeline="TextToVideoSDPipeline", pooled=False, file_ext="mp4",
                  extensions=(".mp4", ".avi", ".mov", ".mkv", ".webm"),
-                 pipeline_arguments=media_files.video_arguments, read_output=media_files.video_output,
-                 encode_file=media_files.mp4_bytes),
+                 pipeline_arguments="video_arguments", read_output="video_output",
+                 encode_file="mp4_bytes"),
         Modality(name="audio", signal_prefix="AUD", num_signal_tokens=8, imagebind_key="audio",
                  pair_key="audio_name", media_folder="audios", input_key="input_audio", output_key="output_audio",
                  placeholder="<audio>", pipeline="AudioLDMPipeline", pooled=True, file_ext="wav",
                  extensions=(".wav", ".flac", ".mp3", ".ogg"),
-                 pipeline_arguments=media_files.audio_arguments, read_output=media_files.audio_output,
-                 encode_file=media_files.wav_bytes),
+                 pipeline_arguments="audio_arguments", read_output="audio_output",
+                 encode_file="wav_bytes"),
     )
 }
 

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
-from nextgpt.data.templates import VICUNA_V0, Template
 from nextgpt.data.types import Encoded, Media, Sample, Turn
 from nextgpt.modalities import MODALITIES
-from nextgpt.tokens import IGNORE, signal_blocks  # noqa: F401  (re-exported: the token facts' home is tokens.py)
+# IGNORE, signal_blocks re-exported: the token facts' home is tokens.py (so is the templates')
+from nextgpt.tokens import IGNORE, VICUNA_V0, Template, signal_blocks  # noqa: F401
 
-# The vicuna_v0 strings (nextgpt.data.templates holds them and the `chat` template; token_ids.template picks one).
+# The vicuna_v0 strings (nextgpt.tokens holds them and the `chat` template; token_ids.template picks one).
 HUMAN_PREFIX = VICUNA_V0.first_human  # before the first human turn (the original's prompt_wrap prefix)
 LATER_HUMAN = VICUNA_V0.later_human   # before every later human turn (the previous gpt turn ended with "\n###")
 ASSISTANT = VICUNA_V0.assistant       # ends every human turn; the model answers after it

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from nextgpt.cli import ignore_stop_signals
 from nextgpt.data.types import Encoded, Sample
 
 
@@ -229,7 +230,6 @@ def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, 
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
     collator = Collator(token_ids, feature_dir=feature_dir, caption_shapes=caption_shapes(cfg),
                         caption_mode=cfg.data.caption_embeds, feature_fingerprint=feature_fingerprint(cfg))
-    from nextgpt.training.stop import ignore_stop_signals
 
     # Workers ignore Ctrl-C / SIGTERM: the training process decides when to stop (it may need one more batch to
     # finish the step it saves); they exit with it (torch's worker watchdog).

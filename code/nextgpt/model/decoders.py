@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nextgpt.modalities import MODALITIES, conditioning_shape, get
+from nextgpt.model import media_files
 
 
 @dataclass
@@ -133,8 +134,8 @@ class Decoders:
         with torch.inference_mode():
             output = pipeline(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
                               num_inference_steps=int(settings.steps), guidance_scale=float(settings.guidance),
-                              generator=generator, **info.pipeline_arguments(settings))
-        data, rate = info.read_output(output, pipeline, settings)
+                              generator=generator, **getattr(media_files, info.pipeline_arguments)(settings))
+        data, rate = getattr(media_files, info.read_output)(output, pipeline, settings)
         return Decoded(modality, data, rate=rate)
 
     def write(self, decoded: Decoded, out_dir: str | Path, index: int) -> Path:
@@ -147,5 +148,5 @@ def write(decoded: Decoded, out_dir: str | Path, index: int) -> Path:
 
     info = MODALITIES[decoded.modality]
     path = Path(out_dir) / f"{decoded.modality}_{index}.{info.file_ext}"
-    atomic_write_bytes(path, info.encode_file(decoded.data, decoded.rate))
+    atomic_write_bytes(path, getattr(media_files, info.encode_file)(decoded.data, decoded.rate))
     return path
