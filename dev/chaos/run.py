@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.common import REPO, machine_line, print_table, write_json, workspace
+from nextgpt.training.stop import proc_stat
 
 PYTHON = sys.executable
 TRAIN = str(REPO / "code" / "train.py")
@@ -802,10 +803,8 @@ def process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie (exited, not yet reaped) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = proc_stat(pid)  # a zombie (exited, not yet reaped) counts as gone
+    return stat is not None and stat[1][0] != "Z"
 
 
 def processes_using(path: Path) -> list[int]:

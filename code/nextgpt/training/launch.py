@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from nextgpt.training.stop import proc_stat
+
 GRACE_SECONDS = 120  # ranks get this long to finish the step and save (launch.py itself allows 30 s per rank tree)
 
 
@@ -32,10 +34,10 @@ def group_alive(pgid: int) -> bool:
     # Members that have exited but not been reaped (zombies of an exited parent) still answer; check /proc.
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
+            stat = proc_stat(entry)
+            if stat is None:
                 continue
+            fields = stat[1]
             if int(fields[2]) == pgid and fields[0] != "Z":
                 return True
     return False

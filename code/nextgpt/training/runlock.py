@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nextgpt.training.stop import pid_alive, process_start_time  # noqa: F401  (the one /proc reader)
+
 LOCK_NAME = ".run.lock"
 
 
@@ -31,35 +33,6 @@ class RunLockedError(ValueError):
     """Another live run owns the folder (a ValueError: entry points print it as one `error:` line, exit 2)."""
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot (Linux), None when unknown or the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may contain spaces and ')', so split after the last ')'.
-    fields = text[text.rindex(")") + 2:].split()
-    try:
-        return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether `pid` runs on this host (and, when `start_time` is given, is the same process that recorded it)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    if start_time is not None:
-        now = process_start_time(pid)
-        if now is not None and now != start_time:
-            return False  # the PID was reused by another process
-    return True
 
 
 @dataclass

@@ -29,21 +29,57 @@ import signal
 import threading
 from pathlib import Path
 
-from nextgpt.cli import Interrupted, signal_name
-from nextgpt.training.runlock import pid_alive, process_start_time
+from nextgpt.cli import Interrupted, ignore_stop_signals, signal_name  # noqa: F401
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 1.0
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(command name, parent pid) of `pid` from /proc, None when gone."""
+def proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """(command name, the fields after it) of /proc/<pid>/stat, None when the process is gone; fields[0] is the
+    state (field 3 overall: "Z" for a zombie), fields[1] the parent pid, fields[2] the process group, fields[19] the
+    start time. The one reader of that file (runlock, launch and the chaos harness use it)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    return comm, int(text[text.rindex(")") + 2:].split()[1])
+    # "pid (comm) state ppid ...": comm may contain spaces and ')', so split after the last ')'.
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (Linux), None when unknown or the process is gone."""
+    stat = proc_stat(pid)
+    if stat is None:
+        return None
+    fields = stat[1]
+    try:
+        return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether `pid` runs on this host (and, when `start_time` is given, is the same process that recorded it)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    if start_time is not None:
+        now = process_start_time(pid)
+        if now is not None and now != start_time:
+            return False  # the PID was reused by another process
+    return True
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(command name, parent pid) of `pid` from /proc, None when gone."""
+    stat = proc_stat(pid)
+    return None if stat is None else (stat[0], int(stat[1][1]))
 
 
 def _is_python(pid: int) -> bool:
@@ -66,12 +102,6 @@ def launcher_ancestors(pid: int | None = None, limit: int = 4) -> list[tuple[int
         found.append((parent, process_start_time(parent)))
         info = _stat(parent)
     return found
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: SIGINT / SIGTERM are for the training process, which stops its workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _set_parent_death_signal(signum: int) -> bool:
