@@ -1,7 +1,7 @@
 # nextgpt-train: one target per step. Targets run inside the project's environment without activation.
 #   make env check-ckpt features embeddings stage1 stage2 stage3     (real checkpoints, see README)
 #   make demo                                                         (tiny models + toy data, CPU, minutes)
-#   make test                                                         (pytest)
+#   make test / make test-all                                         (unit + smoke / every test)
 # Variables: CONFIG=tiny (tiny configs), NUM_GPUS=N, HOSTFILE=path (multi-node), DS_CONFIG=path, ARGS="--set k=v",
 #   MASTER_PORT=N (default: a free port per launch), MAKE_ENV_SCRIPT=path (what `make env` runs)
 
@@ -68,7 +68,7 @@ LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS)
 
 .PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 stage1-chain \
         stage2-chain stage3-chain finetune finetune-chain finetune-own infer app export data-report eval demo test \
-        bench chaos clean-tiny
+        test-all bench chaos clean-tiny
 
 help:
 	@sed -n '1,6p' Makefile
@@ -169,7 +169,12 @@ eval:
 demo: .env-ready
 	$(PY) scripts/demo.py $(ARGS)
 
+# make test: tests/unit (in-process, mirrors code/nextgpt) + one end-to-end smoke; make test-all: everything
+# (tests/e2e: stages, resume, ranks, precompute, inference, the app in Chromium, make chains, demo; what CI runs).
 test: .env-ready
+	$(PY) -m pytest -q $(ARGS) -m "not slow"
+
+test-all: .env-ready
 	$(PY) -m pytest -q $(ARGS)
 
 bench:

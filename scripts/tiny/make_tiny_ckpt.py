@@ -97,7 +97,7 @@ CLIP_MAX_LENGTH = 77        # as SD / Zeroscope: prompt_embeds are always (B, 77
 CLAP_MAX_LENGTH = 64        # RoBERTa padding length (512 in AudioLDM; the pooled output does not depend on it)
 
 # What the tiny decoders produce by default; code/config/tiny/base.yaml `inference:` mirrors these numbers
-# (tests/test_foundation.py checks that they agree).
+# (tests/e2e/test_foundation.py checks that they agree).
 TINY_INFERENCE = {"image": dict(steps=2, height=32, width=32), "video": dict(steps=2, height=32, width=32, frames=4),
                   "audio": dict(steps=2, seconds=1.0)}
 

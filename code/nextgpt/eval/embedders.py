@@ -6,7 +6,7 @@
 
 ImageBind's text tower reads OpenAI CLIP's byte-level BPE (bpe_simple_vocab_16e6.txt.gz) with context 77: the same
 vocabulary and merges as the `tokenizer/` folder of Stable Diffusion 1.x (vocab.json + merges.txt), so the
-transformers CLIPTokenizer of that folder gives the same BPE ids (tests/test_eval_embedders.py proves it against the
+transformers CLIPTokenizer of that folder gives the same BPE ids (tests/unit/eval/test_eval_embedders.py proves it against the
 reference file and the original's outputs). What differs from CLIPTokenizer's own framing, and is done here:
 ImageBind un-escapes HTML twice before BPE, pads with 0 (not the end token), and a sequence cut at 77 keeps no
 end token. The end token (49407) is the largest id, which is how the text tower finds it (argmax).

@@ -8,7 +8,7 @@ reading `caption_embeds` from the store; a forward pre-hook on the model fills b
 evaluation step both get them and forward itself is unchanged. Per modality ONE batched call of the decoder's own
 text encoder (data/embeddings.CaptionEncoder: only the text encoder and its tokenizer are loaded, never the UNet /
 VAE) under no_grad, in the training dtype, on the training device: the same computation process_embeddings runs,
-so the vectors equal the precomputed ones (fp32: within 1e-5, tests/test_store.py).
+so the vectors equal the precomputed ones (fp32: within 1e-5, tests/e2e/test_store.py).
 
 The encoders are held by the hook, not registered as submodules: they stay out of DeepSpeed's parameter groups,
 checkpoints and the trainable-parameter count.

@@ -19,7 +19,7 @@ from nextgpt import config as config_lib
 from tiny import toyworld as toy
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPECTED_CONDITIONING = {"image": (77, make_tiny_ckpt.SD_TEXT_WIDTH), "video": (77, make_tiny_ckpt.VIDEO_TEXT_WIDTH),
                          "audio": (1, make_tiny_ckpt.CLAP_PROJECTION)}
 

@@ -17,7 +17,7 @@ import process_embeddings
 from nextgpt.data import embeddings as emb
 from nextgpt.data.records import normalize_caption
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
 
 

@@ -111,6 +111,7 @@ def stage_3(env, stage_2, tmp_path_factory):
                extra=["--export-legacy"])
 
 
+@pytest.mark.smoke  # make test's one end-to-end run
 def test_stage_1_trains_input_proj(stage_1):
     rows = metrics(stage_1)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

@@ -18,7 +18,7 @@ import process_embeddings
 from nextgpt import store
 from nextgpt.data.records import normalize_caption
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from nextgpt.checkpoint import resume_checks
 from nextgpt.training import runlock
 from nextgpt.training import stop
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------- run lock

@@ -11,7 +11,7 @@ import torch
 
 from nextgpt.eval.embedders import ClipScorer, ImageBindScorer, ImageBindTokenizer, clip_bpe_files
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 REFERENCE = (REPO.parent / "shared").resolve() / "reference"
 BPE = REFERENCE / "bpe_simple_vocab_16e6.txt.gz"
 TOKENS = REFERENCE / "imagebind_text_tokens.json"

@@ -12,7 +12,7 @@ from nextgpt.eval import run as R
 from nextgpt.eval import training as T
 from nextgpt.model.decoders import Decoded
 
-EVAL_CONFIG = Path(__file__).resolve().parents[1] / "code" / "config" / "tiny" / "eval.yaml"
+EVAL_CONFIG = Path(__file__).resolve().parents[3] / "code" / "config" / "tiny" / "eval.yaml"
 
 
 def test_generation_checks_add_the_emission_rate(tiny_env):

@@ -18,7 +18,7 @@ from nextgpt.data.sampler import MixtureSampler
 from nextgpt.data.types import Encoded, Media, Sample, Target, Turn
 from nextgpt.tokens import TokenIds
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
 needs_samples = pytest.mark.skipif(not (SAMPLES / "T_X_pair_data").is_dir(),
                                    reason=f"real NExT-GPT samples not present at {SAMPLES}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "code" / "nextgpt"
+PACKAGE = Path(__file__).resolve().parents[2] / "code" / "nextgpt"
 TOP = {"config", "typed", "modalities", "tokens", "runtime", "io", "cli", "launch"}  # launch: a 2-line forwarder
 ROOMS = ["store", "imagebind", "data", "model", "checkpoint", "eval", "training"]     # bottom to top
 TOOLING = {"tiny", "bench", "chaos", "scripts", "dev", "tests", "programmed_llm", "conftest"}

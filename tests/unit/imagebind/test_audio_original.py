@@ -14,7 +14,7 @@ import torch
 
 from nextgpt.imagebind import preprocess_audio
 
-FIXTURE = (Path(__file__).resolve().parents[1].parent / "shared").resolve() / "reference" / \
+FIXTURE = (Path(__file__).resolve().parents[3].parent / "shared").resolve() / "reference" / \
     "imagebind_audio_resample_fixture.safetensors"
 
 

@@ -23,7 +23,7 @@ from nextgpt.imagebind.features import write_feature_cache
 from nextgpt.imagebind.model import ImageBindModel, load_imagebind, preset, select_state_dict
 from nextgpt.imagebind.preprocess import MediaError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SHARED = (REPO.parent / "shared").resolve()          # ../shared may be a symlink; code resolves paths
 REFERENCE = SHARED / "reference"
 SAMPLES = SHARED / "samples" / "nextgpt" / "T_X_pair_data"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "huggingface-hub": "huggingface_hub", "protobuf": "google.protobuf"}
 NEEDED_BY_A_LIBRARY = {
     "tokenizers": "transformers' fast tokenizers",
