@@ -33,6 +33,11 @@ from nextgpt.io import atomic_dir, atomic_write_text
 PAIR_SETS = {"image": "cc3m", "video": "webvid", "audio": "audiocap"}    # modality -> T_X_pair_data folder
 
 
+def trained_on(captions: list[tuple]) -> list[tuple]:
+    """The image / video captions without the colour x shape combinations held out of all toy training."""
+    return [row for row in captions if not toy.held_out(row[1], row[2])]
+
+
 def _pick(items: list, count: int, rng: random.Random) -> list:
     """`count` items in a seeded order, cycling through reshuffles when count > len(items)."""
     out: list = []
@@ -106,11 +111,11 @@ def pair_items(counts: dict[str, int], rng: random.Random) -> dict[str, list[dic
     """modality -> [{name, caption, attrs, record}]; record: the raw pair-JSON record (cc3m.json: image_name,
     caption)."""
     items: dict[str, list[dict]] = {}
-    for i, (caption, *attrs) in enumerate(_pick(toy.image_captions(), counts["image"], rng)):
+    for i, (caption, *attrs) in enumerate(_pick(trained_on(toy.image_captions()), counts["image"], rng)):
         ident = f"{i:09d}"                                   # cc3m ids are zero-padded strings
         items.setdefault("image", []).append(dict(name=f"{ident}.jpg", caption=caption, attrs=attrs, record={
             "caption": caption, "id": ident, "image_name": f"{ident}.jpg"}))
-    for i, (caption, *attrs) in enumerate(_pick(toy.video_captions(), counts["video"], rng)):
+    for i, (caption, *attrs) in enumerate(_pick(trained_on(toy.video_captions()), counts["video"], rng)):
         name = f"{i:08d}.mp4"                                # webvid: int id, zero-padded file name
         items.setdefault("video", []).append(dict(name=name, caption=caption, attrs=attrs, record={
             "caption": caption, "id": 100000 + i, "video_name": name}))
@@ -180,7 +185,7 @@ def t2x_records(modality: str, entries: list[dict]) -> tuple[list[dict], list[di
 def llava_records(folder: Path, count: int, media: Media, rng: random.Random) -> list[dict]:
     """Legacy llava.json (§4.4): image_name + conversation; first human turn input_modality image with <image>."""
     records = []
-    for i, (caption, color, shape, background) in enumerate(_pick(toy.image_captions(), count, rng)):
+    for i, (caption, color, shape, background) in enumerate(_pick(trained_on(toy.image_captions()), count, rng)):
         name = f"{i:012d}.jpg"                               # COCO-style names
         media.image(folder / "images" / name, color, shape, background)
         questions = rng.sample(toy.image_questions(color, shape, background), 2)
@@ -218,7 +223,8 @@ def mosit_records(folder: Path, count: int, media: Media, rng: random.Random) ->
     the media named like the original (mosit_i_/mosit_v_/mosit_a_ + record + index)."""
     from nextgpt.modalities import MODALITIES
 
-    pools = {"image": toy.image_captions(), "video": toy.video_captions(), "audio": toy.audio_captions()}
+    pools = {"image": trained_on(toy.image_captions()), "video": trained_on(toy.video_captions()),
+             "audio": toy.audio_captions()}
     letters = {"image": "i", "video": "v", "audio": "a"}
     modalities = list(MODALITIES)
     records = []

@@ -28,6 +28,15 @@ AUDIO_RATE = 48000          # Hz, stereo PCM-16 like the AudioCaps wavs (ImageBi
 AUDIO_SECONDS = 2.0
 
 
+# Colour x shape combinations no toy training ever shows (toy data for the stages, the decoders' training media):
+# the judged evaluation reports them apart, as a test of composition (scripts/tiny/judge_eval.py).
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+
+
+def held_out(color: str, shape: str) -> bool:
+    return (color, shape) in HELD_OUT
+
+
 def image_captions() -> list[tuple[str, str, str, str]]:
     """[(caption, color, shape, background)] — every combination whose colours differ."""
     out = []
