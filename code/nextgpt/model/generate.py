@@ -30,18 +30,22 @@ from typing import Iterator, Sequence
 
 import torch
 
+from nextgpt.config import InferenceConfig
 from nextgpt.data.types import Media, Turn
 from nextgpt.tokens import scan_signal_blocks
 
 logger = logging.getLogger("nextgpt")
 
 
+_DEFAULTS = InferenceConfig()  # the sampling defaults live in the config schema (inference.*), not here too
+
+
 @dataclass(frozen=True)
 class Sampling:
-    max_new_tokens: int = 150
-    temperature: float = 0.4
-    top_p: float = 1.0
-    do_sample: bool = True
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    do_sample: bool = _DEFAULTS.do_sample
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

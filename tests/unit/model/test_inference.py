@@ -259,3 +259,11 @@ def test_decoder_settings_are_one_mapping_per_modality(tiny_env):
         tiny_env.config("stage_3", "inference.video.frames=0")
     with pytest.raises(ConfigError, match="inference.image.height: must be a multiple of 8"):
         tiny_env.config("stage_3", "inference.image.height=30")
+
+
+def test_sampling_defaults_have_one_home():
+    """Sampling's defaults are the config schema's inference.* defaults (nextgpt.config), not a second copy."""
+    from nextgpt.config import InferenceConfig
+    from nextgpt.model.generate import Sampling
+
+    assert Sampling() == Sampling.from_config(InferenceConfig())
