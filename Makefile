@@ -86,7 +86,7 @@ check-ckpt:
 
 tiny: ckpt/tiny/.complete
 ckpt/tiny/.complete:
-	$(PY) scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny --data data/toy
+	$(PY) scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny --data data/toy --train
 
 toy-data: data/toy/.complete
 data/toy/.complete:
@@ -161,10 +161,12 @@ data-report:
 	@for config in $(REPORT_CONFIGS); do $(PY) code/validate_data.py --config $$config --no-decode --report $(ARGS) || exit $$?; done
 
 # Held-out evaluation of checkpoints -> runs/eval/<name>/report.md (code/evaluate.py). CKPTS: what to compare,
-# default the base model and every stage's final checkpoint; CONFIG=tiny evaluates 8 records per dataset.
+# default the base model and every stage's final checkpoint; CONFIG=tiny evaluates 8 records per dataset, then
+# judges what the toy media show (scripts/tiny/judge_eval.py -> runs/eval/tiny/judged/judged.md).
 CKPTS ?= base "$(call ask_output_dir,1)" "$(call ask_output_dir,2)" "$(call ask_output_dir,3)"
 eval:
 	$(PY) code/evaluate.py --config $(CFG_DIR)/eval.yaml --ckpt $(CKPTS) --out runs/eval/$(if $(CONFIG),$(CONFIG),default) $(if $(filter tiny,$(CONFIG)),--limit 8,) $(ARGS)
+	$(if $(filter tiny,$(CONFIG)),$(PY) scripts/tiny/judge_eval.py --config $(CFG_DIR)/eval.yaml --ckpt $(CKPTS) --out runs/eval/tiny/judged,)
 
 demo: .env-ready
 	$(PY) scripts/demo.py $(ARGS)

@@ -1,12 +1,13 @@
 """`make demo`: the whole NExT-GPT pipeline on a CPU in minutes, with tiny models and toy data it builds itself.
 
-    tiny checkpoints -> the tiny Vicuna learns the toy language -> toy data -> caption embeddings + ImageBind
-    features -> stage 1 -> its held-out evaluation, untrained vs trained -> stage 2 -> stage 3 (DeepSpeed on the
-    CPU) -> the held-out evaluation of the base model vs the stage 1/2/3 checkpoints (= make eval CONFIG=tiny) ->
-    inference: a question about a toy image, then requests for an image, a video and a sound
+    tiny checkpoints (ImageBind and the decoders trained on the toy world, once) -> the tiny Vicuna learns the toy
+    language -> toy data -> caption embeddings + ImageBind features -> stage 1 -> its held-out evaluation,
+    untrained vs trained -> stage 2 -> stage 3 (DeepSpeed on the CPU) -> the held-out evaluation of the base model
+    vs the stage 1/2/3 checkpoints and the toy judge's reading of the generated media (= make eval CONFIG=tiny) ->
+    inference: a question about a toy image, then requests for an image, a video and a sound, each judged
 
-Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/tiny/make_tiny_ckpt.py,
-scripts/tiny/make_toy_data.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
+Every step but one is the command a user runs (the Makefile's with CONFIG=tiny): scripts/tiny/make_tiny_ckpt.py
+--train, scripts/tiny/make_toy_data.py, scripts/tiny/judge_eval.py, code/process_embeddings.py, code/train.py, code/evaluate.py, code/inference.py, each
 with the tiny configs and `--set` overrides for --workdir and the demo's step budgets (STAGE_SETTINGS). The one
 exception is the toy-language warm-up below: the original has no such step (its Vicuna is already trained).
 
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage, steps in DEFAULT_STEPS.items():
         parser.add_argument(f"--stage{stage}-steps", type=int, default=steps,
                             help=f"stage-{stage} optimizer steps (default {steps})")
+    parser.add_argument("--untrained-toy", action="store_true",
+                        help="keep ImageBind and the decoders random (no toy training; tests of the plumbing)")
+    parser.add_argument("--judged-requests", type=int, default=12,
+                        help="judged requests per modality and checkpoint of trained-on combinations (default 12; "
+                             "the held-out combinations are always all judged)")
     parser.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed",
                         help="train through the deepspeed launcher (default) or a plain python process")
     args = parser.parse_args(argv)
@@ -290,15 +296,18 @@ def demo(args) -> int:
     cfg = {stage: env.config(stage, *settings[stage]) for stage in (1, 2, 3)}
     outputs = {stage: cfg[stage].path(cfg[stage].train.output_dir) for stage in (1, 2, 3)}
     llm_folder = cfg[1].path(cfg[1].model.llm)
-    steps = Steps(12, runs / "logs")
+    steps = Steps(13, runs / "logs")
     with_config = env.argv            # ['--config', code/config/tiny/<stage>.yaml, '--set', ...]
 
     def tool(script: str, *arguments: str):
         return lambda log: run_command([python, str(ROOT / script), *arguments], log)
 
     # 1-2: tiny checkpoints of the real architectures; the tiny Vicuna learns the toy language
-    steps("tiny checkpoints", env.ckpt / ".complete",
-          tool("scripts/tiny/make_tiny_ckpt.py", "--out", str(env.ckpt), "--data", str(env.data)))
+    # --train: ImageBind and the decoders learn the toy world (once per clone, minutes; see the README's "The toy
+    # world, trained and judged"), so generated media can be judged
+    steps("tiny checkpoints + toy-trained ImageBind and decoders", env.ckpt / ".complete",
+          tool("scripts/tiny/make_tiny_ckpt.py", "--out", str(env.ckpt), "--data", str(env.data),
+               *([] if args.untrained_toy else ["--train"])))
     steps("toy-language pre-training of the tiny Vicuna", llm_folder / "pretrained.json",
           lambda log: pretrain_tiny_llm(llm_folder, args.pretrain_steps))
 
@@ -376,7 +385,16 @@ def demo(args) -> int:
           tool("code/evaluate.py", *with_config("eval"), "--ckpt", "base", *(str(outputs[s]) for s in (1, 2, 3)),
                *EVAL_ARGS, "--out", str(every_stage)))
 
-    # 11: inference through the interactive CLI, greedy
+    # 11: what the generated media show (scripts/tiny/judge_eval.py; the second half of make eval CONFIG=tiny):
+    # (a) each decoder fed the true caption embedding, (b) end to end per checkpoint, captioning, ImageBind
+    judged = runs / "judged"
+    steps("judged evaluation: the toy judge reads the generated media (scripts/tiny/judge_eval.py)",
+          judged / "judged.md",
+          tool("scripts/tiny/judge_eval.py", *with_config("eval"), "--ckpt", "base",
+               *(str(outputs[s]) for s in (1, 2, 3)), "--trained", str(args.judged_requests),
+               "--captions", str(min(8, args.judged_requests)), "--out", str(judged)))
+
+    # 12: inference through the interactive CLI, greedy
     inference_dir = runs / "inference"
     image, caption = first_toy_image(env.data)
     requests = [f"<Image>{image}</Image> What is the image about?",
@@ -396,7 +414,7 @@ def demo(args) -> int:
 
     steps("inference (an image in; an image, a video and a sound out)", inference_dir / "requests.json", infer)
 
-    # 12: report
+    # 13: report
     print(f"\n[demo {steps.total}/{steps.total}] report\n", flush=True)
     pretrained = json.loads((llm_folder / "pretrained.json").read_text())
     train_metrics = {stage: read_metrics(outputs[stage]) for stage in (1, 2, 3)}
@@ -448,8 +466,12 @@ def demo(args) -> int:
         answer = reply.read_text().strip() if reply.exists() else "(no reply)"
         truth = f"   (the image's caption: {asked['input_caption']!r})" if "<Image>" in request else ""
         lines.append(f"    > {request}\n      {short_signals(answer)!r}{truth}")
-    media = sorted(p.name for p in inference_dir.iterdir() if not p.name.endswith((".txt", ".json")))
-    lines.append(f"    media written: {', '.join(media) if media else 'none (no signal block in the replies)'}")
+    lines += judged_media(asked["requests"], inference_dir)
+    if (judged / "judged.md").is_file():
+        lines += ["", f"  judged evaluation ({judged / 'judged.md'}): the share of requests whose media show what "
+                      "was asked, per attribute; (a) the decoder fed the true caption embedding (the ceiling), "
+                      "(b) end to end; held-out = colour x shape combinations no training saw", ""]
+        lines += ["    " + row for row in (judged / "judged.md").read_text().splitlines()]
     step_times = ", ".join(f"{name.split(' (')[0]} {seconds:.0f} s" for name, seconds in steps.times.items())
     lines += ["", f"  loss curves: {curves_path}", f"  logs: {steps.logs}",
               f"  time: {time.time() - started:.0f} s for this run" + (f" ({step_times})" if step_times else "")]
@@ -491,6 +513,29 @@ def every_stage_table(metrics_path: Path) -> list[str]:
         # emission.text is the share of text-only requests answered with no signal block (1.0 is right)
         lines += ["", f"  signal-token emission rate, {first['name']} -> {last['name']}: {', '.join(rates)}"]
     return lines
+
+
+def judged_media(requests: list[str], folder: Path) -> list[str]:
+    """Report lines: each written medium, what its request asked and what the toy judge sees in it. The n-th request
+    for a modality wrote <modality>_<n> (inference.py numbers media per modality)."""
+    from tiny import judge
+
+    lines, seen = [], {}
+    for request in requests:
+        asked = judge.expected(request)
+        if asked is None or "<" in request:
+            continue
+        modality, want = asked
+        n = seen[modality] = seen.get(modality, -1) + 1
+        path = next(folder.glob(f"{modality}_{n}.*"), None)
+        if path is None:
+            lines.append(f"    {modality} asked ({', '.join(want.values())}): no file (no signal block in the reply)")
+            continue
+        got = judge.judge_file(path)
+        right = sum(got.get(k) == v for k, v in want.items())
+        lines.append(f"    {path.name}: asked {', '.join(want.values())}; the judge sees "
+                     f"{', '.join(got[k] for k in want)} ({right}/{len(want)} right)")
+    return lines or ["    media written: none (no signal block in the replies)"]
 
 
 def short_signals(text: str) -> str:

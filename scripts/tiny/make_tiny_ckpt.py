@@ -8,7 +8,9 @@
     audioldm/          tiny AudioLDMPipeline (CLAP text model, UNet2DCondition with class embedding, VAE, vocoder)
 
 Everything downstream loads these through the same from_pretrained / load_state_dict code as the real files.
-Deterministic (seeded); a few MB; seconds.
+Deterministic (seeded); a few MB; seconds. The weights written here are random (the vocoder's excepted: toy_audio
+sets them); scripts/tiny/train_toy_imagebind.py and train_toy_decoders.py then train ImageBind and the decoders
+on the toy world in place (`make tiny` runs all three).
 """
 
 from __future__ import annotations
@@ -189,14 +191,24 @@ def _clip_text(tmp: Path, width: int, seed: int):
 
 
 def _vae(seed: int, in_channels: int = 3):
-    """AutoencoderKL with 3 levels (spatial factor 4) and 4 latent channels, as SD's."""
+    """AutoencoderKL with 2 levels (spatial factor 2: 32x32 -> 16x16 latents) and 4 latent channels. One GroupNorm
+    group, so a flat colour field keeps its colour through the normalisations (per-channel groups remove it)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                         block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=1, sample_size=32,
+                         mid_block_add_attention=False)
+
+
+def toy_scheduler_config() -> dict:
+    """The tiny decoders' noise schedule (train_toy_decoders trains on it): cosine betas rescaled to zero terminal
+    SNR, v-prediction; DDIM samples it with trailing timesteps, so 2 steps start from pure noise (arXiv 2305.08891)."""
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
+                steps_offset=1)             # unused with trailing spacing; 1 because SD's pipeline insists
 
 
 def _save_pipeline(pipe, tmp: Path) -> None:
@@ -209,21 +221,22 @@ def _save_pipeline(pipe, tmp: Path) -> None:
 
 
 def write_stable_diffusion(out: Path, seed: int = 0) -> None:
-    """Tiny StableDiffusionPipeline: CLIP text (77, 32), UNet2DCondition, AutoencoderKL, PNDM (SD-1.5's)."""
+    """Tiny StableDiffusionPipeline: CLIP text (77, 32), UNet2DCondition, AutoencoderKL, DDIM (toy_scheduler_config)."""
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     with atomic_dir(out) as tmp:
         tokenizer, text_encoder = _clip_text(tmp / "_bpe", SD_TEXT_WIDTH, seed)
         torch.manual_seed(seed + 1)
-        # sample_size 8 latents x VAE factor 4 = the 32x32 default image
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        # sample_size 16 latents x VAE factor 2 = the 32x32 default image. addition_embed_type "text": the caption,
+        # attention-pooled, also joins every block's time embedding (a global path beside cross-attention)
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                                     block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                    cross_attention_dim=SD_TEXT_WIDTH)
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+                                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                    cross_attention_dim=SD_TEXT_WIDTH, addition_embed_type="text",
+                                    addition_embed_type_num_heads=4)
+        scheduler = DDIMScheduler(**toy_scheduler_config())
         pipe = StableDiffusionPipeline(vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer,
                                        unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, image_encoder=None, requires_safety_checker=False)
@@ -238,13 +251,12 @@ def write_zeroscope(out: Path, seed: int = 0) -> None:
     with atomic_dir(out) as tmp:
         tokenizer, text_encoder = _clip_text(tmp / "_bpe", VIDEO_TEXT_WIDTH, seed + 10)
         torch.manual_seed(seed + 11)
-        unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        unet = UNet3DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                                     block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
                                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
                                     cross_attention_dim=VIDEO_TEXT_WIDTH)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler = DDIMScheduler(**toy_scheduler_config())
         pipe = TextToVideoSDPipeline(vae=_vae(seed + 12), text_encoder=text_encoder, tokenizer=tokenizer,
                                      unet=unet.eval(), scheduler=scheduler)
         _save_pipeline(pipe, tmp)
@@ -254,11 +266,13 @@ def write_audioldm(out: Path, seed: int = 0) -> None:
     """Tiny AudioLDMPipeline: CLAP text model (text_embeds (B, 16)), UNet2DCondition conditioned through its class
     embedding as AudioLDM's (class_embed_type simple_projection, concatenated to the time embedding; the
     attention blocks' cross_attention_dim equals their width so encoder_hidden_states=None is self-attention),
-    a 1-channel mel VAE and a SpeechT5HifiGan vocoder at 16 kHz."""
+    a 1-channel "mel" VAE and a SpeechT5HifiGan vocoder at 16 kHz: toy_audio's band spectrogram (32 bands, 20 frames
+    a second) and the vocoder that inverts it exactly (its weights set, not trained)."""
     import torch
     from diffusers import AudioLDMPipeline, DDIMScheduler, UNet2DConditionModel
-    from transformers import ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, \
-        SpeechT5HifiGanConfig
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer
+
+    from tiny import toy_audio
 
     with atomic_dir(out) as tmp:
         _bpe_files(tmp / "_bpe", _toy_words(), "roberta")
@@ -272,21 +286,16 @@ def write_audioldm(out: Path, seed: int = 0) -> None:
             eos_token_id=tokenizer.eos_token_id)).eval()
         torch.manual_seed(seed + 21)
         widths = (16, 32)
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                                     block_out_channels=widths, norm_num_groups=8, attention_head_dim=4,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                     cross_attention_dim=widths, class_embed_type="simple_projection",
                                     projection_class_embeddings_input_dim=CLAP_PROJECTION,
                                     class_embeddings_concat=True)
-        # 16 kHz, hop 160 (= 8*5*4): 100 mel frames per second over 32 mel bins
-        torch.manual_seed(seed + 22)
-        vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
-            model_in_dim=32, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
-            upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-            normalize_before=False)).eval()
-        scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        # 16 kHz, hop 800: 20 frames per second over 32 bands (toy_audio)
+        vocoder = toy_audio.build_vocoder()
+        scheduler = DDIMScheduler(**toy_scheduler_config())
         pipe = AudioLDMPipeline(vae=_vae(seed + 23, in_channels=1), text_encoder=text_encoder,
                                 tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler, vocoder=vocoder)
         _save_pipeline(pipe, tmp)
@@ -309,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="ckpt/tiny", help="output folder (default: ckpt/tiny)")
     p.add_argument("--data", default="data/toy", help="toy data folder (unused: the corpus is toyworld's)")
     p.add_argument("--only", nargs="*", choices=["llm", "imagebind", "pipelines"], default=None)
+    p.add_argument("--train", action="store_true",
+                   help="then train ImageBind and the decoders on the toy world (train_toy_imagebind.py, "
+                        "train_toy_decoders.py; what `make tiny` and the demo use; tests keep the random weights)")
     args = p.parse_args(argv)
     out = Path(args.out)
     parts = args.only or ["llm", "imagebind", "pipelines"]
@@ -323,8 +335,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {what}: {e}", file=sys.stderr)
             return 2
         print(f"[tiny] {what} -> {path}")
+    made = {"random": parts}
+    if args.train:
+        import torch
+
+        from tiny import train_toy_decoders, train_toy_imagebind
+
+        print(f"[tiny] training the toy components on {torch.get_num_threads()} threads (once per clone)", flush=True)
+        made["imagebind"] = train_toy_imagebind.train(out)
+        made["decoders"] = train_toy_decoders.train(out, list(train_toy_decoders.FOLDERS))
     if args.only is None:
-        atomic_write_text(out / ".complete", "ok\n")
+        # what the tiny checkpoints were made from: random parts, and each toy training's recipe and time
+        atomic_write_text(out / ".complete", json.dumps(made, indent=2) + "\n")
     return 0
 
 

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_runs_every_step_and_reports(tmp_path):
     work = tmp_path / "demo"
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--workdir", str(work), "--launcher", "python",
-               "--pretrain-steps", "3", "--stage1-steps", "2", "--stage2-steps", "2", "--stage3-steps", "2"]
+               "--pretrain-steps", "3", "--stage1-steps", "2", "--stage2-steps", "2", "--stage3-steps", "2",
+               "--untrained-toy", "--judged-requests", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -34,6 +35,8 @@ def test_demo_runs_every_step_and_reports(tmp_path):
     assert "held-out evaluation, base vs stages 1-3" in out and "| base | – |" in out
     assert "signal-token emission rate, base -> stage_3/checkpoint-2: image" in out
     assert (work / "runs" / "demo" / "loss_curves.png").stat().st_size > 0
+    # the judged evaluation ran (random decoders here: the table, not its figures) and the report shows it
+    assert (work / "runs" / "demo" / "judged" / "judged.json").exists() and "(a) true caption embedding" in out
     # A rerun finds every step done and redoes nothing.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
