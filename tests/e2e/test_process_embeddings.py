@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import process_embeddings
+from nextgpt import store
 from nextgpt.data import embeddings as emb
 from nextgpt.data.records import normalize_caption
 
@@ -76,7 +77,7 @@ def test_embeddings_equal_the_pipelines_own_encode_prompt(tiny_env, pipelines, t
     np.testing.assert_allclose(stored, expected, rtol=0, atol=2e-5)
     if modality == "audio":
         np.testing.assert_allclose(np.linalg.norm(stored, axis=-1), 1.0, atol=1e-5)
-    manifest = emb.read_manifest(out)[modality]
+    manifest = store.read_manifest(out, emb.KIND).modalities[modality]
     assert manifest.shape == list(shape) and manifest.dtype == "float32" and manifest.count == len(names)
     assert manifest.encoder == str(pipelines[modality].resolve())
 
@@ -223,14 +224,14 @@ def test_seed_call_from_code_dir_on_real_samples_loads_only_the_text_encoder(pip
     shape = emb.stored_shape("image", pipelines["image"])
     for record in raw:
         assert emb.check_npy(out / f"{record['image_name']}.npy", shape) is None
-    assert emb.read_manifest(out)["image"].count == len(raw)
+    assert store.read_manifest(out, emb.KIND).modalities["image"].count == len(raw)
 
 
 def test_all_covers_every_target_of_stage_2_and_3(tiny_env, pipelines):
     from nextgpt.data.validate import validate
 
     embed_dir = tiny_env.embeddings()          # process_embeddings --config tiny/stage_2 --all (+ stage_3)
-    sections = emb.read_manifest(embed_dir)
+    sections = store.read_manifest(embed_dir, emb.KIND).modalities
     assert set(sections) == {"image", "video", "audio"}
     for modality, folder in pipelines.items():
         assert sections[modality].shape == list(emb.stored_shape(modality, folder))

@@ -28,7 +28,7 @@ import torch
 from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
 from nextgpt import store
-from nextgpt.store.files import read_manifest
+from nextgpt.store.manifest import read_manifest
 from nextgpt.tokens import IGNORE, signal_blocks
 
 
@@ -59,7 +59,7 @@ class Collator:
         if self.feature_shape is None and self.feature_dir is not None and self.feature_dir.is_dir():
             manifest = read_manifest(self.feature_dir)
             if manifest is not None:
-                self.feature_shape = tuple(manifest.shape)
+                self.feature_shape = tuple(manifest.section().shape)
         if feature_fingerprint and self.feature_dir is not None and self.feature_dir.is_dir():
             from nextgpt.imagebind.features import KIND
 

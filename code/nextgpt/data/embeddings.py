@@ -30,23 +30,7 @@ from nextgpt.io import read_json
 from nextgpt.store.files import check_npy  # noqa: F401  (data.file_checks uses it from here)
 from nextgpt.modalities import MODALITIES, conditioning_shape
 
-MANIFEST = "manifest.json"
-KIND = "caption_embeddings"
-
-
-# One manifest format for caption embeddings and features: nextgpt/store/. These are its caption-side views.
-Section = store.Section
-
-
-def read_manifest(embed_dir: str | Path) -> dict[str, Section]:
-    """modality -> Section of a caption-embedding folder ({} when there is no manifest yet)."""
-    manifest = store.read_manifest(embed_dir)
-    if manifest is None:
-        return {}
-    if manifest.kind != KIND:
-        raise ValueError(f"{Path(embed_dir) / MANIFEST}: not a caption-embedding manifest (kind {manifest.kind!r}, "
-                         f"expected {KIND!r})")
-    return manifest.modalities
+KIND = "caption_embeddings"      # its manifest: nextgpt.store.read_manifest(embed_dir, KIND)
 
 
 def count_items(embed_dir: str | Path, modality: str) -> int:

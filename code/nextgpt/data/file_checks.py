@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nextgpt.data.embeddings import check_npy, read_manifest as read_caption_manifest, storage_shape
+from nextgpt.data.embeddings import KIND, check_npy, storage_shape
 from nextgpt.modalities import MODALITIES, conditioning_shape
+from nextgpt.store.manifest import read_manifest
 
 MISSING, CORRUPT = "missing", "corrupt"
 
@@ -83,7 +84,8 @@ def expected_shapes(cfg, report, dtypes: dict[str, str] | None = None) -> dict[s
     `dtypes` (when given) is filled with modality -> the dtype the embedding manifest names."""
     embed_dir = cfg.path(cfg.data.embed_dir)
     try:
-        sections = read_caption_manifest(embed_dir)
+        manifest = read_manifest(embed_dir, KIND)
+        sections = manifest.modalities if manifest else {}
     except ValueError as e:
         report.errors.append(str(e))
         sections = {}

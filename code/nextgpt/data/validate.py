@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nextgpt.data.file_checks import CORRUPT, MISSING, check_media, check_values, expected_shapes
-from nextgpt.store.files import item_path, read_manifest as read_feature_manifest
+from nextgpt.store.manifest import item_path, read_manifest
 
 
 @dataclass
@@ -133,9 +133,9 @@ def validate(cfg, names: list[str] | None = None, decode: bool = True, log=None,
     feature_shape = feature_dtype = None
     if feature_dir is not None and feature_dir.is_dir():
         try:
-            manifest = read_feature_manifest(feature_dir)
-            feature_shape = tuple(manifest.shape) if manifest else None
-            feature_dtype = manifest.dtype if manifest else None
+            manifest = read_manifest(feature_dir)
+            feature_shape = tuple(manifest.section().shape) if manifest else None
+            feature_dtype = manifest.section().dtype if manifest else None
         except ValueError as e:
             report.errors.append(str(e))
     media_cache: dict[tuple[str, str], tuple[str, str] | None] = {}

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from nextgpt.io import atomic_write_files, atomic_write_text, npy_bytes
-from nextgpt.store.manifest import MANIFEST, item_path, read_manifest as read_store  # noqa: F401
+from nextgpt.store.manifest import MANIFEST, item_path
 
 
 def check_npy(path: str | Path, shape: tuple[int, ...] | None = None) -> str | None:
@@ -57,16 +56,6 @@ def check_npy(path: str | Path, shape: tuple[int, ...] | None = None) -> str | N
     if shape is not None and tuple(found) != tuple(shape):
         return f"shape {tuple(found)}, expected {tuple(shape)}"
     return None
-
-
-@dataclass
-class Manifest:
-    """A one-section view of a store manifest (nextgpt/store/ holds the format)."""
-    kind: str                 # "caption_embeddings" | "imagebind_features"
-    encoder: str              # decoder folder / ImageBind checkpoint + preset that produced the vectors
-    shape: list[int]          # per item, e.g. [77, 768], [512], [1024]
-    dtype: str                # float16 | float32
-    count: int = 0            # items present when the manifest was written
 
 
 def remove_stale_temps(cache_dir: str | Path, names: Iterable[str]) -> int:
@@ -152,19 +141,6 @@ class ItemWriter:
                 self.close()
             except OSError:
                 pass                             # the exception already leaving the block wins
-
-
-def read_manifest(cache_dir: str | Path) -> Manifest | None:
-    """One-section view of a store manifest (nextgpt/store/): kind, the first section's encoder / shape / dtype,
-    and the count over all modalities. None when the folder has no manifest."""
-    manifest = read_store(cache_dir)
-    if manifest is None:
-        return None
-    if not manifest.modalities:
-        raise ValueError(f"{Path(cache_dir) / MANIFEST}: no sections")
-    first = next(iter(manifest.modalities.values()))
-    return Manifest(kind=manifest.kind, encoder=first.encoder, shape=list(first.shape), dtype=first.dtype,
-                    count=sum(s.count for s in manifest.modalities.values()))
 
 
 def load_item(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:

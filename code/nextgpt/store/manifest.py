@@ -70,18 +70,28 @@ class Manifest:
     store: str = "files"
     modalities: dict[str, Section] = field(default_factory=dict)
 
+    def section(self, modality: str | None = None) -> Section:
+        """The modality's section; with None the first one (a feature store has one shape and dtype for every
+        modality). StoreError when there is none."""
+        section = self.modalities.get(modality) if modality else next(iter(self.modalities.values()), None)
+        if section is None:
+            raise StoreError(f"{MANIFEST}: no {modality or 'modality'} section in this {self.kind} store")
+        return section
+
     def to_json(self) -> str:
         data = {"kind": self.kind, "store": self.store,
                 "modalities": {m: asdict(s) for m, s in sorted(self.modalities.items())}}
         return json.dumps(data, indent=2) + "\n"
 
 
-def read_manifest(folder: str | Path) -> Manifest | None:
-    """The folder's manifest (None when there is none). Reads the older forms too: a caption manifest without
-    "store", and a feature manifest {kind, encoder, shape, dtype, count} (one section for every modality)."""
+def read_manifest(folder: str | Path, kind: str | None = None) -> Manifest | None:
+    """The folder's manifest (None when there is none): the one reader of manifest.json, for every layout and
+    kind. `kind` given: StoreError when the folder holds another kind. Reads the older forms too: a caption
+    manifest without "store", and a feature manifest {kind, encoder, shape, dtype, count} (one section for every
+    modality)."""
     from nextgpt.modalities import MODALITIES
 
-    path = Path(folder) / MANIFEST
+    expected, path = kind, Path(folder) / MANIFEST
     if not path.exists():
         return None
     try:
@@ -97,9 +107,12 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         else:                       # the older single-section feature manifest
             section = {k: data[k] for k in ("encoder", "shape", "dtype")}
             sections = {m: Section(**section) for m in MODALITIES}
-        return Manifest(kind=kind, store=store, modalities=sections)
+        manifest = Manifest(kind=kind, store=store, modalities=sections)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise StoreError(f"{path}: not a store manifest ({e})") from None
+    if expected is not None and manifest.kind != expected:
+        raise StoreError(f"{path}: holds {manifest.kind}, expected {expected}")
+    return manifest
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> None:

@@ -25,9 +25,7 @@ class StoreReader:
 
     def __init__(self, folder: str | Path, kind: str | None = None):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if kind is not None and self.manifest is not None and self.manifest.kind != kind:
-            raise StoreError(f"{self.folder / MANIFEST}: holds {self.manifest.kind}, expected {kind}")
+        self.manifest = read_manifest(self.folder, kind)
         self.layout = self.manifest.store if self.manifest else "files"
         self._table: ShardIndex | None = None          # shards layout, built on the first read
         self._maps: dict[Path, np.ndarray] = {}
