@@ -10,6 +10,10 @@ Many processes, GPUs or nodes (each rank takes a disjoint, deterministic share o
 outputs; the rank that completes the set merges the one manifest; a killed rank's share is resumed by the next run):
     deepspeed --num_gpus 8 code/process_embeddings.py --config ... --all [--features]   # or torchrun, or a hostfile
     python code/process_embeddings.py --config ... --all --shard 3/16                    # a scheduler's array job
+Media in webdataset tar shards (scripts/prepare_data.py --tars: the media folder holds a shard index, no files)
+are read in place: ranks take whole shards (shard k to rank k % N), each read front to back by offset in the
+DataLoader workers, batches cut within a shard; a killed run skips the shards already done and the items done in
+the one it was in (nextgpt/store/tars.py).
 Store layout: --store files (the seed's <name>.npy, default: data.store) | shards (a few memory-mapped files + an
 index, float16 unless --fp32; see nextgpt/store/, which also converts a folder between the two).
 
@@ -184,6 +188,7 @@ def _device(args) -> str | None:
 
 def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
     from nextgpt.imagebind.features import write_feature_cache
+    from nextgpt.store.tars import locate_many
 
     checkpoint = Path(args.imagebind) if args.imagebind else cfg.path(cfg.model.imagebind)
     preset = args.preset or cfg.model.imagebind_preset
@@ -192,7 +197,10 @@ def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
         _media_items(samples, modality, items)
         if not items:
             continue
-        missing = [(n, p, w) for n, (p, w) in items.items() if not Path(p).is_file()]
+        # a medium is a file, or a member of its folder's webdataset shards (nextgpt/store/tars.py)
+        found = locate_many([p for p, _ in items.values()])
+        missing = [(n, p, w) for (n, (p, w)), member in zip(items.items(), found)
+                   if member is None and not Path(p).is_file()]
         if missing:
             name, path, where = missing[0]
             if not cfg.data.skip_bad_records:

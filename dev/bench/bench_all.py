@@ -13,6 +13,9 @@ Runs, each in its own process (each prints its own table):
   eval         dev/bench/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
   store        dev/bench/bench_store.py         shard store vs files (files, bytes, reads per 100 k items), 2- vs
                                               1-process precompute, online vs precomputed caption embeddings
+  tars         dev/bench/bench_tars.py          media read from webdataset tar shards vs files: features items/s
+                                              (1 and 2 processes beside the bare scaling), the shard index (build
+                                              s / 10 k members, bytes / member), peak RSS over a shard set
 and, when a CUDA device is present, the GPU variants: bench_pipeline --device cuda --model 7b (tokens/s, MFU) and
 bench_embeddings --device cuda --encoder clip-l. Without a GPU they are listed as not run.
 Exit status 1 when a benchmark failed to run (a missed target is reported, not an error).
@@ -46,6 +49,7 @@ def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
         ("eval", ["dev/bench/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
          OUT / "eval.json"),
         ("store", ["dev/bench/bench_store.py", *q, "--json", str(OUT / "store.json")], OUT / "store.json"),
+        ("tars", ["dev/bench/bench_tars.py", *q, "--json", str(OUT / "tars.json")], OUT / "tars.json"),
     ]
     if cuda:
         out += [
@@ -124,6 +128,25 @@ def summary_rows(results: dict) -> list[list]:
                          f"{v['bit_identical']})", v["ratio"], ">= 1.8", verdict(v["ratio"], 1.8, True)])
     if "online" in store:
         rows.append(["stage-2 step online / precomputed caption embeddings (mid)", store["online"]["ratio"], "", ""])
+    t = results.get("tars") or {}
+    if "features" in t:
+        f = t["features"]
+        rows.append([f"features items/s, media in tar shards / as files, 1 process (bit-identical: "
+                     f"{f['tars_equal_files']})", f["tars_over_files_1proc"], ">= 1.0",
+                     verdict(f["tars_over_files_1proc"], 1.0, True)])
+        rows.append([f"features 2 / 1 processes items/s, tar shards (kept {f['tars']['kept']:.2f} of bare "
+                     f"{f['bare']['ratio']:.2f})", f["tars"]["ratio"], "", ""])
+    if "index" in t:
+        i = t["index"]
+        rows.append([f"shard index: build s per 10 k members; bytes per member ({i['members']:,} members)",
+                     f"{i['build_s_per_10k']:.2f}; {i['index_bytes_per_member']:.0f}", "", ""])
+        rows.append(["files created per medium from tar shards", i["files_per_medium"], "0",
+                     verdict(i["files_per_medium"], 0, False)])
+    if "scale" in t:
+        s = t["scale"]
+        rows.append([f"features over {s['runs']['tars'][-1]['items']:,} items: peak RSS growth bytes per item, "
+                     f"tars - files (files alone {s['files']['rss_growth_bytes_per_item']:.0f})",
+                     s["tars_minus_files_bytes_per_item"], "", ""])
     e = results.get("embeddings")
     if e and "shards_ratio" in e:
         rows.append([f"process_embeddings / bare forward with shards ({e['encoder']}, {e['device']})",
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command, json_path in selected:
         print(f"\n=== {name}: python {' '.join(command)}", flush=True)
         start = time.time()
-        if name in ("pipeline", "embeddings", "stage1", "eval", "store"):
+        if name in ("pipeline", "embeddings", "stage1", "eval", "store", "tars"):
             command = [*command, "--threads", str(args.threads)]
         rc = subprocess.call([sys.executable, *command], cwd=REPO)
         seconds[name] = time.time() - start

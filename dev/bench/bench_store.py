@@ -125,20 +125,23 @@ def bench_store(work: Path, count: int, reads: int) -> dict:
 
 def _bare_share(argv: list[str]) -> None:
     """The compute a features run cannot avoid, with nothing else: this share's batches (the same split as
-    --shard), each image decoded (imagebind LOADERS) and encoded, the vectors dropped. No store, no DataLoader."""
+    --shard; whole shards when the images are webdataset shard members), each image decoded (imagebind LOADERS,
+    which read a member by offset) and encoded, the vectors dropped. No store, no DataLoader."""
     import torch
 
     from nextgpt import store
     from nextgpt.imagebind.encode import LOADERS, Encoder
+    from nextgpt.store import tars
 
     pairs, _, _ = argv[:3]
     opt = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
     rank, world = store.parse_share(opt.get("--shard"))
     folder = Path(pairs).parent / "images"
-    names = [r["image_name"] for r in json.loads(Path(pairs).read_text())]
+    paths = {r["image_name"]: folder / r["image_name"] for r in json.loads(Path(pairs).read_text())}
     encoder = Encoder(opt["--imagebind"], opt["--preset"], device="cpu")
-    for batch in store.share_batches(names, int(opt["--batch-size"]), rank, world):
-        encoder.encode_tensors("image", torch.stack([LOADERS["image"](folder / n) for n in batch])).numpy()
+    batches, _ = tars.plan_batches(paths, int(opt["--batch-size"]), rank, world)
+    for batch in batches:
+        encoder.encode_tensors("image", torch.stack([LOADERS["image"](paths[n]) for n in batch])).numpy()
 
 
 def _worker(args) -> int:
@@ -240,6 +243,40 @@ def _same_items(a: Path, b: Path, names: list[str]) -> bool:
     return same and (a / store.MANIFEST).read_text() == (b / store.MANIFEST).read_text()
 
 
+def one_vs_two(scratch: Path, imagebind: Path, variants: dict, count: int, reps: int, pin: bool = False) -> dict:
+    """Per repetition, interleaved (so that a change in the machine's load hits every side): each variant in 1
+    process and in 2 (--shard 0/2, 1/2, started together) on two warm workers; `variants`: name -> argv(out,
+    *more) of a process_embeddings run, "bare" first (run as _bare_share). Outputs go to
+    scratch/<variant>_one|two_<rep>. -> {variant: {one_process_items_per_s, two_processes_items_per_s, ratio
+    (median of per-repetition 1-process s / 2-process s), ratios_per_rep, kept (ratio / bare ratio, not for
+    bare)}, "seconds": {variant: {1: [...], 2: [...]}}}"""
+    seconds = {(v, n): [] for v in variants for n in (1, 2)}
+    workers = _Workers(scratch, imagebind, pin=pin)
+    try:
+        first = variants[next(v for v in variants if v != "bare")]
+        for bare in (True, False):         # untimed: each worker's first run pays its one-time costs (allocator,
+            warm = scratch / f"warm_{bare}"    # oneDNN kernels, lazy imports), as a long run would only once
+            workers.run([first(warm, "--shard", "0/2"), first(warm, "--shard", "1/2")], bare)
+        for rep in range(reps):
+            for variant, argv in variants.items():
+                one, two = scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}"
+                seconds[variant, 1].append(workers.run([argv(one)], variant == "bare"))
+                seconds[variant, 2].append(workers.run([argv(two, "--shard", "0/2"), argv(two, "--shard", "1/2")],
+                                                       variant == "bare"))
+    finally:
+        workers.close()
+    result: dict = {"seconds": {v: {n: seconds[v, n] for n in (1, 2)} for v in variants}}
+    bare = [a / b for a, b in zip(seconds["bare", 1], seconds["bare", 2])]
+    for variant in variants:
+        ratios = [a / b for a, b in zip(seconds[variant, 1], seconds[variant, 2])]
+        result[variant] = dict(one_process_items_per_s=count / median(seconds[variant, 1]),
+                               two_processes_items_per_s=count / median(seconds[variant, 2]),
+                               ratio=median(ratios), ratios_per_rep=ratios)
+        if variant != "bare":
+            result[variant]["kept"] = median([r / b for r, b in zip(ratios, bare)])
+    return result
+
+
 def bench_precompute(env, work: Path, count: int, reps: int, pin: bool = False) -> dict:
     """Per repetition, interleaved: the bare compute, the files layout and the shards layout, each in 1 process
     and then in 2 (--shard 0/2, 1/2). Ratios are per repetition (1-process seconds / 2-process seconds, taken
@@ -263,34 +300,14 @@ def bench_precompute(env, work: Path, count: int, reps: int, pin: bool = False) 
         return [str(pairs), "image", str(out), "--features", "--imagebind", str(env.imagebind), "--preset", "tiny",
                 "--batch-size", "8", "--workers", "0", "--device", "cpu", "--store", layout, *more]
 
-    variants = ("bare", "files", "shards")
-    seconds = {(v, n): [] for v in variants for n in (1, 2)}
-    workers = _Workers(scratch, env.imagebind, pin=pin)
-    try:
-        for bare in (True, False):         # untimed: each worker's first run pays its one-time costs (allocator,
-            warm = scratch / f"warm_{bare}"    # oneDNN kernels, lazy imports), as a long run would only once
-            workers.run([argv(warm, "files", "--shard", "0/2"), argv(warm, "files", "--shard", "1/2")], bare)
-        for rep in range(reps):            # interleaved, so that a change in the machine's load hits every side
-            for variant in variants:
-                layout = "files" if variant == "bare" else variant
-                one, two = scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}"
-                seconds[variant, 1].append(workers.run([argv(one, layout)], variant == "bare"))
-                seconds[variant, 2].append(workers.run([argv(two, layout, "--shard", "0/2"),
-                                                        argv(two, layout, "--shard", "1/2")], variant == "bare"))
-    finally:
-        workers.close()
     result: dict = dict(items=count, reps=reps)
-    for variant in variants:
-        ratios = [a / b for a, b in zip(seconds[variant, 1], seconds[variant, 2])]
-        result[variant] = dict(one_process_items_per_s=count / median(seconds[variant, 1]),
-                               two_processes_items_per_s=count / median(seconds[variant, 2]),
-                               ratio=median(ratios), ratios_per_rep=ratios)
-        if variant != "bare":
-            bare = [a / b for a, b in zip(seconds["bare", 1], seconds["bare", 2])]
-            result[variant]["kept"] = median([r / b for r, b in zip(ratios, bare)])
-            result[variant]["bit_identical"] = all(
-                _same_items(scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}",
-                            [r["image_name"] for r in records]) for rep in range(reps))
+    result.update(one_vs_two(scratch, env.imagebind, {v: (lambda out, *more, layout=("files" if v == "bare" else v):
+                                                          argv(out, layout, *more)) for v in ("bare", "files", "shards")},
+                             count, reps, pin))
+    for variant in ("files", "shards"):
+        result[variant]["bit_identical"] = all(
+            _same_items(scratch / f"{variant}_one_{rep}", scratch / f"{variant}_two_{rep}",
+                        [r["image_name"] for r in records]) for rep in range(reps))
     result["ratio"] = result["files"]["ratio"]            # the seed's layout: the headline figure
     result["bit_identical"] = result["files"]["bit_identical"] and result["shards"]["bit_identical"]
     shutil.rmtree(scratch, ignore_errors=True)
@@ -374,6 +391,19 @@ def bench_online(env, work: Path, batch_size: int, reps: int, device, dtype) -> 
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def precompute_rows(p: dict, labels: dict[str, str], target: float | None = None) -> list[list]:
+    """Table rows of a 1- vs 2-process result (bench_precompute's, bench_tars'): label, items/s in 1 and 2
+    processes, the 2 / 1 ratio, kept of bare, and the target's verdict (not for the bare row)."""
+    rows = []
+    for variant, label in labels.items():
+        v = p[variant]
+        row = [label, v["one_process_items_per_s"], v["two_processes_items_per_s"], v["ratio"], v.get("kept", "")]
+        if target is not None:
+            row.append(f">= {target} {verdict(v['ratio'], target, True)}" if variant != "bare" else "")
+        rows.append(row)
+    return rows
+
+
 def run(args) -> dict:
     import torch
 
@@ -404,13 +434,9 @@ def run(args) -> dict:
               f"({c['rows_per_shard']:,} rows each), {c['shards_bytes'] / 2**40:.2f} TiB (float16)")
     if "precompute" in args.parts:
         p = result["precompute"] = bench_precompute(env, work, args.images, args.precompute_reps, args.pin)
-        rows = []
-        for variant, label in (("bare", "bare: decode + encode, nothing else"),
-                               ("files", "process_embeddings --store files"),
-                               ("shards", "process_embeddings --store shards")):
-            v = p[variant]
-            rows.append([label, v["one_process_items_per_s"], v["two_processes_items_per_s"], v["ratio"],
-                         v.get("kept", ""), f">= 1.8 {verdict(v['ratio'], 1.8, True)}" if variant != "bare" else ""])
+        rows = precompute_rows(p, {"bare": "bare: decode + encode, nothing else",
+                                   "files": "process_embeddings --store files",
+                                   "shards": "process_embeddings --store shards"}, target=1.8)
         print_table(f"ImageBind features (tiny ImageBind, {p['items']} toy images, batch 8), 1 process vs 2 "
                     f"(--shard 0/2, 1/2), 1 torch thread and no decode workers per process; ratio = median over "
                     f"{p['reps']} repetitions of 1-process s / 2-process s; kept = ratio / bare ratio",

@@ -32,11 +32,12 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIGS = REPO / "code" / "config" / "tiny"
 
 
-def code_script(name: str):
-    """code/<name>.py as a module. code/ holds the flat scripts (run as `python code/<name>.py`), not a package;
-    a test session that already imported it (pytest's pythonpath) gets that module."""
+def code_script(name: str, folder: str = "code"):
+    """code/<name>.py (or <folder>/<name>.py: scripts/prepare_data.py) as a module. code/ and scripts/ hold flat
+    scripts (run as `python code/<name>.py`), not packages; a test session that already imported it (pytest's
+    pythonpath) gets that module."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "code" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -19,7 +19,6 @@ the sample's file + record), and the number of signal blocks in the token ids mu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from nextgpt.data.embeddings import storage_shape
 from nextgpt.data.types import Encoded
 from nextgpt import store
+from nextgpt.store import tars
 from nextgpt.store.manifest import read_manifest
 from nextgpt.tokens import IGNORE, signal_blocks
 
@@ -178,7 +178,7 @@ class Collator:
                 return torch.from_numpy(np.stack(arrays).astype(np.float32))
         for enc in batch:
             for medium in enc.sample.media:
-                if not os.path.isfile(medium.path):
+                if not tars.media_exists(medium.path):     # a file, or a member of its folder's shards
                     raise FileNotFoundError(f"{medium.path}: media file missing and no cached feature "
                                             f"({enc.sample.where})")
         return None

@@ -19,6 +19,7 @@ import numpy as np
 from nextgpt.data.embeddings import KIND, check_npy, storage_shape
 from nextgpt.modalities import MODALITIES, conditioning_shape
 from nextgpt.store.manifest import read_manifest
+from nextgpt.store import tars
 
 MISSING, CORRUPT = "missing", "corrupt"
 
@@ -26,20 +27,31 @@ MISSING, CORRUPT = "missing", "corrupt"
 def check_media(path: str | Path, modality: str, decode: bool = True) -> tuple[str, str] | None:
     """None when the medium is usable, else (kind, reason). decode=False: existence only."""
     path = Path(path)
+    member = None
     if not path.is_file():
-        return MISSING, f"{path}: media file missing"
-    if path.stat().st_size == 0:
+        try:
+            member = tars.locate(path)            # a member of the folder's webdataset shards, read by offset
+        except ValueError as e:                    # the shard index is unreadable or a shard changed since
+            return CORRUPT, str(e)
+        if member is None:
+            return MISSING, f"{path}: media file missing" + (
+                f" (not in the shard index {path.parent / tars.INDEX_JSON})" if tars.is_tar_backed(path.parent) else "")
+        if member.size == 0:
+            return CORRUPT, f"{member}: empty member ({path})"
+    elif path.stat().st_size == 0:
         return CORRUPT, f"{path}: empty file"
     if not decode:
         return None
     from nextgpt.imagebind.encode import LOADERS
 
     try:
-        LOADERS[modality](str(path))  # the exact decoding + transforms training uses
+        # the exact decoding + transforms training uses (a shard member: its bytes, read by offset)
+        LOADERS[modality](tars.read_member(member) if member else str(path))
     except (ValueError, OSError, RuntimeError, EOFError, StopIteration, IndexError, MemoryError) as e:
         # what PIL / soundfile / PyAV / MediaError raise on a bad file: this file cannot be trained on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CORRUPT, reason if reason.startswith(str(path)) else f"{path}: cannot decode ({reason})"
+        label = str(member or path)               # a shard member is named `<shard>:<member>`
+        return CORRUPT, reason if reason.startswith(label) else f"{label}: cannot decode ({reason})"
     return None
 
 

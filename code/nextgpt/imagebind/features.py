@@ -6,7 +6,9 @@ not even loaded when nothing is left to do; media are decoded in DataLoader work
 encodes the previous batch; each batch is written as soon as it is encoded (files: atomically, on the store's
 background writer), so a killed run loses at most one batch (one shard), and a rerun removes the temporary files
 the kill left and finishes the job. Under a launcher (or --shard K/N) each rank encodes its own batches
-(store.share_batches) and the rank completing the set merges the manifest.
+(store.share_batches; media in webdataset tar shards: whole shards per rank, each read front to back by offset,
+store/tars.py) and the rank completing the set merges the manifest. A killed run over shards resumes at shard
+granularity: a shard whose items are all stored is not opened again, a partly done one reads only what is left.
 
 The manifest records the checkpoint's fingerprint (name, size, sha256 of its ends) and preset: a folder refuses
 features of another checkpoint here, and training refuses them (data/collate.py).
@@ -21,6 +23,7 @@ import torch
 
 from nextgpt import store
 from nextgpt.modalities import get as get_modality
+from nextgpt.store import tars
 
 from .model import resolve_config
 from .preprocess import MediaError
@@ -57,12 +60,13 @@ def check_same_encoder(folder: str | Path, checkpoint: str | Path, preset: str) 
 
 
 class _Media(torch.utils.data.Dataset):
-    """(name, preprocessed tensor or None, error or None) per medium; runs in DataLoader workers."""
+    """(name, preprocessed tensor or None, error or None) per medium; runs in DataLoader workers. A medium in a
+    webdataset shard (`members`) is read by its offset, in the worker."""
 
-    def __init__(self, names: list[str], paths: dict[str, Path], modality: str):
+    def __init__(self, names: list[str], paths: dict[str, Path], modality: str, members: dict[str, tars.Member]):
         from .encode import LOADERS
 
-        self.names, self.paths, self.load = names, paths, LOADERS[modality]
+        self.names, self.paths, self.members, self.load = names, paths, members, LOADERS[modality]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,7 +74,8 @@ class _Media(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         name = self.names[i]
         try:
-            return name, self.load(self.paths[name]), None
+            member = self.members.get(name)
+            return name, self.load(tars.read_member(member) if member else self.paths[name]), None
         except MediaError as e:
             return name, None, str(e)
 
@@ -122,7 +127,8 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
         raise ValueError(f"{out_dir / store.MANIFEST}: {modality} features are {old.dtype} {tuple(old.shape)}, this "
                          f"run writes {section.dtype} ({out_dim},) (use another folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    mine = store.share_batches(list(paths), batch_size, rank, world)
+    # Media in webdataset shards: whole shards per rank, each read front to back (store/tars.py)
+    mine, members = tars.plan_batches(paths, batch_size, rank, world)
     names = [n for batch in mine for n in batch]
     done = store.done_names(out_dir, modality, layout, names, (out_dim,), dtype=section.dtype)
     todo = [[n for n in batch if n not in done] for batch in mine]
@@ -137,10 +143,11 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
     skipped = len(names) - sum(map(len, todo))
     written, bad = 0, []
     if todo:
-        absent = [paths[name] for batch in todo for name in batch if not paths[name].is_file()]
+        absent = [paths[name] for batch in todo for name in batch
+                  if name not in members and not paths[name].is_file()]
         if absent and not skip_bad:
             more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-            raise MediaError(f"{absent[0]}: missing{more}")
+            raise MediaError(f"{tars.missing_reason(absent[0])}{more}")
         encoder = Encoder(checkpoint, preset, device=device)
         writer = store.StoreWriter(out_dir, KIND, modality, section, layout, tag=tag, skip_bad=skip_bad)
         flat = [n for batch in todo for n in batch]
@@ -148,7 +155,7 @@ def write_feature_cache(media: Sequence[tuple[str, str | Path]], modality: str, 
         for batch in todo:
             offsets.append(offsets[-1] + len(batch))
         sampler = [list(range(offsets[i], offsets[i + 1])) for i in range(len(todo))]   # our batches, as indices
-        loader = torch.utils.data.DataLoader(_Media(flat, paths, modality), batch_sampler=sampler,
+        loader = torch.utils.data.DataLoader(_Media(flat, paths, modality, members), batch_sampler=sampler,
                                              collate_fn=_collate, num_workers=max(0, workers))
         try:
             with tqdm(total=len(flat), desc=f"ImageBind {modality} features", unit=modality,

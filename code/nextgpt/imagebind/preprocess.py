@@ -8,15 +8,22 @@ file checks, clip spans) and the image loader; audio is in preprocess_audio.py, 
 torchvision / torchaudio / pytorchvideo / decord are not usable beside torch 2.13 (their imports fail), so the
 few transforms ImageBind takes from them are written here with the same arithmetic. A file that is missing,
 empty, truncated or not media raises MediaError (a ValueError) whose one-line message names the file.
+
+A loader takes a path or the bytes of a webdataset shard member (nextgpt.store.tars.Blob, named
+`<shard>:<member>`); a path with no file behind it whose folder is tar-backed is read from its shard by offset,
+so every caller (precompute, validation, live encoding, the app) reads shards the way it reads files.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from nextgpt.store.tars import Blob, missing_reason, read_media
 
 IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,15 +34,28 @@ class MediaError(ValueError):
     """A media file that cannot be used; the message starts with the file's path."""
 
 
-def _check_file(path: str | Path) -> Path:
+def _check_file(path: str | Path | Blob) -> Path | Blob:
+    """The file, or the shard member's bytes when no file is there and the folder's shard index holds it."""
+    if isinstance(path, Blob):
+        if not path.size:
+            raise MediaError(f"{path}: empty member")
+        return path
     path = Path(path)
     if not path.exists():
-        raise MediaError(f"{path}: missing")
+        blob = read_media(path)
+        if blob is None:
+            raise MediaError(missing_reason(path))
+        return _check_file(blob)
     if not path.is_file():
         raise MediaError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: empty file")
     return path
+
+
+def opened(source: Path | Blob) -> str | BinaryIO:
+    """What PIL / PyAV / soundfile open: a path string, or a file object over a member's bytes."""
+    return source.open() if isinstance(source, Blob) else str(source)
 
 
 def _first_line(error: BaseException) -> str:
@@ -109,13 +129,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Image file -> (3, 224, 224) float32 (to_rgb, then ImageBind's transform)."""
+def load_image(path: str | Path | Blob) -> torch.Tensor:
+    """Image file (or shard member) -> (3, 224, 224) float32 (to_rgb, then ImageBind's transform)."""
     from PIL import Image, UnidentifiedImageError
 
     path = _check_file(path)
     try:
-        with Image.open(path) as image:                    # reads the header only
+        with Image.open(opened(path)) as image:                    # reads the header only
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise MediaError(f"{path}: {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                                  "this loader decodes (decompression-bomb guard)")

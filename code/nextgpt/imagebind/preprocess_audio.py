@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import MediaError, _check_file, _first_line, clip_spans
+from .preprocess import MediaError, _check_file, _first_line, clip_spans, opened
 
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_CLIP_SECONDS = 2
@@ -98,11 +98,12 @@ def waveform_to_melspec(clip: torch.Tensor, target_frames: int = AUDIO_FRAMES, r
     return spec.unsqueeze(0)
 
 
-def _wav_declared_shortfall(path: Path) -> int | None:
-    """Bytes that a RIFF/WAVE file's `data` chunk declares beyond the end of the file (None if not a WAV or the
-    size is the streaming placeholder). libsndfile quietly reads what is there, so truncation is checked here."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _wav_declared_shortfall(path) -> int | None:
+    """Bytes that a RIFF/WAVE file's (or shard member's) `data` chunk declares beyond its end (None if not a WAV
+    or the size is the streaming placeholder). libsndfile quietly reads what is there, so truncation is checked
+    here."""
+    size = path.stat().st_size if isinstance(path, Path) else path.size
+    with (open(path, "rb") if isinstance(path, Path) else path.open()) as f:
         header = f.read(12)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
             return None
@@ -118,8 +119,8 @@ def _wav_declared_shortfall(path: Path) -> int | None:
     return None
 
 
-def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Audio file -> (samples, channels) float32 in [-1, 1] and its sample rate (soundfile, else PyAV)."""
+def decode_audio(path) -> tuple[np.ndarray, int]:
+    """Audio file (a path, or a shard member's Blob) -> (samples, channels) float32 in [-1, 1] and its sample rate (soundfile, else PyAV)."""
     import soundfile
 
     path = _check_file(path)
@@ -127,7 +128,7 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if shortfall:
         raise MediaError(f"{path}: truncated WAV ({shortfall} bytes of audio data missing)")
     try:
-        samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, sample_rate = soundfile.read(opened(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as sndfile_error:
         try:
             samples, sample_rate = _decode_audio_av(path)
@@ -138,11 +139,11 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return samples, int(sample_rate)
 
 
-def _decode_audio_av(path: Path) -> tuple[np.ndarray, int]:
+def _decode_audio_av(path) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(opened(path)) as container:
             if not container.streams.audio:
                 raise MediaError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
@@ -228,7 +229,7 @@ def audio_transform(waveform: torch.Tensor) -> torch.Tensor:
     return torch.stack(clips)
 
 
-def load_audio(path: str | Path) -> torch.Tensor:
+def load_audio(path) -> torch.Tensor:
     """Audio file -> (3, 1, 128, 204) float32: every channel resampled to 16 kHz, clip means over all channels,
     fbank of channel 0 (the original's load_and_transform_audio_data)."""
     samples, sample_rate = decode_audio(path)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, MediaError, _check_file, _first_line, clip_spans
+from .preprocess import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, MediaError, _check_file, _first_line, clip_spans, opened
 
 VIDEO_CLIP_SECONDS = 2
 VIDEO_CLIPS = 5
@@ -23,12 +23,12 @@ VIDEO_FRAMES_PER_CLIP = 2
 VIDEO_SPATIAL_CROPS = 3
 
 
-def _video_index(path: Path):
+def _video_index(path):
     """Open a video; return (container, stream, number of frames, frames per second)."""
     import av
 
     try:
-        container = av.open(str(path))
+        container = av.open(opened(path))
     except (av.FFmpegError, OSError, ValueError) as e:
         raise MediaError(f"{path}: not a readable video (truncated, or not a video file: {_first_line(e)})") from None
     if not container.streams.video:
@@ -100,8 +100,8 @@ def video_transform(clips: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(views)
 
 
-def load_video(path: str | Path) -> torch.Tensor:
-    """Video file -> (15, 3, 2, 224, 224) float32: 5 clips x 3 spatial crops, 2 frames each."""
+def load_video(path) -> torch.Tensor:
+    """Video file (a path, or a shard member's Blob) -> (15, 3, 2, 224, 224) float32: 5 clips x 3 spatial crops, 2 frames each."""
     import av
 
     path = _check_file(path)

@@ -25,7 +25,9 @@ that is not finite after the cast to the store's dtype (float16 overflows to inf
 
 
 Modules: manifest (the format), files / shards (the two layouts), writer, reader, share (merge, sharded
-precompute), convert (between layouts, and `python -m nextgpt.store convert|info FOLDER`).
+precompute), convert (between layouts, and `python -m nextgpt.store convert|info FOLDER`); and tars, the one
+module here about media rather than vectors: webdataset tar shards read in place through a shard index (what
+the loaders, the feature precompute and validation read a medium from when no file is there).
 """
 
 from nextgpt.store.manifest import (KINDS, LAYOUTS, MANIFEST, SHARD_BYTES, SHARD_DIR, Manifest, Section, StoreError,
