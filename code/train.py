@@ -23,6 +23,7 @@ from nextgpt import config as config_lib
 from nextgpt import cli, runtime
 from nextgpt.checkpoint import resume
 from nextgpt.checkpoint import resume_checks
+from nextgpt.eval.run import heldout_loss
 from nextgpt.training import runlock
 from nextgpt.training.runlog import RunLog, TermMeans
 from nextgpt.runtime import to_device
@@ -54,16 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
 def evaluate(engine, loader, sampler, device) -> dict[str, float]:
-    """Mean loss, token accuracy and alignment (l2) terms over the held-out split, averaged over ranks."""
-    engine.eval()
+    """Loss, token accuracy and alignment (l2) terms over the held-out split, over ranks: the one held-out loss
+    (nextgpt.eval.run.heldout_loss, token-weighted), the same number `make eval` reports for the checkpoint."""
     sampler.set_epoch(0)  # the same held-out batches at every evaluation
-    terms = TermMeans()
-    for batch in loader:
-        terms.add(engine(to_device(batch, device)))
-    engine.train()
-    return terms.means(device, l2_mean=True)
+    return heldout_loss(engine, loader, device, l2_mean=True)
 
 
 def train(args: argparse.Namespace) -> dict:

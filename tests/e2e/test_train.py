@@ -148,6 +148,23 @@ def test_stage_2_loads_stage_1_and_trains_output_proj(stage_1, stage_2):
     assert "audiocap_dec/eval 3" in (stage_2 / "train.log").read_text()
 
 
+def test_make_eval_reports_the_in_training_heldout_loss(env, stage_1, stage_2, tmp_path):
+    """code/evaluate.py (make eval) and train.py's evaluation compute the held-out loss with one function
+    (nextgpt.eval.run.heldout_loss, token-weighted): the same numbers for the same checkpoint and split."""
+    import evaluate
+
+    in_training = metrics(stage_2, "eval")[-1]
+    assert in_training["step"] == STEPS  # the weights of checkpoint-8
+    argv = env.argv("stage_2", *repeated("stage_2", stage_1), "data.eval_fraction=0.25")
+    assert evaluate.main(argv + ["--ckpt", str(stage_2 / f"checkpoint-{STEPS}"), "--decode", "0",
+                                 "--out", str(tmp_path)]) == 0
+    reported = json.loads((tmp_path / "metrics.json").read_text())["checkpoints"][0]["metrics"]
+    assert reported["heldout_loss"] == pytest.approx(in_training["loss"], rel=1e-5)
+    assert reported["heldout_lm"] == pytest.approx(in_training["lm"], rel=1e-5)
+    assert reported["token_acc"] == pytest.approx(in_training["token_acc"], rel=1e-5)
+    assert reported["heldout_l2.audio"] == pytest.approx(in_training["audio"], rel=1e-5)
+
+
 def test_stage_3_lora_from_stage_2(env, stage_2, stage_3):
     assert_falls([r["loss"] for r in metrics(stage_3)], "stage 3")
     checkpoint = assert_run_folder(stage_3, STEPS)

@@ -26,6 +26,10 @@ from typing import Sequence
 import torch
 
 from nextgpt.eval import metrics as M
+from nextgpt.modalities import MODALITIES
+from nextgpt.model.losses import TERMS
+from nextgpt.runtime import mean_over_ranks, to_device
+from nextgpt.tokens import IGNORE
 
 CAPTION, GENERATE, TEXT = "caption", "generate", "text"
 
@@ -162,9 +166,46 @@ def generate_replies(model, items: Sequence[Item], cfg, options: Options) -> lis
     return replies
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The held-out loss: one function, for train.py's in-training evaluation and for code/evaluate.py (make eval)
+
+TOKEN_WEIGHTED = ("loss", "lm", "token_acc")
+
+
+@torch.no_grad()
+def heldout_loss(model, batches, device: torch.device, l2_mean: bool = False) -> dict[str, float]:
+    """{term: mean} of NextGPT.forward's loss terms with the answers given, over every batch and every rank (each
+    rank passes its share; every rank calls this). `model`: a NextGPT or the DeepSpeed engine around one.
+
+    Token-weighted: loss, lm and token_acc count each batch by its supervised tokens, so they are the means over
+    the split's tokens, whatever the batch size, the padding or the number of ranks (a mean of micro-batch means
+    would count a token of a short answer more than one of a long answer, and change with the batching). The
+    alignment terms (one value per batch that holds the modality) count each batch once. l2_mean adds "l2", the
+    mean of the alignment terms present."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            out = model(batch)
+            tokens = float((batch["labels"][:, 1:] != IGNORE).sum())    # the shifted LM loss's targets
+            for name, value in out.items():
+                weight = tokens if name in TOKEN_WEIGHTED else 1.0
+                sums[name] = sums.get(name, 0.0) + float(value) * weight
+                weights[name] = weights.get(name, 0.0) + weight
+    finally:
+        model.train(was_training)
+    result = mean_over_ranks(sums, weights, TERMS, device)
+    if l2_mean and (l2 := [result[m] for m in MODALITIES if m in result]):
+        result["l2"] = sum(l2) / len(l2)
+    return result
+
+
 def teacher_forced(model, cfg, datasets: dict, options: Options) -> dict[str, float]:
-    """Held-out LM loss, token accuracy and alignment terms with the answers given (as train.py's evaluation),
-    token-weighted over every batch."""
+    """The held-out loss (heldout_loss, as train.py's evaluation) of the held-out datasets, in batches of
+    options.batch_size, as heldout_loss / heldout_lm / token_acc / heldout_l2.<modality>."""
     from torch.utils.data import ConcatDataset, DataLoader
 
     from nextgpt.data.collate import Collator
@@ -174,22 +215,7 @@ def teacher_forced(model, cfg, datasets: dict, options: Options) -> dict[str, fl
                         caption_shapes=caption_shapes(cfg))
     parts = [d for d in datasets.values() if len(d)]
     loader = DataLoader(ConcatDataset(parts), batch_size=options.batch_size, collate_fn=collator)
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in _bar(loader, len(loader), "held-out loss", options.progress):
-                out = model(batch)
-                tokens = float((batch["labels"][:, 1:] != -100).sum())
-                for name, value in out.items():
-                    weight = tokens if name in ("loss", "lm", "token_acc") else 1.0
-                    sums[name] = sums.get(name, 0.0) + float(value) * weight
-                    weights[name] = weights.get(name, 0.0) + weight
-    finally:
-        model.train(was_training)
-    result = {name: sums[name] / weights[name] for name in sums if weights[name]}
+    result = heldout_loss(model, _bar(loader, len(loader), "held-out loss", options.progress), model.device)
     return {("heldout_" + k if k in ("loss", "lm") else "token_acc" if k == "token_acc" else f"heldout_l2.{k}"): v
             for k, v in result.items()}
 

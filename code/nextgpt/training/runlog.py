@@ -14,10 +14,7 @@ import torch
 
 from nextgpt import runtime
 from nextgpt.io import atomic_write_text
-from nextgpt.modalities import MODALITIES
-
-# What NextGPT.forward may return: the weighted sum, its terms (one alignment term per modality) and accuracy.
-TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
+from nextgpt.model.losses import TERMS
 
 
 class TermMeans:
@@ -43,13 +40,10 @@ class TermMeans:
         elapsed = max(time.time() - self.start, 1e-9)
         return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
 
-    def means(self, device: torch.device, l2_mean: bool = False) -> dict[str, float]:
-        """{term: mean} of the global batch (every rank calls this), not rank 0's share; l2_mean adds "l2", the
-        mean of the per-modality alignment terms present."""
-        result = runtime.mean_over_ranks(self.sums, self.counts, TERMS, device)
-        if l2_mean and (l2 := [result[m] for m in MODALITIES if m in result]):
-            result["l2"] = sum(l2) / len(l2)
-        return result
+    def means(self, device: torch.device) -> dict[str, float]:
+        """{term: mean} of the global batch (every rank calls this), not rank 0's share. (The held-out
+        evaluation does not average micro-batches: nextgpt.eval.run.heldout_loss weights by tokens.)"""
+        return runtime.mean_over_ranks(self.sums, self.counts, TERMS, device)
 
 
 class RunLog:

@@ -63,6 +63,10 @@ def test_held_out_items_of_every_kind(tiny_env, tiny_model):
     enc = {"cc3m_enc": evaluate._first(sets["cc3m_enc/eval"], 2)}
     loss = R.teacher_forced(model, cfg, enc, R.Options(batch_size=2, progress=False))
     assert loss["heldout_loss"] > 0 and 0 <= loss["token_acc"] <= 1 and not model.training
+    # token-weighted (nextgpt.eval.run.heldout_loss): the same numbers however the split is cut into batches
+    one = R.teacher_forced(model, cfg, enc, R.Options(batch_size=1, progress=False))
+    assert one["heldout_lm"] == pytest.approx(loss["heldout_lm"], rel=1e-4)
+    assert one["token_acc"] == pytest.approx(loss["token_acc"], abs=1e-6)
     with pytest.raises(ValueError, match="empty held-out split"):
         R.held_out_datasets(eval_config(tiny_env, "data.eval_fraction=0.0"), model.tokenizer, model.token_ids)
 
