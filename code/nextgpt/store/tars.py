@@ -32,6 +32,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -186,6 +187,9 @@ class ShardSet:
             raise StoreError(f"{folder / INDEX_ARRAY}: {len(self.index)} entries, {meta_path} says {meta.get('count')}")
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
+        # live encoding decodes in threads (imagebind/encode.py): descriptors are opened, closed and read under
+        # one lock, so one is never closed under a read (DataLoader workers are processes: no contention there)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -231,14 +235,15 @@ class ShardSet:
         """The member's bytes: one pread at its offset (pread keeps no file position, so DataLoader workers
         forked after the open share nothing that moves)."""
         shard = member.row
-        if os.getpid() != self._pid:            # a forked worker opens its own descriptors
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            if len(self._fds) >= 16:            # a few shards open at a time (a worker reads one, then the next)
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[shard] = os.open(member.shard, os.O_RDONLY)
-        data = os.pread(fd, member.size, member.offset)
+        with self._lock:
+            if os.getpid() != self._pid:        # a forked worker opens its own descriptors
+                self._fds, self._pid = {}, os.getpid()
+            fd = self._fds.get(shard)
+            if fd is None:
+                if len(self._fds) >= 16:        # a few shards open at a time (a worker reads one, then the next)
+                    os.close(self._fds.pop(next(iter(self._fds))))
+                fd = self._fds[shard] = os.open(member.shard, os.O_RDONLY)
+            data = os.pread(fd, member.size, member.offset)
         if len(data) != member.size:
             raise StoreError(f"{member}: shard shorter than its index says (read {len(data)} of {member.size} bytes)")
         return data

@@ -135,3 +135,17 @@ def test_loaders_decode_a_member_as_its_file(tmp_path):
         load_image(tars.Blob("s.tar:x.png", b""))
     with pytest.raises(MediaError, match=r"^s.tar:x.png: not a readable image"):
         load_image(tars.Blob("s.tar:x.png", b"not an image" * 9))
+
+
+def test_threads_read_members_of_many_shards(tmp_path):
+    """Live encoding decodes in threads: reads from more shards than stay open (16) at once all return their bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = _shards(tmp_path / "raw", [2] * 20)
+    media = tmp_path / "images"
+    media.mkdir()
+    _index(media, shards)
+    keys = list(range(40)) * 5
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        read = list(pool.map(lambda k: tars.read_media(media / f"ds_{k:06d}.bin").data, keys))
+    assert read == [bytes([k % 251]) * (100 + k) for k in keys]
