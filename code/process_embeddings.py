@@ -259,7 +259,14 @@ def run(args, log=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return cli.run(lambda: run(args), "process_embeddings")  # one `error:` line, exit 2 (nextgpt.cli)
+    from nextgpt.training.stop import interrupt_on_signals
+
+    def body() -> None:
+        # Ctrl-C / SIGTERM: what is written stays (a rerun skips it), no temporary file is left (exit 130 / 143).
+        with interrupt_on_signals("the items written so far are kept; rerun the same command to finish"):
+            run(args)
+
+    return cli.run(body, "process_embeddings")  # one `error:` line, exit 2 (nextgpt.cli)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
         f"{engine.zero_optimization_stage()}, model quantization {cfg.model.quantization}")
 
     # Resume: trainable weights, optimizer, scheduler, RNGs, sampler position.
-    step, bad_steps, saved_at = 0, 0, -1
+    step, bad_steps, saved_at, skipped_records = 0, 0, -1, 0
     consumed = 0  # micro-batches of the current epoch taken from the loader (workers fetch ahead of this)
     history: list[dict] = []  # config changes made on resume: [{"step", "changes"}], in meta.json from then on
     if rt.is_main and (partial := resume.remove_partial(output_dir)):
@@ -177,6 +177,9 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
                 batches, consumed = iter(train_loader), 0
                 continue
             consumed += 1
+            for line in batch.pop("skipped", []):  # records whose cached vectors failed their read check
+                skipped_records += 1
+                log(f"1 record skipped at step {step} ({skipped_records} so far, data.skip_bad_records): {line}")
             batch = to_device(batch, rt.device)
             out = engine(batch)
             loss = out["loss"]
@@ -232,7 +235,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
         log(f"exported {final / 'pytorch_model.pt'}")
     if rt.is_main:
         resume.write_done(output_dir, step, final, {"stage": cfg.train.stage, "bad_steps": bad_steps})
-        log(f"done: {final} ({step} steps, {bad_steps} skipped micro-batches)")
+        log(f"done: {final} ({step} steps, {bad_steps} skipped micro-batches"
+            + (f", {skipped_records} record(s) skipped for bad cached vectors" if skipped_records else "") + ")")
     runtime.barrier()
     return {"step": step, "checkpoint": final, "bad_steps": bad_steps}
 

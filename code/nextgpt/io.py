@@ -188,3 +188,44 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+PROBE_BYTES = 1 << 20  # a write this size fails on a file system that a failed save just filled
+
+
+def storage_cause(folder: str | os.PathLike) -> int | None:
+    """ENOSPC / EROFS / EDQUOT when the file system holding `folder` refuses writes now, else None.
+
+    For a write that failed without saying why: torch.save's zip writer (torch.save, DeepSpeed's checkpoint
+    writer) reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...", the
+    errno lost in C++. Asked right after the failure, before the partial file is removed (it holds the space):
+    statvfs for read-only, then a fsynced probe write (which is what sees a quota, too)."""
+    import errno
+
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".storage-probe.", suffix=".tmp")
+    except OSError as e:
+        return e.errno if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT) else None
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    except OSError as e:
+        return e.errno if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT) else None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def newest_file(folder: str | os.PathLike) -> Path | None:
+    """The most recently modified file under `folder` (the one a failed save was writing), None if none."""
+    try:
+        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    except OSError:
+        return None

@@ -29,13 +29,18 @@ Classes of the table (`--list` shows every row)
                  decompression bomb is refused before decoding, or a counted skip
   config         typos, wrong types, dsconfig contradictions, fp16 on CPU, --max-steps 0 (trains nothing, exit 0),
                  train.epochs=0 and negative steps (one line naming the key)
-  values         NaN / inf / float16-for-float32 embeddings and features (validate_data.py exit 1), non-finite
+  values         NaN / inf / float16-for-float32 embeddings and features (validate_data.py exit 1); a NaN feature,
+                 complex64 / string caption embeddings read by train.py (one line naming file and record, or a
+                 counted skip under data.skip_bad_records); non-finite
                  losses (aborted naming the samples, or counted skips)
   cache          a caption edited after the embeddings (stale at training; recomputed by process_embeddings), one
                  media name with two captions, features of another ImageBind checkpoint
   signals        SIGINT / SIGTERM / Ctrl-C twice to train.py; SIGTERM and kill -9 to the `deepspeed` launcher and
                  Ctrl-C / SIGTERM to `python -m nextgpt.launch` (what make runs) with 2 ranks: every rank stops after
-                 its step, the checkpoint verifies, nothing runs on; one process resumes bit-identical
+                 its step, the checkpoint verifies, nothing runs on; one process resumes bit-identical. Per launcher
+                 form (the `deepspeed` command, deepspeed.launcher.runner / .launch, torchrun, nextgpt.launch, none):
+                 SIGTERM to the outermost process only (left unreaped 3 s) and SIGINT to the process group, every
+                 rank stopped within one step of the signal; a 1-rank run per form resumed bit-identical
   lock           a second run into a live run's folder, a stale lock of a dead process, a lock of another host
   checkpoint     truncated optimizer / rank state, flipped delta byte, deleted model states in the latest checkpoint
                  (falls back to the previous one, said, ends bit-identical), the same named explicitly, none valid
@@ -161,12 +166,16 @@ def last_line(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Training runs and their checkpoints
 
+def train_sets(out: Path, init_from: Path | None) -> list[str]:
+    """The --set overrides of every chaos training run into `out`."""
+    return [f"train.output_dir={out}", f"train.save_every={SAVE_EVERY}", "train.report_to=[]", "train.log_every=1",
+            "train.keep_last=2", f"train.init_from={init_from}" if init_from else "train.init_from="]
+
+
 def train_command(env, stage: int, out: Path, init_from: Path | None, *extra: str, args: tuple[str, ...] = ()
                   ) -> list[str]:
-    overrides = [f"train.output_dir={out}", f"train.save_every={SAVE_EVERY}", "train.report_to=[]",
-                 "train.log_every=1", "train.keep_last=2"]
-    overrides.append(f"train.init_from={init_from}" if init_from else "train.init_from=")
-    return [PYTHON, TRAIN, *env.argv(f"stage_{stage}", *overrides, *extra), "--max-steps", str(STEPS), *args]
+    return [PYTHON, TRAIN, *env.argv(f"stage_{stage}", *train_sets(out, init_from), *extra), "--max-steps",
+            str(STEPS), *args]
 
 
 def logged_steps(out: Path) -> int:
@@ -820,20 +829,39 @@ def processes_using(path: Path) -> list[int]:
     return found
 
 
-def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = LONG_STEPS, wrapper: bool = False
-                     ) -> list[str]:
-    """Two CPU ranks through `python -m deepspeed.launcher.runner --num_gpus 2` (the `deepspeed` command), or with
-    wrapper=True through `python -m nextgpt.launch` (what `make stageN NUM_GPUS=2` runs)."""
+LAUNCHERS = ("deepspeed", "runner", "launch", "torchrun", "nextgpt", "none")
+
+
+def launcher_command(env, stage: int, out: Path, *overrides: str, steps: int = LONG_STEPS, wrapper: bool = False,
+                     form: str = "runner", ranks: int = 2, sets: list[str] | None = None) -> list[str]:
+    """`ranks` CPU ranks of train.py through one launcher `form`: "deepspeed" (the console script, the seed's
+    `deepspeed --num_gpus N code/train.py`), "runner" (`python -m deepspeed.launcher.runner`), "launch"
+    (`python -m deepspeed.launcher.launch`, what the runner starts), "torchrun" (`python -m torch.distributed.run`),
+    "nextgpt" (`python -m nextgpt.launch`, what `make stageN NUM_GPUS=N` runs; also wrapper=True) or "none" (plain
+    `python code/train.py`, one process). `sets` replaces the default overrides (a resumable command passes
+    train_command's, so the plain one-process command continues the run)."""
+    import base64
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    sets = [f"train.output_dir={out}", "train.init_from=", "train.report_to=[]", "train.log_every=1",
-            f"train.save_every={SAVE_EVERY}", "data.datasets=[cc3m_enc]", "train.micro_batch_size=2", *overrides]
-    launcher = "nextgpt.launch" if wrapper else "deepspeed.launcher.runner"
-    return [PYTHON, "-m", launcher, "--num_gpus", "2", "--master_port", str(port), TRAIN,
-            *env.argv(f"stage_{stage}", *sets), "--max-steps", str(steps)]
+        port = str(sock.getsockname()[1])
+    if sets is None:
+        sets = [f"train.output_dir={out}", "train.init_from=", "train.report_to=[]", "train.log_every=1",
+                f"train.save_every={SAVE_EVERY}", "data.datasets=[cc3m_enc]", "train.micro_batch_size=2"]
+    script = [TRAIN, *env.argv(f"stage_{stage}", *sets, *overrides), "--max-steps", str(steps)]
+    form = "nextgpt" if wrapper else form
+    if form == "none":
+        return [PYTHON, *script]
+    if form == "torchrun":
+        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", port, *script]
+    if form == "launch":
+        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+        return [PYTHON, "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", *script]
+    head = {"deepspeed": [str(Path(PYTHON).parent / "deepspeed")], "runner": [PYTHON, "-m", "deepspeed.launcher.runner"],
+            "nextgpt": [PYTHON, "-m", "nextgpt.launch"]}[form]
+    return [*head, "--num_gpus", str(ranks), "--master_port", port, *script]
 
 
 def launcher_env() -> dict[str, str]:
@@ -844,25 +872,28 @@ def launcher_env() -> dict[str, str]:
 
 
 def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False, settle: float = 120.0,
-                 gap: float = 0.3):
+                 gap: float = 0.3, reap_after: float = 0.0):
     """Start the command, wait for `after_steps` logged steps, send `signals` (to the process, or its whole
-    process group as a terminal's Ctrl-C does), wait for it and every process of the run to end."""
+    process group as a terminal's Ctrl-C does), wait for it and every process of the run to end. reap_after:
+    seconds the killed outer process is left unreaped (a zombie), as a supervisor that signals, then sleeps before
+    wait() leaves it. The output gains "[chaos] signal after step N" (the step logged when it was sent)."""
     def drive(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
         out = case / "out"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                       env=launcher_env() if "-m" in command else child_env(),
-                                       start_new_session=True)
+                                       env=launcher_env(), start_new_session=True)
         deadline = time.time() + 600
         while process.poll() is None and logged_steps(out) < after_steps and time.time() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.005)
         sent = process.poll() is None
+        at_step = logged_steps(out)
         for index, signum in enumerate(signals):
             if index:
                 time.sleep(gap)
             if process.poll() is None:
                 (os.killpg if group else os.kill)(process.pid, signum)
+        time.sleep(reap_after)
         try:
             rc = process.wait(timeout=settle)
         except subprocess.TimeoutExpired:
@@ -873,7 +904,7 @@ def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False
             if not leftover:
                 break
             time.sleep(0.1)
-        text = log_path.read_text()
+        text = log_path.read_text() + f"\n[chaos] signal after step {at_step}"
         if not sent:
             text += f"\n[chaos] the run ended before the signal (exit {process.returncode}); nothing was tested"
             rc = -998
@@ -891,6 +922,22 @@ def drive_signal(signals: tuple[int, ...], after_steps: int, group: bool = False
             text += f"\n[chaos] did not exit within {settle:.0f} s of the signal"
         return rc, "", text
     return drive
+
+
+def stopped_within(steps: int, then=None):
+    """Check: the run stopped at most `steps` after the step logged when the signal was sent (the step in flight
+    and one for the monitor's 5 ms poll), then `then`'s checks."""
+    def check(case: Path, env, text: str) -> list[str]:
+        sent = re.search(r"\[chaos\] signal after step (\d+)", text)
+        stopped = re.findall(r"interrupted at step (\d+)", text)
+        if not sent or not stopped:
+            return [f"no {'signal step' if not sent else 'interrupted at step N'} in the output"]
+        late = max(int(n) for n in stopped) - int(sent.group(1))
+        if late > steps:
+            return [f"stopped at step {max(stopped)}, {late} steps after the signal (step {sent.group(1)}); "
+                    f"at most {steps} allowed"]
+        return then(case, env, text) if then is not None else []
+    return check
 
 
 def drive_second_run(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
@@ -992,8 +1039,41 @@ def interrupted_then_resumed(stage: int = 1, ranks: int = 1, resume_to_end: bool
     return check
 
 
+def launcher_cases(two_rank_check) -> list[Case]:
+    """Every launcher form (LAUNCHERS) x {SIGTERM to the outermost process only, left unreaped 3 s; SIGINT to the
+    process group}: every rank stops within one step of the signal, the checkpoint verifies for every rank, no
+    process runs on; and per form a one-rank run stopped by SIGTERM to its outermost process that the plain
+    one-process command resumes to the end bit-identical to the uninterrupted run."""
+    found = []
+    for form in LAUNCHERS:
+        ranks = 1 if form == "none" else 2
+        codes = {signal.SIGTERM: (143,), signal.SIGINT: (130,)} if form == "none" else {}
+        own = (lambda case, env, form=form, ranks=ranks: launcher_command(env, 1, case / "out", form=form, ranks=ranks))
+        after = interrupted_then_resumed(resume_to_end=False) if ranks == 1 else two_rank_check
+        found += [
+            Case(f"sigterm_outer_{form}", f"SIGTERM to the outermost process of `{form}` ({ranks} rank(s)), left "
+                 "unreaped 3 s: every rank stops within one step and saves", own, ("interrupted at step",),
+                 klass="signals", launcher=True, fresh_output=False, exit_codes=codes.get(signal.SIGTERM, ()),
+                 drive=drive_signal((signal.SIGTERM,), 3, reap_after=3.0), check=stopped_within(2, after),
+                 quick=form == "deepspeed"),
+            Case(f"sigint_group_{form}", f"Ctrl-C (SIGINT to the process group) of `{form}` ({ranks} rank(s)): every "
+                 "rank stops within one step and saves", own, ("interrupted at step",), klass="signals",
+                 launcher=True, fresh_output=False, exit_codes=codes.get(signal.SIGINT, ()),
+                 drive=drive_signal((signal.SIGINT,), 3, group=True), check=stopped_within(2, after)),
+            Case(f"resume_after_{form}", f"SIGTERM to the outermost process of `{form}` (1 rank); the plain command "
+                 "resumes bit-identical", lambda case, env, form=form: launcher_command(
+                     env, 1, case / "out", form=form, ranks=1, steps=STEPS, sets=train_sets(case / "out", None)),
+                 ("interrupted at step",), klass="signals", launcher=True, fresh_output=False,
+                 drive=drive_signal((signal.SIGTERM,), 2, reap_after=1.0),
+                 check=stopped_within(2, interrupted_then_resumed())),
+        ]
+    return found
+
+
 def scenario_cases() -> list[Case]:
     import numpy as np
+
+    from nextgpt.store import modality_of_name
 
     def train(stage: int = 1, *overrides: str, args: tuple[str, ...] = (), out_fn=None, steps: int = STEPS):
         """train.py on the workspace data; out_fn(case) may prepare <case>/out first (a copied run)."""
@@ -1016,6 +1096,17 @@ def scenario_cases() -> list[Case]:
         array = np.load(target)
         target.unlink()
         np.save(target, make(array))
+
+    def nan(array):
+        return np.full_like(array, np.nan)
+
+    def break_all(folder: str, make, modality: str = "image"):
+        """data_fn: every <data>/<folder> item of `modality` replaced by make(item) (the first batch meets one)."""
+        def data_fn(data: Path, case: Path, env) -> None:
+            for path in sorted((data / folder).glob("*.npy")):
+                if modality_of_name(path.name[:-4]) == modality:
+                    replace_npy(data / folder, path.name[:-4], make)
+        return data_fn
 
     def first_name(data: Path, modality: str = "image") -> str:
         return first_record(data, modality)[f"{modality}_name"]
@@ -1240,6 +1331,7 @@ def scenario_cases() -> list[Case]:
              lambda case, env: launcher_command(env, 1, case / "out"), (), klass="signals", launcher=True,
              error_line=False, fresh_output=False, drive=drive_signal((signal.SIGKILL,), 2),
              check=two_rank_check, expect_text=("interrupted at step",)),
+        *launcher_cases(two_rank_check),
         # -- one run per output folder ------------------------------------------------------------------------------
         Case("second_run_refused", "a second train.py into the folder of a live run", train(1),
              ("another training is using this folder",), klass="lock", exit_codes=(2,), fresh_output=False,
@@ -1320,6 +1412,20 @@ def scenario_cases() -> list[Case]:
              validate("stage_2", lambda data: replace_npy(data / "embed", first_name(data),
                                                           lambda a: a.astype(np.float16))), (),
              klass="values", exit_codes=(1,), error_line=False, expect_text=("dtype float16",)),
+        # -- values checked where training reads them (the collator, store.StoreReader.get) -------------------------
+        Case("nan_feature_train", "ImageBind features turned NaN after they were written: stage 1 names the file "
+             "and the record", train_case(1, "data.datasets=[cc3m_enc]", data_fn=break_all("features", nan)),
+             ("non-finite value",), klass="values", exit_codes=(2,), quick=True, expect_text=("cc3m.json record",)),
+        Case("complex_embedding_train", "caption embeddings stored as complex64: stage 2 refuses them, naming the file",
+             train_case(2, "data.datasets=[cc3m_dec]", data_fn=break_all("embed", lambda a: a.astype(np.complex64))),
+             ("complex64, not a real floating type",), klass="values", exit_codes=(2,)),
+        Case("string_embedding_train", "caption embeddings of string dtype: one line naming the file",
+             train_case(2, "data.datasets=[cc3m_dec]", data_fn=break_all("embed", lambda a: a.astype(str))),
+             (".npy",), klass="values", exit_codes=(2,), expect_text=("not a real floating type",)),
+        Case("nan_feature_skipped", "one NaN feature under data.skip_bad_records: its record is skipped, counted",
+             train_case(1, "data.datasets=[cc3m_enc]", "data.skip_bad_records=true", args=("--max-steps", "12"),
+                        data_fn=lambda data, case, env: replace_npy(data / "features", first_name(data), nan)),
+             (), klass="values", skip=True, expect_text=("non-finite value",)),
         # -- a cache must match what it is a cache of ----------------------------------------------------------------
         Case("stale_caption_train", "a caption edited after `make embeddings`: stage 2 names the stale embedding",
              train_case(2, "data.datasets=[cc3m_dec]", data_fn=edit_first_caption), ("stale caption embedding",),
@@ -1378,6 +1484,25 @@ def can_mount() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
+LAUNCHER_SIGNAL_EXCEPTIONS = ("KeyboardInterrupt", "torch.distributed.elastic.multiprocessing.api.SignalException")
+
+
+def launchers_own_tracebacks(text: str) -> bool:
+    """Every traceback in `text` is a launcher's answer to the signal, not a rank's: DeepSpeed's runner raises
+    KeyboardInterrupt on Ctrl-C and torchrun SignalException on SIGTERM / SIGINT (library code we do not change;
+    the ranks' own lines are the `error: interrupted ...` ones). A launcher's: its outermost frame (after runpy)
+    is the runner's / torchrun's module, and it ends in one of those exceptions."""
+    for block in text.split(TRACEBACK)[1:]:
+        lines = [line for line in block.splitlines()[1:] if line.strip()]    # [0]: the rest of the heading
+        frames = [line for line in lines if line.lstrip().startswith("File ") and "<frozen runpy>" not in line]
+        last = next((line for line in lines if not line.startswith((" ", "["))), "")
+        outer = frames[0] if frames else ""
+        if not last.startswith(LAUNCHER_SIGNAL_EXCEPTIONS) or not any(
+                part in outer for part in ("/deepspeed/launcher/", "/torch/distributed/run.py", "/bin/deepspeed")):
+            return False
+    return True
+
+
 def run_case(case_def: Case, env, root: Path) -> Check:
     klass = case_def.klass or CASE_CLASS.get(case_def.name, "inputs")
     case = root / "inputs" / case_def.name
@@ -1404,7 +1529,7 @@ def _run_and_check(case_def: Case, command: list[str], case: Path, env, klass: s
         rc, stdout, stderr = run(command, case / "command.log", timeout=300)
     text = stdout + stderr
     problems = []
-    if TRACEBACK in text:
+    if TRACEBACK in text and not (case_def.launcher and launchers_own_tracebacks(text)):
         problems.append("traceback printed")
     if case_def.skip or case_def.succeed:
         if rc != 0:

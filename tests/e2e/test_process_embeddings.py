@@ -262,3 +262,36 @@ def test_features_mode_writes_the_imagebind_cache(tiny_env):
                 shape = tuple(manifest["modalities"][medium.modality]["shape"])
                 assert emb.check_npy(feature_dir / f"{medium.name}.npy", shape) is None
     assert validate(cfg, decode=False).ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, signum", [("files", 2), ("shards", 15)], ids=["files-SIGINT", "shards-SIGTERM"])
+def test_an_interrupted_precompute_leaves_no_temporary_file(tiny_env, tmp_path, layout, signum):
+    """Ctrl-C or SIGTERM once items are being written: exit 128 + signal with one line, no dot-file (temporary
+    .npy / shard, caption-hash log) left in the store, and the rerun completes every item from where it stopped."""
+    import time
+
+    out = tmp_path / "embed"
+    command = [sys.executable, str(REPO / "code" / "process_embeddings.py"),
+               *tiny_env.argv("stage_2", f"data.embed_dir={out}"), "--all", "--batch-size", "1", "--store", layout]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while process.poll() is None and not [p for p in out.rglob("*") if p.is_file()]:
+        time.sleep(0.01)
+    time.sleep(0.3)                                          # a few batches in: the writer thread is busy
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, output
+    assert output.strip().splitlines()[-1].startswith(f"error: interrupted by {signal_names[signum]}"), output
+    assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []
+    from nextgpt import store
+
+    whole = tmp_path / "uninterrupted"
+    command[command.index(f"data.embed_dir={out}")] = f"data.embed_dir={whole}"
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    counts = {m: s.count for m, s in store.read_manifest(out).modalities.items()}
+    assert counts == {m: s.count for m, s in store.read_manifest(whole).modalities.items()} and all(counts.values())
+
+
+signal_names = {2: "SIGINT", 15: "SIGTERM"}

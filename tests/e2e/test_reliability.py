@@ -214,6 +214,46 @@ def test_rank_stops_when_its_launcher_dies(tmp_path):
     assert reason in (f"the launcher (pid {process.pid}) exited", "SIGTERM"), reason
 
 
+def test_an_exited_unreaped_launcher_stops_the_rank_within_the_step(tmp_path):
+    """The issue's case: SIGTERM kills the `deepspeed` runner, whose parent (a supervisor) has not reaped it yet.
+    The zombie must count as gone, and `requested` must see it when the loop asks (not a second later)."""
+    rank = textwrap.dedent(f"""
+        import os, time
+        from nextgpt.training import stop
+        stop.POLL_SECONDS = 600                      # the watch thread cannot be the one that notices
+        with stop.StopRequest(watch_launcher=True) as request:
+            request.arm()
+            print(len(request.ancestors), os.getppid(), flush=True)
+            while not request.requested:
+                time.sleep(0.01)                     # one "step"
+            open({str(tmp_path / 'stopped')!r}, "w").write(f"{{time.time()}} {{request.reason}}")
+    """)
+    def parent_of(child: str) -> str:
+        return textwrap.dedent(f"""
+            import subprocess, sys, time
+            p = subprocess.Popen([sys.executable, "-c", {child!r}], stdout=sys.stdout)
+            time.sleep(60)
+        """)
+
+    # runner (killed) -> launch.py (lives on: PR_SET_PDEATHSIG does not fire) -> rank
+    process = subprocess.Popen([sys.executable, "-c", parent_of(parent_of(rank))], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    ancestors, middle = map(int, process.stdout.readline().split())
+    assert ancestors >= 2  # the rank sees both launchers (and pytest above them)
+    os.kill(process.pid, signal.SIGTERM)             # dies at once (no handler) and stays a zombie: not reaped here
+    sent = time.time()
+    for _ in range(500):
+        if (tmp_path / "stopped").exists():
+            break
+        time.sleep(0.01)
+    assert Path(f"/proc/{process.pid}").exists() and not stop.pid_alive(process.pid)  # still a zombie
+    process.wait()
+    os.kill(middle, signal.SIGKILL)
+    stopped, reason = (tmp_path / "stopped").read_text().split(" ", 1)
+    assert reason == f"the launcher (pid {process.pid}) exited"
+    assert float(stopped) - sent < 0.5, float(stopped) - sent
+
+
 # ---------------------------------------------------------------------------------------------- resume checks
 
 def _fake_checkpoint(folder: Path, ranks: int = 1) -> Path:
@@ -447,3 +487,40 @@ def test_sigterm_inside_a_step_saves_it_and_the_run_resumes_to_the_end(tiny_env,
     assert train.main(argv) == 0
     assert json.loads((out / "done.json").read_text())["step"] == 4
     assert "resumed from" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- storage by cause
+
+def _mount_tmpfs(target: Path, size: str) -> bool:
+    target.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root)")
+def test_torch_zip_writer_failure_is_named_by_its_cause(tmp_path):
+    """torch.save onto a full disk raises the zip writer's "unexpected pos" RuntimeError without an errno; the
+    file system, asked before the partial file is removed, says ENOSPC; a read-only mount says EROFS."""
+    import torch
+
+    from nextgpt.io import newest_file, storage_cause
+
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    if not _mount_tmpfs(full, "2m"):
+        pytest.skip("mount failed")
+    try:
+        assert storage_cause(full) is None                      # room for the probe: no cause to report
+        with pytest.raises(RuntimeError) as info:
+            torch.save({"w": torch.zeros(1 << 20)}, full / "state.pt")   # 4 MiB into 2 MiB
+        assert "No space left" not in str(info.value)         # what the issue saw: the cause is not in the text
+        assert storage_cause(full) == errno.ENOSPC and newest_file(full) == full / "state.pt"
+        del info                                               # the traceback holds torch's open file
+        import gc
+
+        gc.collect()
+        (full / "state.pt").unlink()
+        assert storage_cause(full) is None                      # space again once the partial file is gone
+        subprocess.run(["mount", "-o", "remount,ro", str(full)], check=True)
+        assert storage_cause(full / "checkpoint-2") == errno.EROFS  # a folder not yet made: its parent's mount
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)

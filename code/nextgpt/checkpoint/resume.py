@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nextgpt.cli import storage_errno
-from nextgpt.io import atomic_write_text, publish_dir, sha256_file
+from nextgpt.io import atomic_write_text, newest_file, publish_dir, sha256_file, storage_cause
 from nextgpt.runtime import barrier
 
 DS_TAG = "deepspeed"
@@ -115,14 +115,19 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
                 record["meta.json"] = sha256_file(tmp / "meta.json")
             atomic_write_text(state / STATE_HASHES, json.dumps(record, indent=1) + "\n")
     except BaseException as e:
-        # Disk full / read-only / a second Ctrl-C mid-save: drop the partial copy (frees its space); the previous
-        # checkpoint and `latest` were never touched. A library's own error type (safetensors, DeepSpeed) becomes
-        # the OSError it wraps, naming the checkpoint being written.
+        # Disk full / read-only / quota / a second Ctrl-C mid-save: drop the partial copy (frees its space); the
+        # previous checkpoint and `latest` were never touched. A library's own error (safetensors' text; torch's
+        # zip writer, which loses the errno: asked of the file system before the partial copy goes) becomes the
+        # OSError behind it, naming the file being written.
+        code = storage_errno(e)
+        if code is None and isinstance(e, (RuntimeError, OSError)):
+            code = storage_cause(tmp)
+        partial = newest_file(tmp) if code is not None else None
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        code = storage_errno(e)
         if code is not None and not (isinstance(e, OSError) and e.filename):
-            raise OSError(code, os.strerror(code), str(final)) from e
+            where = f"{final} ({partial.relative_to(tmp)})" if partial else str(final)  # its name once published
+            raise OSError(code, os.strerror(code), where) from e
         raise
     if rank == 0:
         publish_dir(tmp, final)  # an earlier run that reached the same step is replaced

@@ -12,9 +12,13 @@
     caption_embeds   {modality: FloatTensor (n_m, T_m, D_m)}: one row per signal block of that modality, same order
                      as signal_blocks[modality]; pooled decoders (AudioLDM) are stored (D,) and viewed (n, 1, D)
     samples          list[Sample] (B), for error messages
+    skipped          list[str]: one line per record left out of this batch (skip_bad only; empty otherwise)
 
-Every caption embedding is checked against the shape its decoder consumes (a wrong shape names the .npy file and
-the sample's file + record), and the number of signal blocks in the token ids must equal the sample's targets.
+Every vector is checked where it is read (store.StoreReader.get: a real floating dtype, the manifest's dtype and
+shape, finite) and every caption embedding against the shape its decoder consumes; a bad one is one line naming
+the file (or shard row) and the sample's file + record. With skip_bad (data.skip_bad_records) that record is left
+out of the batch instead and named in `skipped` (train.py logs and counts them); a batch with no good record left
+is an error. The number of signal blocks in the token ids must equal the sample's targets.
 """
 
 from __future__ import annotations
@@ -45,14 +49,15 @@ class Collator:
     def __init__(self, token_ids, feature_dir: str | Path | None = None,
                  caption_shapes: dict[str, tuple[int, int]] | None = None,
                  feature_shape: tuple[int, ...] | None = None, caption_mode: str = "precomputed",
-                 feature_fingerprint: str | None = None):
+                 feature_fingerprint: str | None = None, skip_bad: bool = False):
         """caption_shapes: modality -> (T, D) the decoder consumes (nextgpt.modalities.conditioning_shape);
         feature_shape: expected ImageBind feature shape, default: the feature cache manifest's;
         caption_mode: precomputed (caption_embeds read from the store, checked against the caption's hash) |
         online (caption_texts {modality: [caption]} instead: model/caption_encoder.py embeds them in the step);
         feature_fingerprint: the configured ImageBind's (imagebind.features.encoder_fingerprint): features made
-        by another checkpoint are refused."""
-        self.token_ids, self.caption_mode = token_ids, caption_mode
+        by another checkpoint are refused; skip_bad: a record whose cached vector fails its read check is left out
+        (named in batch["skipped"]) instead of failing the run."""
+        self.token_ids, self.caption_mode, self.skip_bad = token_ids, caption_mode, skip_bad
         self.feature_dir = Path(feature_dir) if feature_dir else None
         self.caption_shapes = {m: tuple(s) for m, s in (caption_shapes or {}).items()}
         self.feature_shape = tuple(feature_shape) if feature_shape else None
@@ -70,6 +75,20 @@ class Collator:
     def __call__(self, batch: list[Encoded]) -> dict:
         if not batch:
             raise ValueError("collate: empty batch")
+        # Read (and check) every cached vector first: under skip_bad a record that fails is left out here.
+        kept: list[tuple[Encoded, list[torch.Tensor], list[np.ndarray] | None]] = []
+        skipped: list[str] = []
+        reader = self._feature_reader(batch)
+        for enc in batch:
+            try:
+                kept.append((enc, self._caption_embeds(enc), self._features(enc, reader)))
+            except (FileNotFoundError, ValueError) as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(e))                   # names the file and the record
+        if not kept:
+            raise ValueError(f"collate: no good record left in the batch (data.skip_bad_records): {'; '.join(skipped)}")
+        batch = [enc for enc, _, _ in kept]
         length = max(len(e.input_ids) for e in batch)
         size = (len(batch), length)
         input_ids = torch.full(size, self.token_ids.pad, dtype=torch.long)
@@ -82,7 +101,8 @@ class Collator:
         embeds: dict[str, list[torch.Tensor]] = {}
         texts: dict[str, list[str]] = {}             # online caption embeddings: the captions, same order
         blocks: list[list[tuple[str, int]]] = []
-        for row, enc in enumerate(batch):
+        features: list[np.ndarray] = []
+        for row, (enc, captions, cached) in enumerate(kept):
             sample = enc.sample
             n = len(enc.input_ids)
             if len(enc.labels) != n:
@@ -99,11 +119,12 @@ class Collator:
                 names.append(medium.name)
                 paths.append(medium.path)
             blocks.append(self._blocks(enc))
-            for target in sample.targets:
+            for target, embed in zip(sample.targets, captions or [None] * len(sample.targets)):
                 if self.caption_mode == "online":
                     texts.setdefault(target.modality, []).append(target.caption)
                 else:
-                    embeds.setdefault(target.modality, []).append(self._caption_embed(target, sample))
+                    embeds.setdefault(target.modality, []).append(embed)
+            features += cached or []
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -112,11 +133,12 @@ class Collator:
             "media_modalities": modalities,
             "media_names": names,
             "media_paths": paths,
-            "media_features": self._features(names, batch),
+            "media_features": self._stack_features(features, names, batch),
             "signal_blocks": stack_signal_blocks(blocks),
             "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
             **({"caption_texts": texts} if self.caption_mode == "online" else {}),
             "samples": [e.sample for e in batch],
+            "skipped": skipped,
         }
 
     # ------------------------------------------------------------------------------------------------------------
@@ -138,11 +160,17 @@ class Collator:
                                  f"{m} caption embedding(s)")
         return blocks
 
+    def _caption_embeds(self, enc: Encoded) -> list[torch.Tensor]:
+        """One (T, D) tensor per target of the sample (precomputed mode; online: none are read)."""
+        if self.caption_mode == "online":
+            return []
+        return [self._caption_embed(target, enc.sample) for target in enc.sample.targets]
+
     def _caption_embed(self, target, sample) -> torch.Tensor:
         """(T, D) float32 tensor of one target (pooled: (1, D))."""
         expected = self.caption_shapes.get(target.modality)
         folder, name = store.split_item_path(target.embed_path)
-        try:       # either store layout; an item made from another caption (hash) raises, naming its file/shard
+        try:       # either store layout; stale, non-finite, complex / string / other-dtype items raise, named
             array = store.open_reader(folder).get(name, caption=target.caption)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e} (caption embedding of {sample.where})") from None
@@ -151,34 +179,45 @@ class Collator:
             if tuple(array.shape) not in (want, tuple(expected)):
                 raise ValueError(f"{target.embed_path}: shape {tuple(array.shape)}, the {target.modality} decoder "
                                  f"needs {want} (caption embedding of {sample.where})")
-        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        tensor = torch.from_numpy(array)
         return tensor.reshape(1, -1) if tensor.dim() == 1 else tensor
 
-    def _features(self, names: list[str], batch: list[Encoded]) -> torch.Tensor | None:
-        """(N, F) cached ImageBind features when every medium has one, else None (after checking the media files
-        exist, so a dangling name fails here with the sample named rather than deep inside the encoder)."""
-        if not names:
+    def _feature_reader(self, batch: list[Encoded]):
+        """The feature store when EVERY medium of the batch is cached there (else None: encoded live)."""
+        if self.feature_dir is None:
             return None
-        if self.feature_dir is not None:
-            reader = store.open_reader(self.feature_dir)             # files or memory-mapped shards
-            if all(reader.has(n) for n in names):
-                arrays = []
-                for name, enc in zip(names, (e for e in batch for _ in e.sample.media)):
-                    try:
-                        array = reader.get(name)
-                        if self.feature_shape is not None and tuple(array.shape) != self.feature_shape:
-                            raise ValueError(f"{store.item_path(self.feature_dir, name)}: shape {array.shape}, "
-                                             f"expected {self.feature_shape}")
-                        arrays.append(array)
-                    except (FileNotFoundError, ValueError) as e:
-                        raise type(e)(f"{e} (ImageBind feature of {enc.sample.where})") from None
-                shapes = {a.shape for a in arrays}
-                if len(shapes) != 1:
-                    raise ValueError(f"{self.feature_dir}: features of different shapes {sorted(shapes)} in one batch")
-                return torch.from_numpy(np.stack(arrays).astype(np.float32))
-        for enc in batch:
+        names = [m.name for e in batch for m in e.sample.media]
+        reader = store.open_reader(self.feature_dir)             # files or memory-mapped shards
+        return reader if names and all(reader.has(n) for n in names) else None
+
+    def _features(self, enc: Encoded, reader) -> list[np.ndarray] | None:
+        """(F,) cached ImageBind feature of each medium of the sample, checked; None when they are encoded live
+        (after checking the media files exist, so a dangling name fails here with the sample named rather than
+        deep inside the encoder)."""
+        if reader is None:
             for medium in enc.sample.media:
                 if not tars.media_exists(medium.path):     # a file, or a member of its folder's shards
                     raise FileNotFoundError(f"{medium.path}: media file missing and no cached feature "
                                             f"({enc.sample.where})")
-        return None
+            return None
+        arrays = []
+        for medium in enc.sample.media:
+            try:
+                array = reader.get(medium.name)
+                if self.feature_shape is not None and tuple(array.shape) != self.feature_shape:
+                    raise ValueError(f"{store.item_path(self.feature_dir, medium.name)}: shape {array.shape}, "
+                                     f"expected {self.feature_shape}")
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"{e} (ImageBind feature of {enc.sample.where})") from None
+            arrays.append(array)
+        return arrays
+
+    def _stack_features(self, arrays: list[np.ndarray], names: list[str], batch: list[Encoded]
+                        ) -> torch.Tensor | None:
+        """(N, F) float32 when the media were read from the cache, else None."""
+        if not names or len(arrays) != len(names):
+            return None
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"{self.feature_dir}: features of different shapes {sorted(shapes)} in one batch")
+        return torch.from_numpy(np.stack(arrays))

@@ -229,7 +229,8 @@ def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, 
                              mode=cfg.data.mixture)
     feature_dir = cfg.path(cfg.data.feature_dir) if cfg.data.feature_dir else None
     collator = Collator(token_ids, feature_dir=feature_dir, caption_shapes=caption_shapes(cfg),
-                        caption_mode=cfg.data.caption_embeds, feature_fingerprint=feature_fingerprint(cfg))
+                        caption_mode=cfg.data.caption_embeds, feature_fingerprint=feature_fingerprint(cfg),
+                        skip_bad=cfg.data.skip_bad_records)
 
     # Workers ignore Ctrl-C / SIGTERM: the training process decides when to stop (it may need one more batch to
     # finish the step it saves); they exit with it (torch's worker watchdog).

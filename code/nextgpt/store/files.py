@@ -175,16 +175,21 @@ def _hash_files(folder: Path, modality: str) -> list[Path]:
     return ([table] if table.exists() else []) + logs
 
 
-def read_file_hashes(folder: str | Path, modality: str) -> dict[str, str]:
-    """name -> caption hash for the files layout. A torn last line of a killed writer's log is ignored (its
-    item then has no hash and is recomputed)."""
+def _read_hashes(paths: Iterable[Path]) -> dict[str, str]:
+    """name -> caption hash from tables / logs in order (later lines win). A torn last line of a killed writer's
+    log is ignored (its item then has no hash and is recomputed)."""
     out: dict[str, str] = {}
-    for path in _hash_files(Path(folder), modality):
+    for path in paths:
         for line in path.read_text().split("\n"):
             name, sep, digest = line.partition("\t")
             if sep and len(digest) == 16:
                 out[name] = digest
     return out
+
+
+def read_file_hashes(folder: str | Path, modality: str) -> dict[str, str]:
+    """name -> caption hash for the files layout."""
+    return _read_hashes(_hash_files(Path(folder), modality))
 
 
 def compact_file_hashes(folder: str | Path, modality: str, present: Iterable[str] | None = None) -> None:
@@ -201,3 +206,15 @@ def compact_file_hashes(folder: str | Path, modality: str, present: Iterable[str
     for path in sources:
         if path.name.endswith(".log"):
             path.unlink(missing_ok=True)
+
+
+def fold_file_hashes(folder: str | Path, modality: str, log: Path) -> None:
+    """Fold one writer's log into captions-<modality>.tsv (atomically) and remove it (an interrupted writer:
+    the other writers' logs are theirs to keep appending to)."""
+    folder = Path(folder)
+    if not log.exists():
+        return
+    table = folder / f"captions-{modality}.tsv"
+    merged = _read_hashes(([table] if table.exists() else []) + [log])
+    atomic_write_text(table, "".join(f"{n}\t{h}\n" for n, h in sorted(merged.items())))
+    log.unlink(missing_ok=True)

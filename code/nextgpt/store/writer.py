@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from nextgpt.io import atomic_write_bytes, atomic_write_text, npy_bytes
+from nextgpt.store.files import fold_file_hashes
 from nextgpt.store.manifest import LAYOUTS, SHARD_BYTES, SHARD_DIR, Section, StoreError
 from nextgpt.store.files import ItemWriter
 
@@ -152,8 +153,13 @@ class StoreWriter:
             files.close()
 
     def abort(self) -> None:
-        """On an exception: keep what was already computed (a later run skips it), raise nothing new."""
+        """On an exception (Ctrl-C, SIGTERM, a bad item): keep what was already computed (a later run skips it),
+        fold this writer's caption-hash log into captions-<modality>.tsv so no dot-file is left, raise nothing new.
+        Two writers aborting at once may drop each other's folded lines: those items then have no hash and are
+        recomputed by the next run, never trusted."""
         try:
             self.close()
+            if self.layout == "files":
+                fold_file_hashes(self.folder, self.modality, self.folder / f".captions-{self.modality}.{self.tag}.log")
         except (OSError, ValueError):
             pass

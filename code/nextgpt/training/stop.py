@@ -13,12 +13,20 @@ never half-applied); a second SIGINT (Ctrl-C again) abandons at once by raising 
 abandons: `deepspeed`'s launch.py sends SIGTERM to every rank after a Ctrl-C or when it is terminated, and kills
 them 30 s later, which is the window to finish the step and save.
 
-Orphans: `python -m deepspeed.launcher.runner` -> `deepspeed.launcher.launch` -> ranks. When the runner is killed
-(SIGKILL, or SIGTERM, which the single-node runner does not forward), launch.py and the ranks would go on and
-finish the run unattended. So each rank records its launcher ancestors (the unbroken chain of python processes
-above it, with their start times so a reused PID does not count) and a daemon thread checks them every second;
-when one is gone the run stops as on SIGTERM. PR_SET_PDEATHSIG additionally delivers SIGTERM the moment the
-direct parent dies (Linux).
+Orphans: `deepspeed` (= `python -m deepspeed.launcher.runner`) -> `deepspeed.launcher.launch` -> ranks. When the
+runner is killed (SIGKILL, or SIGTERM, which the single-node runner does not forward: it just dies), launch.py and
+the ranks would go on and finish the run unattended. So each rank records its launcher ancestors (the unbroken
+chain of python processes above it, with their start times so a reused PID does not count); `requested` looks at
+them at every step (two or three reads of /proc/<pid>/stat, ~20 us) and a daemon thread every second (for a step
+that takes longer); when one is gone the run stops as on SIGTERM. An ancestor that is exiting, or has exited but
+is not reaped yet (a zombie: a supervisor that sent SIGTERM and sleeps before wait()), counts as gone -- counting
+it alive let the ranks train on for as long as the supervisor waited (issue 26). PR_SET_PDEATHSIG additionally
+delivers SIGTERM the moment the direct parent dies (Linux). So SIGTERM to the outermost process stops every rank
+within one step whichever launcher started them: the deepspeed runner dies (seen here), deepspeed.launcher.launch
+and torchrun forward it; SIGINT to the process group (Ctrl-C) reaches the ranks themselves.
+
+interrupt_on_signals: for jobs with no step to finish (process_embeddings), a signal raises at once so their
+`except` / `finally` blocks run (SIGTERM's default action would skip them and leave temporary files).
 """
 
 from __future__ import annotations
@@ -27,18 +35,21 @@ import ctypes
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from nextgpt.cli import Interrupted, ignore_stop_signals, signal_name  # noqa: F401
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 1.0
+PF_EXITING = 0x4  # linux/sched.h: set when do_exit() starts (a big process takes tens of ms to be torn down)
 
 
 def proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
     """(command name, the fields after it) of /proc/<pid>/stat, None when the process is gone; fields[0] is the
-    state (field 3 overall: "Z" for a zombie), fields[1] the parent pid, fields[2] the process group, fields[19] the
-    start time. The one reader of that file (runlock, launch and the chaos harness use it)."""
+    state (field 3 overall: "Z" for a zombie), fields[1] the parent pid, fields[2] the process group, fields[6] the
+    kernel flags (PF_EXITING), fields[19] the start time. The one reader of that file (runlock, launch and the chaos harness use it)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -60,7 +71,9 @@ def process_start_time(pid: int) -> int | None:
 
 
 def pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether `pid` runs on this host (and, when `start_time` is given, is the same process that recorded it)."""
+    """Whether `pid` runs on this host (and, when `start_time` is given, is the same process that recorded it).
+    A process that is exiting or has exited but is not reaped yet (a zombie) is not running: it holds no lock and
+    launches nothing any more."""
     if pid <= 0:
         return False
     try:
@@ -69,10 +82,17 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
         return False
     except PermissionError:  # exists, owned by another user
         pass
-    if start_time is not None:
-        now = process_start_time(pid)
-        if now is not None and now != start_time:
+    stat = proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (not Linux): os.kill's answer stands
+    fields = stat[1]
+    try:
+        if fields[0] in ("Z", "X", "x") or int(fields[6]) & PF_EXITING:
+            return False
+        if start_time is not None and int(fields[19]) != start_time:
             return False  # the PID was reused by another process
+    except (IndexError, ValueError):
+        pass
     return True
 
 
@@ -104,6 +124,26 @@ def launcher_ancestors(pid: int | None = None, limit: int = 4) -> list[tuple[int
     return found
 
 
+@contextmanager
+def interrupt_on_signals(message: str) -> Iterator[None]:
+    """SIGINT / SIGTERM / SIGHUP raise cli.Interrupted("interrupted by <SIGNAL>; <message>") at once, so the
+    `except` / `finally` blocks of a job with no step to finish run (a precompute keeps what it wrote and leaves no
+    temporary file). Main thread only (elsewhere: nothing installed); the previous handlers come back on exit."""
+    previous = {}
+
+    def handle(signum, frame) -> None:
+        raise Interrupted(f"interrupted by {signal_name(signum)}; {message}", signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _set_parent_death_signal(signum: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -128,7 +168,17 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """A signal arrived or (checked now, so within the step that asks) a launcher ancestor has exited."""
+        if self.signum is None and self.ancestors:
+            self._check_launcher()
         return self.signum is not None
+
+    def _check_launcher(self) -> bool:
+        for pid, start in self.ancestors:
+            if not pid_alive(pid, start):
+                self.request(signal.SIGTERM, f"the launcher (pid {pid}) exited")
+                return True
+        return False
 
     def request(self, signum: int, reason: str) -> None:
         if self.signum is None:
@@ -149,10 +199,8 @@ class StopRequest:
 
     def _watch(self) -> None:
         while not self._done.wait(POLL_SECONDS):
-            for pid, start in self.ancestors:
-                if not pid_alive(pid, start):
-                    self.request(signal.SIGTERM, f"the launcher (pid {pid}) exited")
-                    return
+            if self.signum is not None or self._check_launcher():
+                return
 
     def interrupted(self, step: int, saved: str | None, resume_hint: str) -> Interrupted:
         """The exception ending an interrupted run: where it stopped and how to go on."""
