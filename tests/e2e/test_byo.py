@@ -3,7 +3,7 @@
 - scripts/prepare_data.py: each raw format (folder + CSV/JSONL, img2dataset, AudioCaps, WebVid) -> the pair layout and
   catalog entries the real readers load; missing rows are listed, not fatal.
 - model.llm = tiny Qwen2 (chat template, no BOS) and tiny Mistral (GQA, vicuna_v0): stages 1 -> 2 -> 3 train through
-  code/train.py, and inference writes an image from a *programmed* delta (see tests/unit/model/test_inference.py for the idea:
+  code/train.py, and inference writes an image from a *programmed* delta (see tests/e2e/test_generation.py for the idea:
   with o_proj / down_proj zeroed the greedy next token is a lookup table, so generation walks prompt -> [IMG0..3] ->
   eos on the real template, generate, signal scan, projector and decoder code).
 - code/export.py: the merged HF folder gives the project model's logits within 1e-5 (fp32 CPU) with random LoRA and

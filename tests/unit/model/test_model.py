@@ -1,4 +1,5 @@
-"""NextGPT on the tiny checkpoints: losses per stage, trainable sets, soft tokens, projector modes, 8-bit, generate."""
+"""NextGPT on the tiny checkpoints: losses per stage, trainable sets, soft tokens, projector modes, 8-bit.
+(Generating what it was overfitted on: tests/e2e/test_generate_overfit.py.)"""
 
 from __future__ import annotations
 
@@ -6,51 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nextgpt.data.collate import stack_signal_blocks
-from nextgpt.data.conversation import encode, signal_blocks
-from nextgpt.data.types import Media, Sample, Target, Turn
+from batches import make_batch, sample
+from nextgpt.data.conversation import signal_blocks
+from nextgpt.data.types import Media, Target, Turn
 from nextgpt.model import llm as llm_utils
 from nextgpt.model.nextgpt import build_model
 from nextgpt.model.trainable import set_trainable
 from nextgpt.modalities import MODALITIES
 
 HIDDEN, VOCAB_BASE, NEW = 64, 700, 38            # scripts/tiny/make_tiny_ckpt.py: hidden 64, sentencepiece vocab 700
-
-
-def make_batch(model, samples, seed=0, max_length=256):
-    """The collate contract (input_ids, labels, attention_mask, media_*, caption_embeds, samples) with random
-    ImageBind features and caption embeddings of the decoders' shapes."""
-    generator = torch.Generator().manual_seed(seed)
-    encoded = [encode(s, model.tokenizer, model.token_ids, max_length, prompt="generate a caption") for s in samples]
-    length = max(len(e.input_ids) for e in encoded)
-    batch_size = len(encoded)
-    input_ids = torch.full((batch_size, length), model.token_ids.pad)
-    labels = torch.full((batch_size, length), -100)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    positions, media, embeds = [], [], {}
-    for row, e in enumerate(encoded):
-        n = len(e.input_ids)
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = torch.tensor(e.input_ids), \
-            torch.tensor(e.labels), 1
-        positions += [(row, p) for p in e.media_positions]
-        media += e.sample.media
-        for target in e.sample.targets:
-            shape = model.conditioning_shapes[target.modality]
-            embeds.setdefault(target.modality, []).append(torch.randn(shape, generator=generator))
-    return {
-        "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-        "media_positions": torch.tensor(positions, dtype=torch.long).reshape(-1, 2),
-        "media_modalities": [m.modality for m in media], "media_names": [m.name for m in media],
-        "media_paths": [m.path for m in media],
-        "media_features": torch.randn(len(media), 16, generator=generator) if media else None,
-        "signal_blocks": stack_signal_blocks([e.signal_blocks for e in encoded]),
-        "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
-        "samples": list(samples),
-    }
-
-
-def sample(turns, media=(), targets=(), index=0):
-    return Sample("test", "test.json", index, list(turns), list(media), list(targets))
 
 
 STAGE_SAMPLES = {
@@ -270,47 +235,6 @@ def test_quantized_8bit_llm(tiny_env):
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-
-
-def test_generate_signal_blocks(tiny_env):
-    """Overfit one answer, then generate it: conditioning from the signal tokens as inputs (the training
-    positions), a block ending exactly at max_new_tokens still decodes, a cut block is reported."""
-    torch.manual_seed(0)
-    cfg = tiny_env.config(3, "train.loss_weights={lm: 1.0}")
-    model = build_model(cfg)
-    model.requires_grad_(True)
-    question = "show me a red circle"
-    train = sample([Turn("human", question), Turn("gpt", "here", "image")], targets=[Target("image", "i.npy")])
-    batch = make_batch(model, [train])
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for _ in range(300):
-        out = model(batch)
-        if out["token_acc"] == 1.0 and out["lm"] < 0.05:
-            break
-        optimizer.zero_grad()
-        out["lm"].backward()
-        optimizer.step()
-    assert out["token_acc"] == 1.0, "the tiny model did not memorise the answer"
-    answer_ids = [t for t in batch["labels"][0].tolist() if t != -100]      # here [IMG0..3] ###
-    generation = model.generate(question, max_new_tokens=20, do_sample=False)
-    assert generation.token_ids == answer_ids
-    assert generation.text == "here[IMG0][IMG1][IMG2][IMG3]"
-    assert [m for m, _ in generation.outputs] == ["image"] and not generation.truncated
-    conditioning = generation.outputs[0][1]
-    assert conditioning.shape == (1, *model.conditioning_shapes["image"])
-    with torch.no_grad():         # the same tensor training regresses at these positions
-        embeds, token_embeds = model.embed(batch["input_ids"])
-        hidden = model.causal_lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
-        start = signal_blocks(batch["labels"][0].tolist(), model.token_ids)[0][1]
-        expected = model.project("image", hidden, token_embeds, [(0, start)])
-    torch.testing.assert_close(conditioning, expected)
-    n_text = len(answer_ids) - 5                        # tokens before [IMG0]
-    exact = model.generate(question, max_new_tokens=n_text + 4, do_sample=False)      # ends with [IMG3]
-    assert [m for m, _ in exact.outputs] == ["image"] and not exact.truncated
-    torch.testing.assert_close(exact.outputs[0][1], expected)
-    cut = model.generate(question, max_new_tokens=n_text + 2, do_sample=False)
-    assert cut.outputs == [] and cut.truncated == ["image"]
-    assert model.training                               # generate restores the mode it found
 
 
 def test_load_llm_from_sharded_bin(tiny_env, tmp_path):

@@ -15,7 +15,7 @@ from nextgpt.config import load
 from nextgpt.data.file_checks import CORRUPT, MISSING, check_media
 from nextgpt.data.validate import validate
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
 needs_samples = pytest.mark.skipif(not (SAMPLES / "T_X_pair_data").is_dir(),
                                    reason=f"real NExT-GPT samples not present at {SAMPLES}")

@@ -14,7 +14,7 @@ import evaluate
 from nextgpt.eval import metrics as M
 from nextgpt.eval import run as R
 
-EVAL_CONFIG = Path(__file__).resolve().parents[3] / "code" / "config" / "tiny" / "eval.yaml"
+EVAL_CONFIG = Path(__file__).resolve().parents[2] / "code" / "config" / "tiny" / "eval.yaml"
 
 
 def eval_argv(tiny_env, *extra_overrides: str) -> list[str]:
