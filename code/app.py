@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from nextgpt.checkpoint.load import checkpoint_info, load_model, pick_device
+        from nextgpt.checkpoint.load import checkpoint_info, load_model
+        from nextgpt.runtime import pick_device
 
         cfg = config_lib.from_args(args)
         checkpoint = Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt)

@@ -123,7 +123,7 @@ def _main(argv: list[str] | None) -> int:
 
     from nextgpt.eval import run as evaluation
     from nextgpt.eval.report import table, write_report
-    from nextgpt.checkpoint.load import pick_device
+    from nextgpt.runtime import pick_device
     from nextgpt.tokens import load_tokenizer
 
     tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm))

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             check_media(request)
         elif any(getattr(args, m) for m in MODALITIES):
             raise ValueError("--image/--video/--audio need --prompt (or name media inside interactive lines)")
-        from nextgpt.checkpoint.load import pick_device
+        from nextgpt.runtime import pick_device
 
         device, dtype, reason = pick_device(args.device)
         print(f"device: {reason}", flush=True)

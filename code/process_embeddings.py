@@ -174,16 +174,15 @@ def _fp16(args) -> bool | None:
 
 
 def _device(args) -> str | None:
-    """--device, else under a launcher on a GPU machine the rank's own GPU (LOCAL_RANK)."""
+    """--device, else under a launcher on a GPU machine the rank's own GPU (LOCAL_RANK): nextgpt.runtime's rule."""
     import os
 
     if args.device or args.share[1] == 1:
         return args.device
-    import torch
+    from nextgpt.runtime import pick_device
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', args.local_rank or 0))}"
-    return None
+    device = pick_device(local_rank=int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))[0]
+    return str(device) if device.type == "cuda" else None
 
 
 def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:

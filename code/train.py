@@ -120,7 +120,8 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
 
     train_loader, train_sampler, eval_loader, eval_sampler = build_run_data(cfg, model.tokenizer, model.token_ids,
-                                                                            rt.rank, rt.world_size, log)
+                                                                            rt.rank, rt.world_size, log,
+                                                                            pin_memory=rt.device.type == "cuda")
     checks = GenerationChecks(cfg, eval_loader.dataset.datasets, log) if eval_loader is not None else None
     if args.max_steps == 0:
         log("--max-steps 0: config, model and data checked; trained 0 steps, nothing saved")

@@ -53,6 +53,33 @@ def to_device(value, device: torch.device):
     return value
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Device and dtype of a process that runs no DeepSpeed engine (inference, evaluation, the app, precompute): the one
+# rule, decided once at the top of the script; the parts (ImageBind encoder, caption encoder, loaders) take the
+# decision as arguments. A training run decides in setup() from the DeepSpeed JSON.
+
+def pick_device(requested: "str | torch.device | None" = None, dtype: torch.dtype | None = None,
+                local_rank: int | None = None) -> tuple[torch.device, torch.dtype, str]:
+    """(device, dtype, reason): `requested` (cpu | cuda | cuda:N), else the GPU (cuda:local_rank under a launcher)
+    when there is one, else the CPU; `dtype` given, else bf16 (fp16 where bf16 is unsupported) on a GPU, fp32 on
+    the CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is available")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        dtype = dtype or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        reason = f"{torch.cuda.get_device_name(device)}: {str(dtype).removeprefix('torch.')}"
+    else:
+        dtype = dtype or torch.float32
+        reason = f"CPU: {str(dtype).removeprefix('torch.')}" + ("" if requested else " (no CUDA device)")
+    return device, dtype, reason
+
+
 def default_ds_config() -> Path:
     """The DeepSpeed JSON a run uses without --ds_config: gpu.json (every stage: the YAML owns the numbers,
     code/dsconfig/README.md), cpu.json without a GPU."""

@@ -192,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from nextgpt.imagebind.encode import Encoder, default_device_dtype
+        from nextgpt.imagebind.encode import Encoder
+        from nextgpt.runtime import pick_device
         from nextgpt.imagebind.model import ImageBindModel, preset
 
         if args.measure_load:
             print(json.dumps(_measure_load(args.measure_load, args.device or "cpu", args.preset)))
             return 0
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        device, dtype = default_device_dtype(args.device, dtype)
+        device, dtype, _ = pick_device(args.device, dtype)
         if args.checkpoint:
             encoder = Encoder(args.checkpoint, args.preset, device=device, dtype=dtype)
             weights = args.checkpoint

@@ -60,7 +60,8 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     from nextgpt.training.deepspeed import build_engine
 
     engine = build_engine(model, cfg, ds)
-    loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size)
+    loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size,
+                             pin_memory=rt.device.type == "cuda")
     batches = []
     for batch in loader:
         batches.append(runtime.to_device(batch, rt.device))

@@ -16,7 +16,8 @@ Parts, each on the real code paths (scripts/prepare_data.py, code/process_embedd
             of index per member, files created per medium; then 2,000 random members read by offset (fresh
             index open, warm cache) vs the same media read as files.
   scale     process_embeddings --features end to end over a generated shard set of K members and over K / 4,
-            and over the same samples as files: peak RSS (ru_maxrss, bench.common.peak_rss_of) of each; growth per
+            and over the same samples as files: peak RSS (the process's own, sampled: bench.common.peak_rss_of) of
+            each; growth per
             item = the RSS difference / the item difference; what shards add = tars growth - files growth (the
             records process_embeddings holds, ~1.7 KB each, grow with either). Default K 1,000 (make bench);
             --scale-items 100000 for the 100 k run (hours on a 2-core CPU at the tiny model's ~25 items/s).
@@ -157,7 +158,8 @@ def bench_scale(env, work: Path, items: int) -> dict:
             if measured["returncode"] != 0:
                 raise RuntimeError(f"process_embeddings failed; see {folder / f'{source}.log'}")
             runs[source].append(dict(items=count, stored=store.read_manifest(out).modalities["image"].count,
-                                     seconds=measured["seconds"], peak_rss_bytes=measured["peak_rss_bytes"]))
+                                     seconds=measured["seconds"], peak_rss_bytes=measured["sampled_peak_rss_bytes"],
+                                     ru_maxrss_bytes=measured["peak_rss_bytes"]))
         shutil.rmtree(folder, ignore_errors=True)
     result: dict = {"runs": runs}
     for source, (small, large) in runs.items():

@@ -190,15 +190,27 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
 def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
                 log_path: str | os.PathLike | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Run a command; -> {returncode, seconds, peak_rss_bytes (ru_maxrss of that child, as /usr/bin/time -v),
-    cpu_s}."""
+    sampled_peak_rss_bytes, cpu_s}.
+
+    On Linux a child's ru_maxrss starts at its parent's RSS when it was forked (a child of a 600 MiB parent that
+    runs `python -c pass` reports 611 MiB here), so peak_rss_bytes is at least this process's own RSS;
+    sampled_peak_rss_bytes is the command's own RSS, polled every 50 ms (/proc/<pid>/stat; a spike shorter than
+    that, or a grandchild, is not in it)."""
     import subprocess
 
+    from nextgpt.training.stop import proc_stat
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    sampled = 0
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     try:
         start = time.perf_counter()
         process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         deadline = None if timeout is None else start + timeout
         while True:
+            stat = proc_stat(process.pid)
+            if stat is not None and len(stat[1]) > 21 and stat[1][21].isdigit():
+                sampled = max(sampled, int(stat[1][21]) * page)        # rss: field 24 overall, in pages
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
@@ -213,6 +225,7 @@ def peak_rss_of(command: Sequence[str], env: dict[str, str] | None = None, cwd: 
         if log_path:
             out.close()
     return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "sampled_peak_rss_bytes": sampled,
             "cpu_s": usage.ru_utime + usage.ru_stime}          # the child and every descendant it reaped
 
 

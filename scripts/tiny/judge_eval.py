@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from nextgpt.checkpoint.load import load_model, pick_device
+        from nextgpt.checkpoint.load import load_model
+        from nextgpt.runtime import pick_device
         from nextgpt.eval.embedders import ImageBindScorer
         from nextgpt.model.decoders import Decoders
         from nextgpt.model.nextgpt import build_model

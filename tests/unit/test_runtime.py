@@ -162,3 +162,17 @@ def test_seed_everything_is_reproducible():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     runtime.seed_everything(5)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_device_and_dtype_are_decided_in_runtime_only():
+    """cuda-or-cpu and its dtype are decided by nextgpt.runtime (setup for training, pick_device elsewhere); the parts
+    (ImageBind encoder, caption encoder, loaders) take the decision as arguments."""
+    device, dtype, reason = runtime.pick_device("cpu")
+    assert (device, dtype, reason) == (torch.device("cpu"), torch.float32, "CPU: float32")
+    assert runtime.pick_device("cpu", torch.bfloat16)[1] == torch.bfloat16
+    package = config_lib.REPO_ROOT / "code" / "nextgpt"
+    # checkpoint/resume.py saves and restores the CUDA RNG when there is one: not a device choice
+    deciding = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                      if "torch.cuda.is_available()" in p.read_text() and p.name != "runtime.py"
+                      and p != package / "checkpoint" / "resume.py")
+    assert deciding == []

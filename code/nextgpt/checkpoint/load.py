@@ -1,34 +1,15 @@
 """What the inference-side scripts (inference.py, app.py, evaluate.py) load once at start: the device and dtype,
 the model with its checkpoint, and a description of that checkpoint for a person.
 
-    device, dtype, reason = pick_device(args.device)      # bf16 (else fp16) on a GPU, fp32 on the CPU
-    info = checkpoint_info(path)                          # cheap: fails before anything heavy loads
-    model, info = load_model(cfg, path, device, dtype)    # then nextgpt.model.generate.generate / stream
+    device, dtype, reason = runtime.pick_device(args.device)   # decided once (nextgpt.runtime)
+    info = checkpoint_info(path)                               # cheap: fails before anything heavy loads
+    model, info = load_model(cfg, path, device, dtype)         # then nextgpt.model.generate.generate / stream
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-
-
-def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype, str]:
-    """Device and dtype, decided once with the reason: bf16 (else fp16) on a GPU, fp32 on the CPU."""
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        reason = f"{torch.cuda.get_device_name(device)}: {str(dtype).removeprefix('torch.')}"
-    else:
-        dtype = torch.float32
-        reason = "CPU: float32" + ("" if requested else " (no CUDA device)")
-    return device, dtype, reason
 
 
 @dataclass

@@ -213,10 +213,10 @@ def feature_fingerprint(cfg) -> str | None:
 
 
 def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, names: list[str] | None = None,
-                 datasets: dict[str, NextGPTDataset] | None = None, log=_warn):
+                 datasets: dict[str, NextGPTDataset] | None = None, log=_warn, pin_memory: bool = False):
     """(DataLoader, MixtureSampler) over cfg.data.datasets: the stage's mixture, seeded by cfg.train.seed,
     micro-batches of cfg.train.micro_batch_size per rank, padded by Collator. The sampler carries the resume
-    state (state_dict / load_state_dict)."""
+    state (state_dict / load_state_dict). pin_memory: the batches go to a GPU (the run's device decision)."""
     from torch.utils.data import DataLoader
 
     from nextgpt.data.collate import Collator
@@ -235,7 +235,7 @@ def build_loader(cfg, tokenizer, token_ids, rank: int = 0, world_size: int = 1, 
     # Workers ignore Ctrl-C / SIGTERM: the training process decides when to stop (it may need one more batch to
     # finish the step it saves); they exit with it (torch's worker watchdog).
     loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=collator,
-                        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                        num_workers=cfg.data.num_workers, pin_memory=pin_memory,
                         persistent_workers=cfg.data.num_workers > 0,
                         worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None)
     return loader, sampler

@@ -82,6 +82,8 @@ class CaptionEncoder:
     def __init__(self, modality: str, decoder_dir: str | Path, device: str | None = None, dtype=None):
         import torch
 
+        from nextgpt.runtime import pick_device  # imports torch, which this module loads only when encoding
+
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
         self.modality, self.pooled = modality, MODALITIES[modality].pooled
@@ -89,7 +91,7 @@ class CaptionEncoder:
         if not self.decoder_dir.is_dir():
             raise FileNotFoundError(f"{self.decoder_dir}: decoder folder not found (model.decoders.{modality})")
         self.shape = stored_shape(modality, self.decoder_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)[0]    # the script's decision (None: nextgpt.runtime's rule)
         tokenizer_cls = _component_class(self.decoder_dir, "tokenizer")
         encoder_cls = _component_class(self.decoder_dir, "text_encoder")
         try:

@@ -71,10 +71,11 @@ def count_steps(cfg, train_sampler) -> tuple[int, int]:
     return max_steps, steps_per_epoch
 
 
-def build_run_data(cfg, tokenizer, token_ids, rank: int, world_size: int, log):
+def build_run_data(cfg, tokenizer, token_ids, rank: int, world_size: int, log, pin_memory: bool = False):
     """(train loader, its MixtureSampler, eval loader or None, eval sampler or None) for a training run.
 
-    The held-out split is data.eval_datasets, else data.eval_fraction of every training dataset."""
+    The held-out split is data.eval_datasets, else data.eval_fraction of every training dataset. pin_memory: the
+    run's device is a GPU (nextgpt.runtime.setup decided it)."""
     bad = check_data(cfg, log) if cfg.data.validate else {}
     datasets = drop_bad_records(build_datasets(cfg, tokenizer, token_ids, cfg.data.datasets), bad)
     eval_sets = None
@@ -86,7 +87,8 @@ def build_run_data(cfg, tokenizer, token_ids, rank: int, world_size: int, log):
         eval_sets = {held.name: held for _, held in pairs.values()}
 
     def loader(sets):
-        data_loader, sampler = build_loader(cfg, tokenizer, token_ids, rank, world_size, datasets=sets)
+        data_loader, sampler = build_loader(cfg, tokenizer, token_ids, rank, world_size, datasets=sets,
+                                            pin_memory=pin_memory)
         # A private generator: iter(loader) would otherwise draw a worker seed from the global torch RNG, and a
         # resumed run (which calls iter() at a different point of that stream) would see other dropout masks.
         data_loader.generator = torch.Generator().manual_seed(cfg.train.seed)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from nextgpt.modalities import get as get_modality
+from nextgpt.runtime import pick_device
 
 from . import preprocess, preprocess_audio, preprocess_video
 from .model import ImageBindModel, load_imagebind, resolve_config
@@ -23,14 +24,6 @@ LOADERS: dict[str, Callable[[str | Path], torch.Tensor]] = {
     "video": preprocess_video.load_video,        # (15, 3, 2, 224, 224)
     "audio": preprocess_audio.load_audio,        # (3, 1, 128, 204)
 }
-
-
-def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, dtype
 
 
 def preprocessed_batches(paths: Sequence[str | Path], modality: str, batch_size: int, workers: int = 2
@@ -60,7 +53,8 @@ class Encoder:
     """A loaded, frozen ImageBind (vision + audio) that turns media files into (N, out_dim) float32 vectors."""
 
     def __init__(self, checkpoint: str | Path, preset: str = "huge", device=None, dtype=None):
-        self.device, self.dtype = default_device_dtype(device, dtype)
+        # device / dtype: the script's decision (None: nextgpt.runtime.pick_device's rule)
+        self.device, self.dtype, _ = pick_device(device, dtype)
         self.checkpoint, self.preset = str(checkpoint), preset
         self.out_dim = int(resolve_config(preset)["out_embed_dim"])
         self.model = load_imagebind(checkpoint, preset, device=self.device, dtype=self.dtype,
@@ -70,7 +64,7 @@ class Encoder:
     def from_model(cls, model: ImageBindModel, device=None, dtype=None, name: str = "in-memory") -> "Encoder":
         """Wrap an already built model (benchmarks with random weights; tests)."""
         encoder = cls.__new__(cls)
-        encoder.device, encoder.dtype = default_device_dtype(device, dtype)
+        encoder.device, encoder.dtype, _ = pick_device(device, dtype)
         encoder.checkpoint, encoder.preset, encoder.out_dim = name, name, model.out_dim
         encoder.model = model.to(device=encoder.device, dtype=encoder.dtype).eval().requires_grad_(False)
         return encoder
