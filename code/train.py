@@ -97,7 +97,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     from nextgpt.checkpoint import legacy
     from nextgpt.data.loaders import build_run_data, count_steps
     from nextgpt.eval.training import GenerationChecks
-    from nextgpt.training.deepspeed import build_engine
+    from nextgpt.training.deepspeed import build_ds_config, build_engine, param_groups
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
     from nextgpt.model import caption_encoder
@@ -127,9 +127,10 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
         log("--max-steps 0: config, model and data checked; trained 0 steps, nothing saved")
         return {"step": 0, "checkpoint": None, "bad_steps": 0}
     max_steps, steps_per_epoch = count_steps(cfg, train_sampler)
-    runtime.fill_ds_config(ds_config, cfg, rt.world_size, max_steps, ds_path)
-
-    engine = build_engine(model, cfg, ds_config)
+    # The run's DeepSpeed JSON, built once now that the step count is known, and not changed after.
+    params = param_groups(model, cfg)
+    ds_config = build_ds_config(ds_config, cfg, rt.world_size, max_steps, params, ds_path)
+    engine = build_engine(model, cfg, ds_config, params)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the ZeRO wrapper holds the real one
     log(f"optimizer: {type(base).__module__.split('.')[0]} {type(base).__name__}, ZeRO stage "
         f"{engine.zero_optimization_stage()}, model quantization {cfg.model.quantization}")

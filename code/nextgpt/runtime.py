@@ -6,6 +6,7 @@ Nothing happens at import; deepspeed is imported inside the functions that need 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -244,9 +245,10 @@ def _same(a: Any, b: Any) -> bool:
 
 def fill_ds_config(ds: dict[str, Any], cfg: Any, world_size: int, total_steps: int | None = None,
                    ds_path: str | os.PathLike = "the DeepSpeed config") -> dict[str, Any]:
-    """Fill "auto" values from the YAML in place (total_num_steps only once `total_steps` is known); raise
-    ValueError naming both files when the JSON states a number that contradicts the YAML, and (once
-    `total_steps` is given) when an "auto" is left with nothing to fill it from."""
+    """A copy of `ds` with its "auto" values filled from the YAML (total_num_steps only once `total_steps` is
+    known; `ds` itself is left as it was); raise ValueError naming both files when the JSON states a number that
+    contradicts the YAML, and (once `total_steps` is given) when an "auto" is left with nothing to fill it from."""
+    ds = copy.deepcopy(ds)
     yaml_name = cfg.source or "the YAML config"
     for keys, (value, origin) in _expected(cfg, world_size, total_steps).items():
         node = ds

@@ -53,13 +53,14 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     ds_path = Path(args.ds_config or REPO / "code" / "dsconfig" / (f"stage_{stage}.json" if rt.device.type == "cuda"
                                                                    else "cpu.json"))
     ds = runtime.load_ds_config(ds_path, cfg, rt.world_size)
-    runtime.fill_ds_config(ds, cfg, rt.world_size, args.warmup + args.steps, ds_path)
     torch.manual_seed(0)
     model, _ = build_7b(cfg, rt.device, rt.dtype, SHAPES[args.shape], with_bare=False)
     counts = set_trainable(model, cfg)
-    from nextgpt.training.deepspeed import build_engine
+    from nextgpt.training.deepspeed import build_ds_config, build_engine, param_groups
 
-    engine = build_engine(model, cfg, ds)
+    params = param_groups(model, cfg)
+    engine = build_engine(model, cfg, build_ds_config(ds, cfg, rt.world_size, args.warmup + args.steps, params,
+                                                      ds_path), params)
     loader, _ = build_loader(cfg, model.tokenizer, model.token_ids, rank=rt.rank, world_size=rt.world_size,
                              pin_memory=rt.device.type == "cuda")
     batches = []

@@ -339,14 +339,15 @@ def test_module_lr_groups_follow_the_schedule(tiny_env):
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
 
-    cfg = tiny_env.config("stage_3", "train.lr=1.0e-3", "train.min_lr=1.0e-5",
+    cfg = tiny_env.config("stage_3", "train.lr=1.0e-3", "train.min_lr=1.0e-5", "train.warmup_steps=3",
                           "train.module_lr={lora: 4.0e-3, token_rows: 1.0e-4}")
     model = build_model(cfg)
     set_trainable(model, cfg)
     ds = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 1.0e-5, "warmup_max_lr": 1.0e-3,
                                                            "warmup_num_steps": 3, "total_num_steps": 10,
                                                            "warmup_type": "linear"}}}
-    groups = engine.param_groups(model, cfg, ds)
+    groups = engine.param_groups(model, cfg)
+    ds = engine.build_ds_config(ds, cfg, 1, 10, groups)     # the scheduler's per-group lists
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"input_proj": 1.0e-3, "output_proj": 1.0e-3, "lora": 4.0e-3, "token_rows": 1.0e-4}
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])

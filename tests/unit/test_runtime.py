@@ -56,8 +56,9 @@ def test_auto_values_filled_from_yaml():
     params = ds["scheduler"]["params"]
     assert (params["warmup_max_lr"], params["warmup_min_lr"], params["warmup_num_steps"]) == (1e-4, 0.0, 7)
     assert runtime.unresolved(ds) == ["scheduler.params.total_num_steps"]
-    runtime.fill_ds_config(ds, cfg, 4, total_steps=123)
-    assert params["total_num_steps"] == 123 and runtime.unresolved(ds) == []
+    filled = runtime.fill_ds_config(ds, cfg, 4, total_steps=123)
+    assert filled["scheduler"]["params"]["total_num_steps"] == 123 and runtime.unresolved(filled) == []
+    assert runtime.unresolved(ds) == ["scheduler.params.total_num_steps"]     # a new dict: the one read is as it was
 
 
 def test_matching_explicit_values_are_accepted(tmp_path):

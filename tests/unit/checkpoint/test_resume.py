@@ -35,8 +35,7 @@ class Tiny(torch.nn.Module):
 @pytest.fixture(scope="module")
 def rt():
     cfg = config_lib.load(None, ["train.micro_batch_size=4", "train.lr=0.05", "train.warmup_steps=2"])
-    ds = runtime.load_ds_config(DSCONFIG, cfg, 1)
-    runtime.fill_ds_config(ds, cfg, 1, total_steps=20)
+    ds = runtime.fill_ds_config(runtime.load_ds_config(DSCONFIG, cfg, 1), cfg, 1, total_steps=20)
     handle = runtime.setup(ds, DSCONFIG, verbose=False)
     handle.ds = ds
     yield handle
