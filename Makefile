@@ -133,8 +133,8 @@ finetune-chain: $(OUT_3)/done.json
 endif
 
 # Fine-tune the released model on your own data (code/config/finetune_own.yaml, data/README.md): the caption
-# embeddings of its datasets, then LoRA (+ projectors) training. train.py picks the dsconfig (8-bit: fine_tuning.json)
-# unless DS_CONFIG is given.
+# embeddings of its datasets, then LoRA (+ projectors) training. train.py picks its default dsconfig (gpu.json on
+# GPUs, cpu.json on the CPU; the 8-bit AdamW comes from code, not from a JSON) unless DS_CONFIG is given.
 finetune-own: $(PREREQ_CKPT)
 	$(PY) code/process_embeddings.py --config $(CFG_DIR)/finetune_own.yaml --all $(SET_ARGS)
 	$(LAUNCH) code/train.py --config $(CFG_DIR)/finetune_own.yaml $(if $(DS_CONFIG),--ds_config $(DS_CONFIG),) $(ARGS)
