@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +63,7 @@ class Server:
 
     def __init__(self, cfg, model, info, decoders, root: Path):
         self.cfg, self.model, self.info, self.decoders, self.root = cfg, model, info, decoders, root
+        self.busy = threading.Lock()          # the model and the decoders' schedulers serve one request at a time
 
     def folder(self, session: str | None) -> Path:
         """The temporary folder of a browser session (Gradio's session hash), or a fresh one."""
@@ -121,8 +123,16 @@ class Server:
             history.append({"role": "assistant", "content": "…"})
             yield {"text": "", "files": []}, history, state, state.files
             start = time.time()
-            for item in stream(self.model, conversation, sampling, int(seed), decoders=self.decoders,
-                               decoder_settings=settings, out_dir=state.folder, counts=state.counts):
+            items = stream(self.model, conversation, sampling, int(seed), decoders=self.decoders,
+                           decoder_settings=settings, out_dir=state.folder, counts=state.counts)
+            while True:
+                # One request's model work at a time, also after Gradio gave up on a request whose client left:
+                # the step it was running (a diffusion decode) goes on in its worker thread, and a second request
+                # stepping the same pipeline's scheduler meanwhile failed (IndexError in PNDM, app load test).
+                with self.busy:
+                    item = next(items, None)
+                if item is None:
+                    raise RuntimeError("generation ended without a reply")
                 if isinstance(item, Reply):
                     reply = item
                     break
@@ -224,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio link (off by default)")
+    parser.add_argument("--max-file-size", default="200mb",
+                        help="largest upload Gradio accepts, e.g. 200mb, 64kb, 5000b (default 200mb); a larger one "
+                             "is refused with a message")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                          font_mono=["ui-monospace", "monospace"])       # no web-font downloads
         print(f"serving on http://{args.host}:{args.port}", flush=True)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                    allowed_paths=[str(root)], theme=system_fonts, quiet=True)
+                    allowed_paths=[str(root)], theme=system_fonts, quiet=True, max_file_size=args.max_file_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

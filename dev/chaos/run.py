@@ -18,6 +18,8 @@ Sections
   embeddings   kill -9 `code/process_embeddings.py` (caption embeddings, then ImageBind features) once some items
                are written; the rerun must exit 0 with every item present, a valid .npy of the right shape, equal to
                an uninterrupted run's, no temporary files, and a manifest counting them.
+  app          the web demo under load (chaos/app_load.py): concurrent gradio_client sessions mixing text, image
+               generation, uploads at / over the size limit, long generations, clients that disconnect mid-reply
   inputs       the fault table (Case rows; run_case runs each in a fresh process): the run must end with a one-line
                `error: ...` naming the problem and a non-zero exit (the row's exit code when it names one), or exit 0
                with a counted skip / the promised recovery; never a traceback or output that looks complete.
@@ -1603,7 +1605,28 @@ def section_inputs(env, root: Path, names: list[str] | None, quick: bool, log) -
 
 # ----------------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("resume", "write", "embeddings", "inputs")
+def section_app(env, root: Path, quick: bool, log) -> Check:
+    """The app load test (chaos.app_load): 10 clients / 50 requests / 2 disconnects (--quick: 4 / 12 / 1)."""
+    from chaos import app_load
+    from nextgpt.runtime import free_port
+    from tiny import programmed_llm
+
+    clients, requests, disconnects = (4, 12, 1) if quick else (10, 50, 2)
+    limit = 64 * 1024
+    _ = env.imagebind
+    programmed = programmed_llm.build(env, root / "app_load" / "programmed")
+    image = sorted((env.data / "T_X_pair_data" / "cc3m" / "images").glob("*.jpg"))[0]
+    report = app_load.load_test(app_load.app_command(env, programmed, free_port(), limit), programmed["word"], image,
+                                root / "app_load", clients, requests, disconnects, limit)
+    detail = (f"{report['outcomes']}; {report['requests_per_s']} requests/s, p50 {report['latency_p50_s']} s, p95 "
+              f"{report['latency_p95_s']} s, peak RSS {report['rss_peak_mb']} MB")
+    ok = not report["problems"]
+    log(f"  {'ok  ' if ok else 'FAIL'} app_under_load: {detail if ok else '; '.join(report['problems'])}")
+    return Check("app", "app_under_load", ok, detail if ok else "; ".join(report["problems"]) + f" | {detail}",
+                 extra={k: v for k, v in report.items() if k != "results"}, klass="app")
+
+
+SECTIONS = ("resume", "write", "embeddings", "inputs", "app")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1662,6 +1685,9 @@ def main(argv: list[str] | None = None) -> int:
             log("\n[inputs] the fault table through the real commands (bad inputs, signals, locks, corrupt "
                 "checkpoints, changed configs, storage, values, image modes)")
             checks += section_inputs(env, root, args.cases, args.quick, log)
+        if "app" in args.sections:
+            log("\n[app] the web demo under load (chaos/app_load.py: concurrent gradio_client sessions)")
+            checks.append(section_app(env, root, args.quick, log))
     except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """code/app.py: the Gradio chat, driven in a real browser (Debian's headless chromium through selenium).
 
-The app runs as its own process on the tiny checkpoints with the programmed LLM of tests/programmed_llm.py, whose
+The app runs as its own process on the tiny checkpoints with the programmed LLM of scripts/tiny/programmed_llm.py, whose
 greedy reply is WORD [IMG0..3] [VID0 ...: with max new tokens 6 every request yields exactly one image (the video
 block is cut off), so a test can wait for a generated <img>. Without chromium + chromedriver (installed by .ci/run
 with apt-get) the browser tests skip and say why.
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import app
-import programmed_llm
+from tiny import programmed_llm
 from nextgpt.config import REPO_ROOT
 from nextgpt.runtime import free_port
 

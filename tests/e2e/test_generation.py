@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 import inference
-import programmed_llm
+from tiny import programmed_llm
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end through inference.main on the tiny checkpoints, with a *programmed* LLM (tests/programmed_llm.py:
+# End to end through inference.main on the tiny checkpoints, with a *programmed* LLM (scripts/tiny/programmed_llm.py:
 # greedy generation walks WORD -> [IMG0..3] -> [VID0..23] -> [AUD0..7] -> </s>, or WORD -> </s> for the "text" delta).
 
 @pytest.fixture(scope="module")

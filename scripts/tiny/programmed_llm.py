@@ -1,4 +1,5 @@
-"""A tiny Vicuna programmed to answer with fixed ids (tests of generation, inference.py and app.py).
+"""A tiny Vicuna programmed to answer with fixed ids (tests of generation, inference.py and app.py, and the app
+load test dev/chaos/app_load.py).
 
 A random tiny LLM emits random ids, so a test cannot wait for it to produce a signal block. Instead the tiny
 Vicuna is turned into a lookup table: with every attention o_proj and MLP down_proj zeroed, the last hidden state
