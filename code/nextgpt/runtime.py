@@ -181,11 +181,16 @@ def barrier() -> None:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on any rank (every rank must call this)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Per flag, whether it is true on any rank: one all-reduce (every rank calls this with as many flags)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return [v > 0 for v in value.tolist()]
 
 
 def mean_over_ranks(sums: dict[str, float], counts: dict[str, float], names: list[str],

@@ -10,6 +10,9 @@ Runs, each in its own process (each prints its own table):
   embeddings   dev/bench/bench_embeddings.py    process_embeddings / bare text-encoder forward (target >= 0.90)
   stage1       dev/bench/bench_stage1_cache.py  stage 1 with the ImageBind feature cache vs live encoding
   encoder      dev/bench/bench_encoder.py       ImageBind media throughput (the ImageBind engineer's script)
+  ranks        dev/bench/bench_ranks.py         2 / 1 ranks samples/s on heterogeneous batches beside the bare
+                                              2-process scaling, ZeRO-0 vs ZeRO-2 (stages 1-2), the any-batch
+                                              mechanism's cost on a homogeneous batch (target <= 1%)
   eval         dev/bench/bench_eval.py          held-out evaluation requests/s on the mid LLM (batch 1 and 8)
   store        dev/bench/bench_store.py         shard store vs files (files, bytes, reads per 100 k items), 2- vs
                                               1-process precompute, online vs precomputed caption embeddings
@@ -46,6 +49,7 @@ def jobs(quick: bool, cuda: bool) -> list[tuple[str, list[str], Path]]:
          OUT / "stage1_cache.json"),
         ("encoder", ["dev/bench/bench_encoder.py", "--count", "2" if quick else "4", "--device", "cpu",
                      "--json", str(OUT / "encoder.json")], OUT / "encoder.json"),
+        ("ranks", ["dev/bench/bench_ranks.py", *q, "--json", str(OUT / "ranks.json")], OUT / "ranks.json"),
         ("eval", ["dev/bench/bench_eval.py", "--requests", "16" if quick else "32", "--json", str(OUT / "eval.json")],
          OUT / "eval.json"),
         ("store", ["dev/bench/bench_store.py", *q, "--json", str(OUT / "store.json")], OUT / "store.json"),
@@ -104,6 +108,18 @@ def summary_rows(results: dict) -> list[list]:
                              live["samples_per_s"], "", ""])
                 rows.append([f"stage 1 {preset} ImageBind: peak RSS cache / live MiB",
                              f"{cache['peak_rss_bytes'] / 2**20:.0f} / {live['peak_rss_bytes'] / 2**20:.0f}", "", ""])
+    ranks = results.get("ranks") or {}
+    for r in ranks.get("scaling", []):
+        rows.append([f"{r['stage']} 2 / 1 ranks samples/s, heterogeneous batches (bare 2-process scaling "
+                     f"{r['bare_ratio']:.2f})", r["ratio"], "", ""])
+    for z in ranks.get("zero", []):
+        rows.append([f"{z['stage']} ZeRO-0 / ZeRO-2 samples/s, 2 ranks, heterogeneous batches", z["ratio"], "", ""])
+    if "mechanism" in ranks:
+        share = ranks["mechanism"]["exchange"]["share_of_step"]
+        rows.append(["any batch on any rank: its flag all-reduce / step, homogeneous batch (2 ranks)", share,
+                     "<= 0.01", verdict(share, 0.01, False)])
+        rows.append(["any batch on any rank: step with / without it, homogeneous batch (2 ranks)",
+                     1 + ranks["mechanism"]["shipped"]["overhead"], "", ""])
     encoder = results.get("encoder")
     if encoder:
         for modality, row in encoder["throughput"].items():

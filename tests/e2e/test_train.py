@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
 from nextgpt import config as config_lib
+from ranks import delta_tensors, launch_train
 
 REPO = config_lib.REPO_ROOT
 DSCONFIG = REPO / "code" / "dsconfig"
@@ -39,17 +38,6 @@ def run(env, stage, out, *sets, extra=(), expect=0):
 def metrics(out, split="train"):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def delta_tensors(checkpoint):
-    """{name: tensor} of a checkpoint's delta.safetensors plus its LoRA adapter (if any)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(checkpoint / "delta.safetensors"))
-    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
-    if adapter.is_file():
-        tensors |= {f"adapter.{k}": v for k, v in load_file(str(adapter)).items()}
-    return tensors
 
 
 def assert_falls(losses, what):
@@ -375,18 +363,10 @@ def test_unknown_config_key_is_an_error(env, tmp_path, capsys):
 def test_two_process_launch_matches_one_process(env, tmp_path):
     """`deepspeed --num_gpus 2` (CPU, gloo): micro 2 on 2 ranks == micro 2 x accumulation 2 on one process (one
     dataset, so both read the same samples in the same order), within 1e-5; both ranks hold identical weights."""
-    from nextgpt.runtime import free_port
-
     common = ["data.datasets=[cc3m_enc]", "train.micro_batch_size=2", "train.max_steps=4", "train.save_every=2",
               "train.init_from="]
     two = tmp_path / "two"
-    argv = env.argv("stage_1", f"train.output_dir={two}", *common)
-    launcher_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                    "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(free_port()), str(REPO / "code" / "train.py"), *argv],
-                            cwd=REPO, env=launcher_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_train(env.argv("stage_1", f"train.output_dir={two}", *common), timeout=300)
     assert "rank 0/2" in (two / "train.log").read_text()
 
     one = run(env, "stage_1", tmp_path / "one", *common, "train.gradient_accumulation_steps=2")

@@ -9,6 +9,18 @@
 
 A stage is configuration: which modules train (model/trainable.py: set_trainable), which loss terms count
 (cfg.train.loss_weights; the terms are model/losses.py's).
+
+Any batch on any rank: a trainable module that this micro-batch does not use but another rank's does runs here
+on nothing (unused_here): input_proj on an empty (0, F) batch when there is no medium, an output projector on an
+empty (0, N, D) batch (project_nothing) when its modality has no signal block, their sums (0) added to the loss.
+Why: DeepSpeed's ZeRO-2 reduces gradients in buckets that per-parameter hooks fill in the order backward produces
+the gradients, and every rank must fill them alike. A parameter without a gradient on one rank (a modality only
+another rank's micro-batch has) desynchronises the collectives (gloo: "Received data size doesn't match"; NCCL: a
+hang), and the same gradients in another order would be summed into the wrong slots. So the modules run in one
+fixed order on every rank (embed, input_proj, LLM, output_proj in model.modalities order), nothing that a real
+batch computes changes, and the extra gradients are exact zeros: the values equal one process over the same global
+batch. Which modules some rank uses is one all-reduce of a flag per module per training micro-batch; the empty runs
+cost only their operations' launches (~10 ms for a tiny projector on a CPU), so they happen only where needed.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
+from nextgpt import runtime
 from nextgpt.model import llm as llm_utils
 from nextgpt.model import suffix
 from nextgpt.model.losses import alignment_loss, check_signal_labels, lm_loss_and_accuracy
@@ -46,6 +59,12 @@ def imagebind_dim(preset_name: str) -> int:
         if key in config:
             return int(config[key])
     raise ValueError(f"ImageBind preset {preset_name!r} has no out_embed_dim")
+
+
+def takes_part(module: nn.Module) -> bool:
+    """Whether `module` must take part in every rank's backward: it has a trainable parameter and this pass records
+    gradients (training; evaluation and generation, under no_grad, need nothing and communicate nothing)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
 class NextGPT(nn.Module):
@@ -144,13 +163,20 @@ class NextGPT(nn.Module):
         labels = batch["labels"].to(device)
         attention_mask = batch["attention_mask"].to(device)
         positions, features = self._batch_media(batch)
-        inputs_embeds, token_embeds = self.embed(input_ids, positions, features)
-
         # {modality: (n, 2) (row, start)} in (row, position) order = caption_embeds order (collate)
         if "signal_blocks" not in batch:
             raise ValueError("the batch has no signal_blocks (batches come from nextgpt.data.collate.Collator)")
         blocks = {m: [tuple(b) for b in v.tolist()] for m, v in batch["signal_blocks"].items() if v.numel()}
         wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0]
+        on_nothing = self.unused_here(positions is not None, wanted)
+
+        inputs_embeds, token_embeds = self.embed(input_ids, positions, features)
+        unused = torch.zeros((), device=device)         # the zero outputs of modules run on nothing
+        if "input_proj" in on_nothing:
+            # (0, F) -> (0, D) here, where input_proj runs on media; its empty sum (0) goes to the loss rather than
+            # into inputs_embeds, whose gradients then stay bit-identical
+            nothing = self.input_proj.weight.new_zeros((0, self.input_proj.in_features))
+            unused = unused + self.input_proj(nothing).sum()
 
         check_signal_labels(labels, blocks, self.token_ids.signal, batch.get("samples"))
 
@@ -166,10 +192,14 @@ class NextGPT(nn.Module):
                 output_hidden_states=bool(wanted))
         terms: dict[str, torch.Tensor] = {"lm": lm}
         caption_embeds = batch.get("caption_embeds") or {}
-        for modality in wanted:
-            if modality not in self.output_proj:
-                raise ValueError(f"the batch has {modality} signal blocks but the model has no {modality} output "
-                                 f"projector (model.modalities: {list(self.output_proj)})")
+        if missing := [m for m in wanted if m not in self.output_proj]:
+            raise ValueError(f"the batch has {missing[0]} signal blocks but the model has no {missing[0]} output "
+                             f"projector (model.modalities: {list(self.output_proj)})")
+        for modality in self.output_proj:             # one fixed order on every rank (see the module docstring)
+            if modality not in wanted:
+                if modality in on_nothing:                     # x 0: qformer's one zero block is not empty
+                    unused = unused + 0.0 * self.project_nothing(modality).float().sum()
+                continue
             if modality not in caption_embeds:
                 raise ValueError(f"the batch has {modality} signal blocks but no caption_embeds[{modality!r}]")
             hidden_states = hidden_all[self.cfg.model.hidden_layer]
@@ -183,7 +213,7 @@ class NextGPT(nn.Module):
                                  f"{modality} decoder needs {tuple(prediction.shape[1:])} (embeddings computed "
                                  "with a different decoder?)")
             terms[modality] = alignment_loss(prediction, target.view(prediction.shape), self.cfg.train.alignment_loss)
-        loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+        loss = sum(weights.get(name, 0.0) * value for name, value in terms.items()) + unused
         return {"loss": loss, **terms, "token_acc": accuracy}
 
     def _split(self, input_ids, attention_mask, media_positions, blocks) -> list[int] | None:
@@ -221,6 +251,27 @@ class NextGPT(nn.Module):
         projector = self.output_proj[modality]
         dtype = next(projector.parameters()).dtype
         return projector(hidden.to(dtype), inputs.to(dtype))
+
+    def unused_here(self, has_media: bool, wanted: Sequence[str]) -> set[str]:
+        """The trainable modules ("input_proj", output projector modalities) that this micro-batch leaves unused
+        but another rank's uses: they run on nothing here (module docstring). Every rank calls this in every
+        training forward; one all-reduce, none on one process or without gradients."""
+        modules = {"input_proj": self.input_proj, **self.output_proj}
+        names = [name for name, module in modules.items() if takes_part(module)]
+        if not names:
+            return set()
+        here = [has_media if name == "input_proj" else name in wanted for name in names]
+        anywhere = runtime.any_rank_each(here, self.device)
+        return {name for name, mine, any_rank in zip(names, here, anywhere) if any_rank and not mine}
+
+    def project_nothing(self, modality: str) -> torch.Tensor:
+        """The output projector on no signal block, (0, N, D) -> (0, T, D_out): the same operations as on real
+        blocks, no FLOPs; a projector that cannot take an empty batch (qformer) gets one all-zero block."""
+        projector = self.output_proj[modality]
+        rows = 0 if projector.takes_empty_batch else 1
+        zeros = next(projector.parameters()).new_zeros((rows, MODALITIES[modality].num_signal_tokens,
+                                                        self.causal_lm.config.hidden_size))
+        return projector(zeros, zeros)
 
     # ------------------------------------------------------------------------------------------------------------
     def generate(self, prompt: "str | Sequence[Turn]", media: "Sequence[Media]" = (), max_new_tokens: int | None = None,

@@ -29,6 +29,10 @@ def build_input_proj(imagebind_dim: int, hidden_size: int) -> nn.Linear:
 class TransformerProjector(nn.Module):
     """The original TextFcLayer in `transformer` mode."""
 
+    # A batch of zero signal blocks goes through (every parameter gets an exact-zero gradient at no FLOPs): what
+    # NextGPT.project_nothing runs when a micro-batch lacks this modality.
+    takes_empty_batch = True
+
     def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int, num_output_tokens: int, d_model: int = 512,
                  num_encoder_layers: int = 4, num_decoder_layers: int = 4, num_heads: int = 4,
                  dim_feedforward: int = 2048, dropout: float = 0.0):
@@ -53,6 +57,8 @@ class TransformerProjector(nn.Module):
 class LinearProjector(nn.Module):
     """Per-token Linear(D_llm -> D_out), then Linear over tokens (N -> T)."""
 
+    takes_empty_batch = True
+
     def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int, num_output_tokens: int, **_unused):
         super().__init__()
         self.num_input_tokens, self.num_output_tokens, self.out_dim = num_input_tokens, num_output_tokens, out_dim
@@ -66,6 +72,8 @@ class LinearProjector(nn.Module):
 
 class QFormerProjector(nn.Module):
     """Linear(D_llm -> d) -> Blip2QFormerModel (queries cross-attend in every layer) -> Linear(d -> D_out)."""
+
+    takes_empty_batch = False       # transformers' Blip2 attention cannot reshape zero rows (view(..., -1, ...))
 
     def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int, num_output_tokens: int, d_model: int = 768,
                  num_encoder_layers: int = 2, num_decoder_layers: int = 2, num_heads: int = 12,

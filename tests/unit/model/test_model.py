@@ -83,6 +83,59 @@ def test_forward_terms_weights_and_gradients(stage_models, stage):
     assert got == TRAINED[stage]
 
 
+def gradient_order(model, batch):
+    """(loss, names of the trainable parameters in the order backward completes their gradients, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    order, handles = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            handles.append(parameter.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name)))
+    try:
+        loss = model(batch)["loss"]
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return loss.detach(), order, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# micro-batches that use different modules: (stage, which of STAGE_SAMPLES[stage]) -> one batch each
+DIFFERENT_BATCHES = {2: [[0], [1], [2], [0, 2]],              # image / video / audio / image + audio out
+                     3: [[0], [1], [2], [0, 1, 2]]}           # audio in+out / image+video out / text only / all
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_every_trainable_parameter_takes_part_in_one_order(stage_models, stage, monkeypatch):
+    """Any batch on any rank (NextGPT.unused_here), with another rank's micro-batch using every module: whatever
+    this micro-batch holds, every trainable parameter gets a gradient, in the same order (DeepSpeed's ZeRO-2
+    buckets follow that order, and the ranks' buckets must agree), and the loss and the used parameters' gradients
+    are bit-identical to a forward that runs only what the batch uses; the rest get exact zeros."""
+    from nextgpt import runtime
+    from nextgpt.model import nextgpt
+
+    monkeypatch.setattr(runtime, "any_rank_each", lambda flags, device: [True] * len(flags))
+    model, _ = stage_models[stage]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    orders = []
+    for rows in DIFFERENT_BATCHES[stage]:
+        batch = make_batch(model, [STAGE_SAMPLES[stage]()[i] for i in rows])
+        loss, order, grads = gradient_order(model, batch)
+        assert sorted(order) == sorted(trainable), rows      # each exactly once
+        orders.append(order)
+        with monkeypatch.context() as patch:
+            patch.setattr(nextgpt, "takes_part", lambda module: False)
+            bare_loss, _, bare_grads = gradient_order(model, batch)
+        assert torch.equal(loss, bare_loss)
+        for name in trainable:
+            if name in bare_grads:
+                assert torch.equal(grads[name], bare_grads[name]), name
+            else:
+                assert not grads[name].any(), name
+        assert set(bare_grads) != trainable or rows == DIFFERENT_BATCHES[stage][-1]   # the batch leaves some out
+    assert all(order == orders[0] for order in orders)
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_trainable_sets_per_stage(stage_models, stage):
     model, counts = stage_models[stage]
@@ -212,6 +265,8 @@ def test_broken_signal_block_in_labels_names_the_sample(stage_models):
 
 @pytest.mark.parametrize("mode", ["linear", "qformer"])
 def test_other_projector_modes(tiny_env, mode):
+    from nextgpt import runtime
+
     cfg = tiny_env.config(2, f"model.output_proj.mode={mode}")
     model = build_model(cfg)
     set_trainable(model, cfg)
@@ -220,6 +275,11 @@ def test_other_projector_modes(tiny_env, mode):
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(p.grad is not None for p in model.output_proj["image"].parameters())
+    model.zero_grad(set_to_none=True)        # an image-only batch beside a rank that uses every projector:
+    with pytest.MonkeyPatch.context() as patch:      # the others run on a zero block (qformer) / nothing
+        patch.setattr(runtime, "any_rank_each", lambda flags, device: [True] * len(flags))
+        model(make_batch(model, STAGE_SAMPLES[2]()[:1]))["loss"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.output_proj["video"].parameters())
 
 
 def test_quantized_8bit_llm(tiny_env):
