@@ -97,11 +97,16 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     from nextgpt.checkpoint import legacy
     from nextgpt.data.loaders import build_run_data, count_steps
     from nextgpt.eval.training import GenerationChecks
-    from nextgpt.training.deepspeed import build_ds_config, build_engine, param_groups
+    from nextgpt.training.deepspeed import build_ds_config, build_engine, check_compiled_ops, param_groups
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
     from nextgpt.model import caption_encoder
 
+    # An op the dsconfig makes DeepSpeed compile (offload.json: cpu_adam) needs its tools: refused now, in one line,
+    # not after minutes of loading. The 8-bit fine-tune's optimizer comes from code: the JSON's builds nothing.
+    if not cfg.train.optimizer_8bit:
+        for note in check_compiled_ops(ds_config, ds_path, rt.device.type == "cuda"):
+            log(note)
     # What to resume: the newest checkpoint that verifies, written by as many processes, with the same config
     # unless --allow-config-change; checked before anything is loaded or written (nextgpt.checkpoint.resume_checks).
     start, changes = resume_checks.plan(output_dir, args.resume, cfg.to_dict(), rt.world_size,

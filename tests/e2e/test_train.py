@@ -388,6 +388,21 @@ def test_two_process_launch_matches_one_process(env, tmp_path):
 
 # -- the real ZeRO-Offload path ---------------------------------------------------------------------------------
 
+def test_offload_without_a_compiler_is_one_line_at_start(env, tmp_path, capsys, monkeypatch):
+    """offload.json's DeepSpeedCPUAdam is built at first use; without a C++ compiler train.py says so in one line
+    before it loads anything (nextgpt.training.deepspeed.check_compiled_ops), not minutes later inside
+    deepspeed.initialize."""
+    import shutil
+
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool, *a, **k: None if tool == "c++" else which(tool, *a, **k))
+    run(env, "stage_1", tmp_path / "x", extra=["--ds_config", str(DSCONFIG / "offload.json")], expect=2)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: DeepSpeed builds its cpu_adam op at first use with c++ + ninja, and c++ is not")
+    assert err.endswith("offload.json") and "\n" not in err
+    assert not (tmp_path / "x" / "checkpoint-1").exists()
+
+
 @pytest.mark.slow
 def test_offload_json_runs_with_deepspeed_cpu_adam(env, tmp_path):
     """offload.json (bf16, ZeRO-2, optimizer states on the CPU): DeepSpeedCPUAdam is compiled on first use (~40 s

@@ -52,7 +52,8 @@ def test_auto_values_filled_from_yaml():
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 3 * 2 * 4
     assert ds["gradient_clipping"] == 0.5
-    assert ds["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.001}
+    assert ds["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.001,
+                                         "torch_adam": True, "fused": True}
     params = ds["scheduler"]["params"]
     assert (params["warmup_max_lr"], params["warmup_min_lr"], params["warmup_num_steps"]) == (1e-4, 0.0, 7)
     assert runtime.unresolved(ds) == ["scheduler.params.total_num_steps"]
@@ -163,6 +164,39 @@ def test_seed_everything_is_reproducible():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     runtime.seed_everything(5)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_shipped_dsconfigs_compile_nothing_but_offload():
+    """Every shipped dsconfig names torch's AdamW through DeepSpeed ("torch_adam": true) except offload.json, whose
+    DeepSpeedCPUAdam is built with a C++ compiler, as code/dsconfig/README.md says."""
+    from nextgpt.training.deepspeed import ops_to_compile
+
+    for path in sorted(DSCONFIG.glob("*.json")):
+        ds = json.loads(path.read_text())
+        for cuda in (True, False):
+            expected = [("cpu_adam", ["c++", "ninja"])] if path.name == "offload.json" else []
+            assert ops_to_compile(ds, cuda) == expected, (path.name, cuda)
+    assert "cpu_adam" in (DSCONFIG / "README.md").read_text()
+
+
+def test_gpu_json_builds_torch_fused_adamw(monkeypatch):
+    """deepspeed.initialize on gpu.json (bf16, ZeRO-2; here on the CPU) builds torch.optim.AdamW with its fused
+    kernel, the path ops_to_compile reads as compiling nothing."""
+    import deepspeed
+
+    for name in runtime.DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cfg = stage_config()
+    path = DSCONFIG / "gpu.json"
+    ds = runtime.fill_ds_config(runtime.load_ds_config(path, cfg, 1), cfg, 1, 10, path)
+    rt = runtime.setup(ds, path)
+    try:
+        model = torch.nn.Linear(4, 4)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+        base = engine.optimizer.optimizer           # inside the ZeRO wrapper
+        assert type(base) is torch.optim.AdamW and base.defaults["fused"] is True
+    finally:
+        runtime.shutdown(rt)
 
 
 def test_device_and_dtype_are_decided_in_runtime_only():
