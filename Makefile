@@ -2,7 +2,8 @@
 #   make env check-ckpt features embeddings stage1 stage2 stage3     (real checkpoints, see README)
 #   make demo                                                         (tiny models + toy data, CPU, minutes)
 #   make test / make test-all                                         (unit + smoke / every test)
-# Variables: CONFIG=tiny (tiny configs), NUM_GPUS=N, HOSTFILE=path (multi-node), DS_CONFIG=path, ARGS="--set k=v",
+# Variables: CONFIG=tiny (tiny configs), NUM_GPUS=N, HOSTFILE=path (multi-node; NODE_RANK=R MASTER_ADDR=host without
+#   ssh), STAGE=N (make doctor), DS_CONFIG=path, ARGS="--set k=v",
 #   MASTER_PORT=N (default: a free port per launch), MAKE_ENV_SCRIPT=path (what `make env` runs)
 
 SHELL := /bin/bash
@@ -64,9 +65,20 @@ PASS_STAGE_DIRS = OUT_1="$$out_1" OUT_2="$$out_2" OUT_3="$$out_3" TOP_STAGE=$(TO
 ds_config = $(if $(DS_CONFIG),$(DS_CONFIG),$(if $(DS_DIR_DEFAULT),code/dsconfig/cpu.json,code/dsconfig/$(1).json))
 
 # Launcher: `deepspeed` with --num_gpus / --hostfile when given; a plain single process otherwise on CPU.
-LAUNCH = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
+# Several nodes (README "Multi-GPU and multi-node"; a hostfile of `<host> slots=<GPUs>` lines, one shared folder
+# for outputs, caption embeddings and features: every rank checks it at start):
+#   make stage1 HOSTFILE=hostfile MASTER_PORT=29500                  # on the first host: DeepSpeed starts every
+#                                                                      node's launcher through pdsh + ssh
+#   make stage1 HOSTFILE=hostfile NODE_RANK=R MASTER_ADDR=<first host> MASTER_PORT=29500   # on each node R, no ssh
+#                                                                      (DeepSpeed's --no_ssh --node_rank R)
+#   torchrun --nnodes N --nproc_per_node G --node_rank R --rdzv_backend c10d --rdzv_endpoint <first host>:29500 \
+#       code/train.py --config ...                                     # the same without DeepSpeed's launcher
+NODE_RANK ?=
+MASTER_ADDR ?=
+NODES = $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NODE_RANK),--no_ssh --node_rank $(NODE_RANK) --master_addr $(MASTER_ADDR),)
+LAUNCH = $(DEEPSPEED) $(NODES) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),$(if $(DS_DIR_DEFAULT),--num_gpus 1,))
 
-.PHONY: help env check-ckpt tiny toy-data embeddings features validate stage1 stage2 stage3 stage1-chain \
+.PHONY: help env check-ckpt doctor tiny toy-data embeddings features validate stage1 stage2 stage3 stage1-chain \
         stage2-chain stage3-chain finetune finetune-chain finetune-own infer app export data-report eval demo test \
         test-all bench chaos clean-tiny
 
@@ -84,6 +96,12 @@ env:
 check-ckpt:
 	$(PY) scripts/check_ckpt.py --config $(CFG_DIR)/stage_3.yaml
 
+# Would `make stage$(STAGE)` start here? Devices, bf16, memory, ops DeepSpeed would compile, backend, disk, the
+# hostfile's nodes (ssh, one shared folder), check-ckpt: each problem one line with its fix (scripts/doctor.py).
+STAGE ?= 1
+doctor:
+	$(PY) scripts/doctor.py --config $(CFG_DIR)/stage_$(STAGE).yaml --ds_config $(call ds_config,stage_$(STAGE)) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),) $(SET_ARGS)
+
 tiny: ckpt/tiny/.complete
 ckpt/tiny/.complete:
 	$(PY) scripts/tiny/make_tiny_ckpt.py --out ckpt/tiny --data data/toy --train
@@ -95,7 +113,7 @@ data/toy/.complete:
 # Caption embeddings (stage 2/3 targets) and ImageBind features (stage-1 cache) for the selected config.
 # NUM_GPUS / HOSTFILE: one process per GPU / node slot through the DeepSpeed launcher, each computing a disjoint
 # share of the batches (the share that finishes last writes the one manifest); otherwise one plain process.
-PRECOMPUTE = $(if $(NUM_GPUS)$(HOSTFILE),$(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),),$(PY))
+PRECOMPUTE = $(if $(NUM_GPUS)$(HOSTFILE),$(DEEPSPEED) $(NODES) $(if $(NUM_GPUS),--num_gpus $(NUM_GPUS),),$(PY))
 embeddings: $(PREREQ_CKPT) $(PREREQ_DATA)
 	$(PRECOMPUTE) code/process_embeddings.py --config $(CFG_DIR)/stage_3.yaml --all $(ARGS)
 features: $(PREREQ_CKPT) $(PREREQ_DATA)

@@ -219,6 +219,26 @@ def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
             f"-> {out_dir}")
 
 
+def _prove_shared(cfg, args, key: str, folder: Path) -> None:
+    """Under a launcher the ranks split the items and the one that completes the set merges the manifest, so they
+    must all write one folder (nextgpt.training.peers.prove_shared), checked in a gloo group made for this check alone:
+    the precompute itself needs no collective (a rank killed mid-way leaves the others running to the end)."""
+    import os
+    from datetime import timedelta
+
+    if args.shard or args.share[1] == 1 or "MASTER_ADDR" not in os.environ:
+        return  # one process, or a scheduler's array job (--shard K/N): no rank 0 to compare with
+    import torch.distributed as dist
+
+    from nextgpt.training.peers import prove_shared
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.train.dist_timeout))
+    try:
+        prove_shared({key: folder}, args.share[0])
+    finally:
+        dist.destroy_process_group()
+
+
 def run(args, log=print) -> None:
     from nextgpt.modalities import MODALITIES
     from nextgpt.store import parse_share
@@ -233,8 +253,10 @@ def run(args, log=print) -> None:
         samples = _catalog_samples(cfg, args.datasets, log)
         modalities = list(cfg.model.modalities)
         if args.features:
+            _prove_shared(cfg, args, "data.feature_dir", cfg.path(cfg.data.feature_dir))
             _run_features(samples, modalities, cfg, args, cfg.path(cfg.data.feature_dir), log)
         else:
+            _prove_shared(cfg, args, "data.embed_dir", cfg.path(cfg.data.embed_dir))
             _run_captions(samples, modalities, cfg, args, None, log)
         return
     if args.datasets:
@@ -248,6 +270,7 @@ def run(args, log=print) -> None:
         if args.decoder and args.decoder != args.positional[3]:
             raise ValueError("decoder given twice (4th argument and --decoder)")
         args.decoder = args.positional[3]
+    _prove_shared(cfg, args, "the output folder", Path(out_dir))
     if args.features:
         samples = _file_samples(json_path, "enc", None)
         _run_features(samples, [modality], cfg, args, Path(out_dir), log)

@@ -24,7 +24,7 @@ from nextgpt import cli, runtime
 from nextgpt.checkpoint import resume
 from nextgpt.checkpoint import resume_checks
 from nextgpt.eval.run import heldout_loss
-from nextgpt.training import runlock
+from nextgpt.training import peers, runlock
 from nextgpt.training.runlog import RunLog, TermMeans
 from nextgpt.runtime import to_device
 from nextgpt.training.stop import StopRequest
@@ -71,10 +71,15 @@ def train(args: argparse.Namespace) -> dict:
     ds_path = Path(args.ds_config) if args.ds_config else runtime.default_ds_config()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = runtime.load_ds_config(ds_path, cfg, world_size)
-    rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False)  # the reason goes to the run log
+    rt = runtime.setup(ds_config, ds_path, args.local_rank, verbose=False,  # the reason goes to the run log
+                       timeout=cfg.train.dist_timeout)
     output_dir = cfg.path(cfg.train.output_dir)
     lock = log = None
+    beat = peers.Heartbeat(rt.rank, rt.world_size)  # names a rank that died (nextgpt.training.peers)
     try:
+        # Every rank writes its ZeRO partition and rank state into output_dir at each save: one folder for all.
+        peers.prove_shared({"train.output_dir": output_dir}, rt.rank)
+        beat.start()
         # One run per output folder (nextgpt.training.runlock); its run id names this run's temporary folders.
         lock, run_id = runlock.acquire_collective(output_dir, rt.is_main, "training")
         cli.set_log(output_dir / "train.log")  # where main's error line sends the traceback
@@ -84,7 +89,12 @@ def train(args: argparse.Namespace) -> dict:
         # SIGINT / SIGTERM / a dead launcher: stop at the end of the step, save, exit 130/143 (nextgpt.training.stop).
         with StopRequest(watch_launcher="LOCAL_RANK" not in rt.env_we_set) as stop:
             return _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id)
+    except RuntimeError as e:  # a failed collective (gloo / NCCL) when a peer died: one line naming it
+        if not isinstance(e, TrainingAborted) and (lost := beat.explain(e, output_dir)) is not None:
+            raise lost from e
+        raise
     finally:
+        beat.stop()
         if log is not None:
             log.close()
         if lock is not None:

@@ -170,7 +170,7 @@ def report(e: BaseException, name: str) -> int:
     message, code, unexpected = describe(e)
     # A run's own log always gets the traceback; without one, only an unexpected failure leaves a temp-folder log.
     log = write_traceback(e, name, message) if (unexpected or _log_path is not None) else None
-    if process_rank()[0] != 0:
+    if process_rank()[0] != 0 and not getattr(e, "every_rank", False):  # e.g. a dead peer (rank 0 may be it)
         return code
     if unexpected and log is not None:
         message += f" (traceback in {log})"

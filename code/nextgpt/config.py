@@ -123,6 +123,9 @@ class TrainConfig:
     eval_generate: int = 0                  # at each eval: decode N held-out requests per modality -> TensorBoard
     log_every: int = 5
     max_bad_steps: int = 10                 # non-finite losses tolerated before aborting
+    # seconds a collective waits for a rank that stopped answering (killed, its node gone) before every other
+    # rank stops with one line naming it (nextgpt.training.peers); DeepSpeed's default is 10 min, gloo's 30
+    dist_timeout: float = 180.0
     optimizer_8bit: bool = False            # bitsandbytes AdamW8bit (fine-tuning)
     # learning rate per module group (input_proj, output_proj, lora, token_rows); a group not named uses train.lr
     module_lr: dict[str, float] = field(default_factory=dict)
@@ -254,6 +257,8 @@ def _check(cfg: Config) -> None:
     if cfg.train.epochs < 1:  # 0 epochs would silently train nothing; --max-steps 0 is the way to train nothing
         raise ConfigError(f"train.epochs: must be at least 1, got {cfg.train.epochs} "
                           "(--max-steps 0 trains zero steps)")
+    if cfg.train.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout: must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0 (0: train.epochs x steps per epoch), "
                           f"got {cfg.train.max_steps}")

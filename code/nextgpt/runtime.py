@@ -13,6 +13,7 @@ import random
 import socket
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,9 @@ def ds_dtype(ds_config: dict[str, Any]) -> torch.dtype:
 
 
 def setup(ds_config: dict[str, Any], ds_path: str | os.PathLike = "", local_rank: int | None = None,
-          verbose: bool = True) -> Runtime:
-    """Decide device/dtype/backend, initialise torch.distributed through DeepSpeed, print the reason once."""
+          verbose: bool = True, timeout: float | None = None) -> Runtime:
+    """Decide device/dtype/backend, initialise torch.distributed through DeepSpeed, print the reason once.
+    `timeout` (seconds; train.dist_timeout): how long a collective waits for a rank that stopped answering."""
     env_we_set = single_process_env(local_rank)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -147,7 +149,16 @@ def setup(ds_config: dict[str, Any], ds_path: str | os.PathLike = "", local_rank
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     else:
         raise ValueError(f"unsupported DeepSpeed accelerator {accelerator.device_name()!r}; expected cuda or cpu")
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if timeout is None:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        wait = timedelta(seconds=timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=wait)
+        # ZeRO reduces gradients in DeepSpeed's clone of the world group, which torch.distributed.new_group would
+        # give its own default timeout (30 min on gloo); made here with ours, DeepSpeed's cache hands it out.
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = torch.distributed.new_group(ranks=range(world_size), timeout=wait)
     runtime = Runtime(device, dtype, rank, world_size, local_rank, backend,
                       f"{reason}; rank {rank}/{world_size}", env_we_set)
     if verbose and runtime.is_main:

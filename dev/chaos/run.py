@@ -50,6 +50,10 @@ Classes of the table (`--list` shows every row)
                  (recorded in meta.json), 1 -> 2 and 2 -> 1 processes (refused in one line)
   storage        output path is a file, disk full during a save (tmpfs; the previous checkpoint intact), read-only
                  output (bind mount), inference --out a file (reply printed first); mounts need root, else "not run"
+  distributed    two "nodes" (scripts/tiny/nodes.py): kill -9 of node 1's rank, of node 1's whole launcher tree, of
+                 rank 0, SIGSTOP of a rank: the survivor stops within train.dist_timeout naming the dead rank,
+                 `latest` verifies and both nodes resume to the end; node 1 with its own disk at the output folder /
+                 the caption-embedding folder: both refuse at start (root)
 
 Everything runs in --workdir (default runs/chaos/): a tiny workspace (tiny checkpoints + toy data, built once by
 scripts/tiny/tiny_workspace.py) and hard-linked copies of its data that each case breaks. Exit status: 0 when
@@ -785,7 +789,7 @@ def cases() -> list[Case]:
              train_case(2, "train.max_bad_steps=100", "data.datasets=[cc3m_dec]", data_fn=nan_embedding), (),
              skip=True, skip_pattern=r"(\d+) skipped micro-batches"),
     ]
-    return table + scenario_cases()
+    return table + scenario_cases() + distributed_cases()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -794,7 +798,7 @@ def cases() -> list[Case]:
 # needs more than one process or a signal, `check` verifies what must survive.
 
 CLASSES = ("resume", "write", "embeddings", "data", "media", "images", "config", "values", "cache", "signals",
-           "lock", "checkpoint", "resume-config", "storage")
+           "lock", "checkpoint", "resume-config", "storage", "distributed")
 CASE_CLASS = {  # the class of each bad-input row of cases() (rows of scenario_cases() name their own)
     **{n: "media" for n in ("missing_imagebind", "missing_imagebind_live", "corrupt_pth", "truncated_pth",
                             "corrupt_jpg_live", "missing_llm_weights")},
@@ -1480,6 +1484,114 @@ def output_problems(case: Path, skip: bool) -> list[str]:
         if leftovers:
             problems.append(f"{folder}: temporary files left {leftovers[:2]}")
     return problems
+
+
+# -- distributed: two "nodes" (scripts/tiny/nodes.py), a dead rank / node / rank 0, a hung rank, a node's own disk
+NODE_TIMEOUT = 20          # train.dist_timeout of these runs: a hung rank is given up on after 20 s
+
+
+def distributed_cases() -> list[Case]:
+    from tiny.nodes import NodeJob
+
+    # The dead-rank rows train into <case>/run: a kill -9 of rank 0 mid-save leaves its temporary folder until the
+    # next start removes it, and the table's leftover check reads <case>/out; resumes_on_two_nodes checks after the
+    # rerun that nothing is left.
+    def two_nodes(folder: str = "out", embeddings: bool = False):
+        """The per-node script arguments (NodeJob adds each node's launcher): stage-1 training or --all caption
+        embeddings into <case>/<folder>."""
+        def build(case: Path, env) -> list[str]:
+            out = case / folder
+            if embeddings:
+                return [PROCESS, *env.argv("stage_3", f"data.embed_dir={out}"), "--all", "--batch-size", "8"]
+            return [TRAIN, *env.argv("stage_1", f"train.output_dir={out}", "train.init_from=",
+                                     "train.report_to=[]", f"train.save_every={SAVE_EVERY}",
+                                     "data.datasets=[cc3m_enc]", f"train.dist_timeout={NODE_TIMEOUT}"),
+                    "--max-steps", str(STEPS)]
+        return build
+
+    def drive_nodes(action: str, folder: str = "run"):
+        """Start both nodes; `own_disk`: node 1 with a tmpfs over <case>/out from the start; else after
+        checkpoint-2 is saved: kill -9 node 1's rank / node 1's whole launcher tree / rank 0, or SIGSTOP node 1's
+        rank. -> (the surviving node's exit, "", both nodes' output), timed from the fault."""
+        def drive(command: list[str], case: Path, log_path: Path) -> tuple[int, str, str]:
+            out = case / folder
+            job = NodeJob("deepspeed", command, case / "nodes")
+            survivor = 1 if action == "rank0" else 0
+            try:
+                job.start(own_disk={1: out} if action == "own_disk" else None)
+                if action != "own_disk":
+                    try:
+                        job.wait_for(f"saved {out / 'checkpoint-2'}", node=0)
+                    except TimeoutError as e:
+                        return -995, "", f"{job.log(0)}{job.log(1)}\n[chaos] {e}"
+                    fault = time.time()
+                    if action == "rank":
+                        job.kill_rank(1)
+                    elif action == "node":
+                        job.kill_node(1)
+                    elif action == "rank0":
+                        job.kill_rank(0)
+                    elif action == "hang":
+                        os.kill(job.rank_pid(1), signal.SIGSTOP)
+                try:
+                    job.processes[survivor].wait(timeout=NODE_TIMEOUT + 60)
+                except subprocess.TimeoutExpired:
+                    pass
+                took = time.time() - fault if action != "own_disk" else 0.0
+                if action == "hang":
+                    job.kill_node(1)            # the stopped rank never ends by itself
+                codes = job.wait(120)
+                text = job.log(0) + job.log(1)
+                if took > NODE_TIMEOUT + 30:
+                    text += f"\n[chaos] the survivor took {took:.0f} s to stop"
+                    return -996, "", text
+            finally:
+                job.stop()
+            log_path.write_text(text)
+            return (codes[survivor] if action != "own_disk" else max(codes)), "", text
+        return drive
+
+    def resumes_on_two_nodes(case: Path, env, text: str) -> list[str]:
+        """`latest` verifies, and the same two nodes rerun to the end from it (exit 0, a verified final one)."""
+        from nextgpt.checkpoint.resume_checks import verify
+
+        out = case / "run"
+        latest = out / (out / "latest").read_text().strip()
+        problems = [f"latest {latest.name}: {p}" for p in verify(latest)]
+        again = NodeJob("deepspeed", two_nodes("run")(case, env), case / "resumed").start()
+        codes = again.wait(600)
+        if codes != [0, 0]:
+            return problems + [f"the resumed run exited {codes}: {last_line(again.log(0))}"]
+        final = out / (out / "latest").read_text().strip()
+        problems += [f"final {final.name}: {p}" for p in verify(final)]
+        if final.name != f"checkpoint-{STEPS}" or f"resumed from {latest}" not in (out / "train.log").read_text():
+            problems.append(f"the rerun did not resume from {latest.name} to checkpoint-{STEPS}")
+        if leftovers := [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".run.lock"]:
+            problems.append(f"{out}: left after the rerun: {leftovers[:3]}")
+        return problems
+
+    def nothing_written(case: Path, env, text: str) -> list[str]:
+        leftovers = [p.name for p in (case / "out").iterdir()]
+        return [f"{case / 'out'} holds {leftovers[:4]} after the refusal"] if leftovers else []
+
+    dead = dict(klass="distributed", launcher=True, fresh_output=False, exit_codes=(2,), check=resumes_on_two_nodes)
+    return [
+        Case("dead_rank", "kill -9 node 1's rank (2 nodes, one rank each): rank 0 stops naming rank 1, resumes",
+             two_nodes("run"), ("rank 1",), drive=drive_nodes("rank"), expect_text=("stopped answering",), **dead),
+        Case("dead_node", "kill -9 node 1's whole launcher tree: rank 0 stops naming rank 1, resumes",
+             two_nodes("run"), ("rank 1",), drive=drive_nodes("node"), expect_text=("stopped answering",), **dead),
+        Case("dead_rank_0", "kill -9 rank 0 (it hosts the rendezvous store): rank 1 stops naming rank 0, resumes",
+             two_nodes("run"), ("rank 0",), drive=drive_nodes("rank0"), expect_text=("stopped answering",), **dead),
+        Case("hung_rank", f"SIGSTOP node 1's rank: rank 0 gives up after train.dist_timeout ({NODE_TIMEOUT} s), "
+             "naming rank 1", two_nodes("run"), ("rank 1",), drive=drive_nodes("hang"), expect_text=("timed out",),
+             **dead),
+        Case("own_disk_train", "node 1 with its own disk at train.output_dir (tmpfs): both nodes refuse at start",
+             two_nodes(), ("train.output_dir", "shared file system"), klass="distributed", launcher=True,
+             exit_codes=(2,), drive=drive_nodes("own_disk", "out"), needs="root", check=nothing_written),
+        Case("own_disk_embeddings", "node 1 with its own disk at data.embed_dir: process_embeddings refuses",
+             two_nodes(embeddings=True), ("data.embed_dir",), klass="distributed", launcher=True, exit_codes=(2,),
+             drive=drive_nodes("own_disk", "out"), needs="root", check=nothing_written),
+    ]
 
 
 def can_mount() -> bool:

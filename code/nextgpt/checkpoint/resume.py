@@ -87,6 +87,52 @@ def check_ranks_agree(module: torch.nn.Module, step: int) -> str:
     return digest
 
 
+class CheckpointIncomplete(OSError):
+    """A rank's part of a checkpoint is not where rank 0 sees it; `latest` stays on the previous checkpoint."""
+
+    every_rank = True
+
+
+def own_files(engine: Any, state: Path, rank: int) -> list[Path]:
+    """The files this rank wrote into `state` at this save: its rank state, and what DeepSpeed's engine says it
+    saved (its ZeRO partition; the module states on the rank that writes them). The names are DeepSpeed's own
+    (engine._get_*_ckpt_name, the methods save_checkpoint names its files with), not a pattern of ours."""
+    files = [state / f"rank_{rank}.pt"]
+    if getattr(engine, "save_zero_checkpoint", False) and engine.zero_optimization_stage() > 0:
+        files.append(Path(engine._get_zero_ckpt_name(str(state), DS_TAG)))
+    if getattr(engine, "save_non_zero_checkpoint", False):
+        files.append(Path(engine._get_ckpt_name(str(state), DS_TAG)))
+    return files
+
+
+def missing_parts(seen: dict[str, str], written: list[dict[str, str]]) -> list[tuple[int, str, str]]:
+    """[(rank, file under state/, what is wrong)] for every file a rank wrote (`written[rank]`: {name: sha256})
+    that rank 0's view (`seen`: {name: sha256}) lacks or holds with other bytes."""
+    return [(r, name, "missing" if name not in seen else "sha256 differs")
+            for r, files in enumerate(written) for name, digest in sorted(files.items())
+            if seen.get(name) != digest]
+
+
+def _gather_problem(seen: dict[str, str], written: dict[str, str], rank: int, final: Path) -> str | None:
+    """Collective: every rank's own {file: sha256} to rank 0, checked against what rank 0 sees (missing_parts);
+    the one-line problem (the same on every rank) or None."""
+    gathered: list[Any] = [written]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(written, gathered, dst=0)
+    box = [None]
+    if rank == 0 and (parts := missing_parts(seen, gathered)):
+        r, name, what = parts[0]
+        more = f" (+{len(parts) - 1} more)" if len(parts) > 1 else ""
+        pointer = final.parent / "latest"
+        stays = f"latest stays {pointer.read_text().strip()}" if pointer.is_file() else "no checkpoint is latest yet"
+        box[0] = (f"{final.name} not completed: rank {r}'s state/{name} is {what} in the folder rank 0 sees{more} "
+                  f"(not one shared folder?); {stays}")
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train_state: dict[str, Any],
          write_delta: Callable[[Path], None], keep_last: int, run_id: str = "") -> Path:
     """Write checkpoint-<step> atomically (collective: every rank calls it). `write_delta(folder)` runs on rank 0
@@ -105,12 +151,19 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, rank: int, train
         engine.save_checkpoint(str(tmp / "state"), tag=DS_TAG, client_state={"step": step}, save_latest=True,
                                exclude_frozen_parameters=True)
         digest = check_ranks_agree(engine.module, step)
+        state = tmp / "state"
         torch.save({**train_state, "step": step, "weights_sha256": digest, "rng": rng_state()},
-                   tmp / "state" / f"rank_{rank}.pt")
+                   state / f"rank_{rank}.pt")
+        written = {str(p.relative_to(state)): sha256_file(p) for p in own_files(engine, state, rank)}
         barrier()
+        # Rank 0 hashes the files it sees; `latest` moves only when every rank's own files are among them with
+        # the same sha256 (a node writing to its own disk, a file lost on the way: never a silent hole).
+        seen = {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)} if rank == 0 else {}
+        record = {"files": seen}
+        problem = _gather_problem(seen, written, rank, final)
+        if problem:
+            raise CheckpointIncomplete(problem)
         if rank == 0:
-            state = tmp / "state"
-            record = {"files": {str(p.relative_to(state)): sha256_file(p) for p in _state_files(state)}}
             if (tmp / "meta.json").is_file():  # meta.json holds the delta files' hashes: vouch for it in turn
                 record["meta.json"] = sha256_file(tmp / "meta.json")
             atomic_write_text(state / STATE_HASHES, json.dumps(record, indent=1) + "\n")

@@ -140,9 +140,9 @@ def check_world_size(checkpoint: str | os.PathLike, world_size: int) -> None:
 
 # Settings that do not change what a training step computes: a resumed run may change them freely.
 FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.report_to",
-             "train.max_bad_steps", "train.output_dir", "train.init_from", "data.num_workers", "data.validate",
-             "data.root", "data.catalog", "data.embed_dir", "data.feature_dir", "model.llm", "model.imagebind",
-             "model.decoders", "model.gradient_checkpointing", "inference")
+             "train.max_bad_steps", "train.dist_timeout", "train.output_dir", "train.init_from", "data.num_workers",
+             "data.validate", "data.root", "data.catalog", "data.embed_dir", "data.feature_dir", "model.llm",
+             "model.imagebind", "model.decoders", "model.gradient_checkpointing", "inference")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
