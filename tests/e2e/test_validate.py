@@ -1,5 +1,6 @@
-"""validate_data.py / nextgpt.data.validate: a copy of the real samples with deliberately broken records reports
-exactly those records; cheap mode; feature cache stands in for media; exit codes."""
+"""validate_data.py / nextgpt.data.validate: every real sample file decodes to ImageBind's input shape; a copy of the
+real samples with deliberately broken records reports exactly those records; cheap mode; feature cache stands in for
+media; exit codes."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import validate_data
 from nextgpt.config import load
 from nextgpt.data.file_checks import CORRUPT, MISSING, check_media
 from nextgpt.data.validate import validate
+from nextgpt.imagebind.encode import LOADERS
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = (REPO.parent / "shared").resolve() / "samples" / "nextgpt"   # resolved: ../shared may be a symlink
@@ -21,6 +24,22 @@ needs_samples = pytest.mark.skipif(not (SAMPLES / "T_X_pair_data").is_dir(),
                                    reason=f"real NExT-GPT samples not present at {SAMPLES}")
 ENC = ["cc3m_enc", "webvid_enc", "audiocap_enc"]
 DEC = ["cc3m_dec", "webvid_dec", "audiocap_dec"]
+
+
+# ImageBind's input per file: (3, 224, 224) image, (3, 1, 128, 204) audio clips, (15, 3, 2, 224, 224) video clips
+SHAPES = {"image": (3, 224, 224), "audio": (3, 1, 128, 204), "video": (15, 3, 2, 224, 224)}
+SAMPLE_FOLDERS = {"image": "cc3m/images", "audio": "audiocap/audios", "video": "webvid/videos"}
+
+
+@needs_samples
+@pytest.mark.parametrize("modality", ["image", "audio", "video"])
+def test_every_sample_file_decodes(modality):
+    files = sorted(p for p in (SAMPLES / "T_X_pair_data" / SAMPLE_FOLDERS[modality]).iterdir() if p.is_file())
+    assert files
+    for path in files:
+        tensor = LOADERS[modality](path)
+        assert tuple(tensor.shape) == SHAPES[modality], path.name
+        assert torch.isfinite(tensor).all(), path.name
 
 
 def _decoder_configs(root: Path) -> dict[str, Path]:

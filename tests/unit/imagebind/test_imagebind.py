@@ -282,16 +282,6 @@ def test_video_matches_the_original():
     assert (video - tensors["video"][0]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("modality", ["image", "audio", "video"])
-def test_every_sample_file_decodes(modality):
-    files = sorted(p for p in need(SAMPLE_FOLDERS[modality]).iterdir() if p.is_file())
-    assert files
-    for path in files:
-        tensor = LOADERS[modality](path)
-        assert tuple(tensor.shape) == SHAPES[modality], path.name
-        assert torch.isfinite(tensor).all(), path.name
-
-
 def test_generated_media_shapes(media):
     for modality, paths in media.items():
         for path in paths:
