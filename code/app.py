@@ -116,10 +116,12 @@ class Server:
         try:
             new_media = self.take_uploads(state, uploads)
             sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                top_p=float(top_p), do_sample=self.cfg.inference.do_sample)
+                                top_p=float(top_p), do_sample=self.cfg.inference.do_sample,
+                                force_signal=self.cfg.inference.force_signal)
             settings = {m: dataclasses.replace(self.cfg.inference.decoding(m), steps=int(steps),
                                                guidance=float(guidance)) for m in MODALITIES}
-            conversation = Conversation(state.turns + [Turn("human", text)], state.media + new_media)
+            conversation = Conversation(state.turns + [Turn("human", text)], state.media + new_media,
+                                        tuple(self.cfg.inference.require))
             history.append({"role": "assistant", "content": "…"})
             yield {"text": "", "files": []}, history, state, state.files
             start = time.time()

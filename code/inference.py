@@ -93,7 +93,8 @@ class Session:
         check_media(request)
         media = [Media(modality, str(path.resolve()), path.name) for modality, path in request.media]
         start = time.time()
-        (reply,) = generate(self.model, [Conversation.of(request.text, media)], self.sampling, self.seed)
+        conversation = Conversation.of(request.text, media, require=self.cfg.inference.require)
+        (reply,) = generate(self.model, [conversation], self.sampling, self.seed)
         # the reply first: a decoder that fails to load or an unwritable --out never loses it
         print(f"assistant: {reply.text}", flush=True)
         for modality in reply.truncated:
@@ -101,6 +102,8 @@ class Session:
                   f"{self.sampling.max_new_tokens}; no {modality} written (raise inference.max_new_tokens)", flush=True)
         for modality in reply.malformed:
             print(f"  note: the {modality} signal tokens came out of order; no {modality} written", flush=True)
+        for modality in reply.appended:
+            print(f"  note: no {modality} signal block in the reply; one was put at its end (--require)", flush=True)
         reply_path = self.out_dir / f"reply_{self.requests}.txt"
         atomic_write_text(reply_path, reply.text + "\n")
         decode(reply, self.decoders, self.seed, out_dir=self.out_dir, counts=self.counts)
@@ -149,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: inference.out_dir)")
     parser.add_argument("--seed", type=int, help="seed for sampling and the decoders (default: inference.seed)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--require", action="append", default=[], choices=list(MODALITIES),
+                        help="the reply must carry this modality: a block the model did not write is put at the end "
+                             "of its answer (repeatable; adds to inference.require)")
+    parser.add_argument("--no-force-signal", dest="force_signal", action="store_false", default=None,
+                        help="plain decoding: a started signal block may break off (inference.force_signal=false)")
     args = parser.parse_args(argv)
     try:
         from nextgpt.checkpoint.load import checkpoint_info
 
         cfg = config_lib.from_args(args)
+        cfg.inference.require = list(dict.fromkeys([*cfg.inference.require, *args.require]))
+        if args.force_signal is not None:
+            cfg.inference.force_signal = args.force_signal
         seed = cfg.inference.seed if args.seed is None else args.seed
         checkpoint = Path(args.ckpt) if args.ckpt else cfg.path(cfg.inference.ckpt)
         checkpoint_info(checkpoint)                  # a missing checkpoint fails here, before anything loads

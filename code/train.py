@@ -110,7 +110,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     from nextgpt.training.deepspeed import build_ds_config, build_engine, check_compiled_ops, param_groups
     from nextgpt.model.nextgpt import build_model
     from nextgpt.model.trainable import set_trainable
-    from nextgpt.model import caption_encoder
+    from nextgpt.model import caption_encoder, denoising
 
     # An op the dsconfig makes DeepSpeed compile (offload.json: cpu_adam) needs its tools: refused now, in one line,
     # not after minutes of loading. The 8-bit fine-tune's optimizer comes from code: the JSON's builds nothing.
@@ -130,6 +130,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
     runtime.seed_everything(cfg.train.seed)
     model = build_model(cfg, device=rt.device, dtype=rt.dtype)
     caption_encoder.attach(model, cfg, rt.device, rt.dtype)  # data.caption_embeds=online: targets made in the step
+    model.denoising = denoising.build(cfg, rt.device, rt.dtype)  # gen_<modality> weights: frozen UNets + VAEs
     checkpoint.init_from(model, cfg, log)  # train.init_from: the previous stage's delta or an original .pt
     counts = set_trainable(model, cfg)
     log("trainable: " + ", ".join(f"{group} {count:,}" for group, count in counts.items()))
@@ -198,6 +199,7 @@ def _train(cfg, args, ds_config, ds_path, rt, output_dir, log, stop, run_id) -> 
                 skipped_records += 1
                 log(f"1 record skipped at step {step} ({skipped_records} so far, data.skip_bad_records): {line}")
             batch = to_device(batch, rt.device)
+            batch["step"] = step  # seeds the denoising loss's noise per (step, target): resume draws the same
             out = engine(batch)
             loss = out["loss"]
             if runtime.any_rank(not bool(torch.isfinite(loss)), rt.device):

@@ -16,6 +16,10 @@ FLOPs per sample, as the step actually runs them (N = LLM parameters without the
                else all T; the frozen weights need no weight gradient) + 2x the attention of those queries
                + 2·N_lora·G LoRA weight gradients; + the forward of G again with gradient checkpointing
     projectors 6·P·(K + T_out) per signal block (P: that output projector's parameters), 6·P_in per input medium
+    denoising  per signal block of a modality with a gen_<modality> weight (model/denoising.py): the frozen VAE's
+               encoder on the target (no grad) + the frozen UNet's forward + its backward to the conditioning
+               (activation gradients only), counted by torch's FlopCounterMode on a meta-device copy of the
+               decoder (its folder's configs; SD-1.5's at 64x64 latents when the image folder is not here)
 The LLM shape is Vicuna-7B's (--shape 7b, default), 13B's, or the configured LLM's config.json (--shape config).
 
 Memory per GPU (ZeRO stage from the DeepSpeed JSON, default code/dsconfig/stage_<N>.json):
@@ -26,6 +30,9 @@ Memory per GPU (ZeRO stage from the DeepSpeed JSON, default code/dsconfig/stage_
                gradients (Korthikanti et al. 2022, 16-bit, flash/SDPA attention; an upper bound: PyTorch saves less
                for frozen linears), the no-grad prefix's KV cache 4·d·layers bytes per token, fp32 logits and
                their gradient 8·V bytes per token.
+    decoders   with denoising terms: the frozen UNet + VAE in bf16 on every GPU, and the tensors the UNet saves
+               for its backward per block (measured on the meta device: its attention saves the probabilities as
+               the math kernel does, an upper bound where flash attention runs)
 
 Suffix backward is counted where NextGPT.forward would use it on a GPU: model/suffix.worth_splitting, a roofline
 of the LLM passes at the configured micro-batch (at micro-batch 1 every pass only reads weights, and three passes
@@ -54,6 +61,11 @@ SHAPES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layer
                       vocab_size=32000)}
 NEW_TOKENS = 38
 BYTES = {"none": 2.0, "8bit": 1.0, "4bit": 0.5}
+# SD-1.5's UNet is UNet2DConditionModel's defaults with 768-wide text conditioning, 64x64 latents (512 px); its VAE
+# 4 levels of 128-512 channels. Used for the image term when the configured folder is not here (the 7B estimate).
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768)
+SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512)
 
 
 @dataclass
@@ -111,6 +123,70 @@ def conditioning(cfg, modality: str) -> tuple[int, int]:
     if folder.is_dir():
         return conditioning_shape(modality, folder)
     return {"image": (77, 768), "video": (77, 1024), "audio": (1, 512)}[modality]
+
+
+def denoising_costs(cfg) -> dict[str, dict]:
+    """{modality: UNet forward / backward and VAE-encoder FLOPs per block, frozen decoder parameters, bytes the UNet
+    saves for its backward} for every modality with a gen_<modality> weight, from a bf16 meta-device copy of the
+    decoder at cfg.inference's sizes (nothing is allocated). A modality whose folder is not here: SD-1.5 for the
+    image, else an error naming the folder."""
+    import diffusers
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nextgpt.io import read_json
+    from nextgpt.modalities import MODALITIES
+    from nextgpt.model.denoising import latent_geometry
+
+    out = {}
+    for modality in cfg.model.modalities:
+        if not cfg.train.loss_weights.get(MODALITIES[modality].generation_loss_key, 0.0):
+            continue
+        folder = Path(cfg.path(cfg.model.decoders.get(modality, "")))
+        if (folder / "unet" / "config.json").is_file():
+            unet_config = read_json(folder / "unet" / "config.json")
+            vae_config = read_json(folder / "vae" / "config.json")
+            vocoder = read_json(folder / "vocoder" / "config.json") if modality == "audio" else None
+        elif modality == "image":
+            unet_config, vae_config, vocoder = SD15_UNET, SD15_VAE, None
+        else:
+            raise FileNotFoundError(f"{folder}: no {modality} decoder here to size gen_{modality} from")
+        unet_class = diffusers.UNet3DConditionModel if modality == "video" else diffusers.UNet2DConditionModel
+        with torch.device("meta"):
+            unet = unet_class.from_config(unet_config).to(torch.bfloat16).requires_grad_(False)
+            vae = diffusers.AutoencoderKL.from_config(vae_config).to(torch.bfloat16).requires_grad_(False)
+        full = {**unet.config, **unet_config}
+        geometry = latent_geometry(modality, dict(vae.config), full, vocoder, cfg.inference.decoding(modality),
+                                   str(folder))
+        tokens, dim = conditioning(cfg, modality)
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        latents = torch.empty(1, *geometry.latent, **meta)
+        condition = torch.empty(1, dim if MODALITIES[modality].pooled else tokens, *(() if MODALITIES[modality].pooled
+                                                                                   else (dim,)), **meta)
+        condition.requires_grad_(True)
+        inputs = (dict(encoder_hidden_states=None, class_labels=condition) if MODALITIES[modality].pooled
+                  else dict(encoder_hidden_states=condition))
+        saved = [0]
+
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with FlopCounterMode(display=False) as counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                prediction = unet(latents, torch.zeros(1, dtype=torch.long, device="meta"), **inputs).sample
+            forward = counter.get_total_flops()
+            prediction.float().pow(2).mean().backward()
+            backward = counter.get_total_flops() - forward
+        frames = geometry.frames if modality == "video" else 1
+        media = torch.empty(frames, vae.config.in_channels, geometry.height, geometry.width, **meta)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.encode(media)
+        out[modality] = dict(unet_forward=forward, unet_backward=backward, vae_encode=counter.get_total_flops(),
+                             params=sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in vae.parameters()),
+                             saved_bytes=saved[0], latent=list(geometry.latent),
+                             source=str(folder) if (folder / "unet").is_dir() else "SD-1.5 (built in)")
+    return out
 
 
 def trainable_counts(cfg, shape: Shape, projectors: dict[str, int]) -> dict[str, int]:
@@ -171,7 +247,7 @@ def sample_stats(cfg, tokenizer_path: str | None, max_records: int):
     return out
 
 
-def flops_per_sample(row, shape: Shape, counts, projectors, cfg) -> dict[str, float]:
+def flops_per_sample(row, shape: Shape, counts, projectors, cfg, denoise=None) -> dict[str, float]:
     from nextgpt.modalities import MODALITIES
 
     length, grad, prefix, blocks, media = row
@@ -185,10 +261,15 @@ def flops_per_sample(row, shape: Shape, counts, projectors, cfg) -> dict[str, fl
         backward += 2 * n * grad + attention_grad
     project = sum(6 * projectors[m] * (MODALITIES[m].num_signal_tokens + conditioning(cfg, m)[0]) for m in blocks
                   if m in projectors) + 6 * counts["input_proj"] * media
-    return {"forward": forward, "backward": backward, "projectors": project, "total": forward + backward + project}
+    costs = denoise or {}
+    decoders = sum(costs[m]["unet_forward"] + costs[m]["unet_backward"] + costs[m]["vae_encode"] for m in blocks
+                   if m in costs)
+    return {"forward": forward, "backward": backward, "projectors": project, "denoising": decoders,
+            "total": forward + backward + project + decoders}
 
 
-def memory_per_gpu(cfg, shape: Shape, counts, ds_config: dict, world: int, micro: int, longest, gb=2**30) -> dict:
+def memory_per_gpu(cfg, shape: Shape, counts, ds_config: dict, world: int, micro: int, longest, gb=2**30,
+                   denoise=None) -> dict:
     zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
     trainable = counts["total"]
@@ -202,6 +283,9 @@ def memory_per_gpu(cfg, shape: Shape, counts, ds_config: dict, world: int, micro
                            + 8 * shape.vocab * length)
     parts = {"LLM weights": weights, "trainable weights": own, "gradients": grads, "optimizer states": states,
              "activations": activations}
+    if denoise:     # frozen UNet + VAE in bf16 (outside the engine: not partitioned); a micro-batch of the largest
+        parts["decoder weights"] = 2 * sum(c["params"] for c in denoise.values())
+        parts["decoder activations"] = micro * max(c["saved_bytes"] for c in denoise.values())
     return {k: v / gb for k, v in parts.items()} | {"total": sum(parts.values()) / gb, "zero": zero,
                                                       "offload": offload}
 
@@ -218,6 +302,7 @@ def run(args) -> dict:
 
     ds_config = read_json(ds_path)
     stats = sample_stats(cfg, args.tokenizer, args.max_records)
+    denoise = denoising_costs(cfg)
 
     records = sum(n for n, _ in stats.values())
     rows = [r for _, rs in stats.values() for r in rs]
@@ -234,13 +319,14 @@ def run(args) -> dict:
     passes = (3 if split_used else 2) + (1 if cfg.model.gradient_checkpointing else 0)
     weights = [n / len(rs) for n, rs in stats.values() for _ in rs]            # each dataset by its record count
     mean = lambda f: sum(w * f(r) for w, r in zip(weights, rows)) / sum(weights)
-    flops = {k: mean(lambda r: flops_per_sample(r, shape, counts, projectors, cfg)[k])
-             for k in ("forward", "backward", "projectors", "total")}
+    flops = {k: mean(lambda r: flops_per_sample(r, shape, counts, projectors, cfg, denoise)[k])
+             for k in ("forward", "backward", "projectors", "denoising", "total")}
     tokens = mean(lambda r: r[0])
     grad_tokens = mean(lambda r: r[1])
     bare = 4 * shape.flop_params * tokens
     longest = max(rows, key=lambda r: (r[0], r[1]))
-    memory = memory_per_gpu(cfg, shape, counts, ds_config, args.gpus, cfg.train.micro_batch_size, longest[:3])
+    memory = memory_per_gpu(cfg, shape, counts, ds_config, args.gpus, cfg.train.micro_batch_size, longest[:3],
+                            denoise=denoise)
 
     print(f"stage {cfg.train.stage} ({args.config}), LLM shape {args.shape}: d {shape.d}, {shape.layers} layers, "
           f"N = {shape.flop_params / 1e9:.2f} B (without the input embedding), vocab {shape.vocab}")
@@ -250,20 +336,29 @@ def run(args) -> dict:
           f"{cfg.train.suffix_backward}, micro-batch {micro}: GPU roofline of the passes)")
     print(f"tokens per sample {tokens:.1f} (longest {longest[0]}), with gradients {grad_tokens:.1f}")
     print(f"FLOPs per sample: forward {flops['forward'] / 1e12:.3f} T, backward {flops['backward'] / 1e12:.3f} T, "
-          f"projectors {flops['projectors'] / 1e12:.4f} T, total {flops['total'] / 1e12:.3f} T "
-          f"({flops['total'] / bare:.2f} x the 4·N·T of a full backward)")
+          f"projectors {flops['projectors'] / 1e12:.4f} T, denoising {flops['denoising'] / 1e12:.3f} T, "
+          f"total {flops['total'] / 1e12:.3f} T ({flops['total'] / bare:.2f} x the 4·N·T of a full backward)")
+    for modality, c in denoise.items():
+        print(f"  gen_{modality} ({c['source']}, latents {tuple(c['latent'])}): per block UNet forward "
+              f"{c['unet_forward'] / 1e12:.3f} T + backward {c['unet_backward'] / 1e12:.3f} T + VAE encode "
+              f"{c['vae_encode'] / 1e12:.3f} T; frozen UNet + VAE {c['params'] / 1e6:.0f} M parameters; saved for "
+              f"the backward {c['saved_bytes'] / 2**30:.2f} GiB (math attention: an upper bound)")
     print(f"memory per GPU (ZeRO-{memory['zero']}{', optimizer offload' if memory['offload'] else ''}, "
           f"{args.gpus} GPUs, micro-batch {cfg.train.micro_batch_size}): " +
           ", ".join(f"{k} {memory[k]:.2f}" for k in ("LLM weights", "trainable weights", "gradients",
-                                                    "optimizer states", "activations")) +
+                                                    "optimizer states", "activations", "decoder weights",
+                                                    "decoder activations") if k in memory) +
           f" -> {memory['total']:.1f} GiB")
     table = []
     weight_bytes = shape.total_params * BYTES.get(cfg.model.quantization, 2.0)
+    # the UNet's forward and backward and the VAE encoder read the decoder weights too, on samples with a block
+    with_block = mean(lambda r: float(any(m in denoise for m in r[3])))
+    decoder_reads = sum(2 * 2 * c["params"] for c in denoise.values()) * with_block / max(len(denoise), 1)
     for gpu in dict.fromkeys(["H100", "A100-80GB", args.gpu]):
         peak, capacity, bandwidth = GPUS[gpu]
         # FLOP-bound rate, or (small micro-batches) the rate of reading the weights once per LLM pass
         compute_bound = peak * args.mfu / flops["total"]
-        weight_bound = micro / (passes * weight_bytes / bandwidth)
+        weight_bound = micro / ((passes * weight_bytes + micro * decoder_reads) / bandwidth)
         per_gpu = min(compute_bound, weight_bound)
         epoch = records / (per_gpu * args.gpus)
         table.append(dict(gpu=gpu, peak_tflops=peak / 1e12, mfu=args.mfu, samples_per_s_per_gpu=per_gpu,
@@ -277,6 +372,7 @@ def run(args) -> dict:
     result = dict(config=str(args.config), stage=cfg.train.stage, shape=args.shape, flop_params=shape.flop_params,
                   trainable=counts, records=records, tokens_per_sample=tokens, grad_tokens_per_sample=grad_tokens,
                   flops_per_sample=flops, full_backward_ratio=flops["total"] / bare, memory_gib=memory,
+                  denoising=denoise,
                   suffix_backward_used=split_used, micro_batch_size=micro,
                   gpus=args.gpus, predictions=table)
     if args.json:

@@ -93,8 +93,10 @@ class TrainConfig:
     # what trains: any of input_proj, output_proj, lora; token rows are controlled by token_rows
     trainable: list[Literal["input_proj", "output_proj", "lora"]] = field(default_factory=lambda: ["input_proj"])
     token_rows: Literal["new", "all", "none"] = "new"  # new: the 38 added rows | all: the original's whole matrices
-    # loss weights: "lm" and one per modality for the caption-embedding alignment loss
+    # loss weights: "lm", one per modality for the caption-embedding alignment loss, and gen_<modality> for the
+    # denoising loss through that modality's frozen decoder (model/denoising.py; 0 or absent: off, nothing loaded)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
+    snr_gamma: float = 5.0                  # min-SNR-gamma weighting of the denoising loss (2303.09556); 0: off
     alignment_loss: Literal["l2", "mse"] = "l2"  # l2: mean per-token Euclidean distance, as the original
     # run each row's prefix (before its first input that depends on a trainable parameter: a signal block, <Img>,
     # a soft token) under no_grad with a KV cache, and only the rest with gradients; exact, falls back by itself
@@ -183,6 +185,11 @@ class InferenceConfig:
     top_p: float = 1.0
     do_sample: bool = True
     seed: int = 13
+    # constrained decoding: a started signal block always completes in order (nextgpt.model.generate.SignalBlocks)
+    force_signal: bool = True
+    # modalities a reply that should carry one must carry (inference.py --require; evaluate: its generation
+    # requests of these modalities): a block the model did not write is put at the end of the answer
+    require: list[Literal["image", "video", "audio"]] = field(default_factory=list)
     out_dir: str = "runs/inference"
     ckpt: str = "ckpt/delta_ckpt/nextgpt/7b_tiva_v0/stage_3"
     # Decoder settings, one mapping per modality (`inference.image.steps`); what each pipeline is given from them
@@ -266,9 +273,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.trainable lists lora but model.lora.enabled is false")
     if bad := sorted(set(cfg.train.module_lr) - {"input_proj", "output_proj", "lora", "token_rows"}):
         raise ConfigError(f"train.module_lr: unknown group(s) {bad}; allowed: input_proj, output_proj, lora, token_rows")
-    bad_w = set(cfg.train.loss_weights) - {"lm", *MODALITIES}
+    terms = ["lm", *MODALITIES, *(m.generation_loss_key for m in MODALITIES.values())]
+    bad_w = set(cfg.train.loss_weights) - set(terms)
     if bad_w:
-        raise ConfigError(f"train.loss_weights: unknown term(s) {sorted(bad_w)}; allowed: lm, {', '.join(MODALITIES)}")
+        raise ConfigError(f"train.loss_weights: unknown term(s) {sorted(bad_w)}; allowed: {', '.join(terms)}")
+    if cfg.train.snr_gamma < 0:
+        raise ConfigError(f"train.snr_gamma: must be >= 0 (0: no min-SNR weighting), got {cfg.train.snr_gamma}")
     for m in cfg.model.decoders:
         if m not in MODALITIES:
             raise ConfigError(f"model.decoders: unknown modality {m!r}")

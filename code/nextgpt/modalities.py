@@ -48,6 +48,10 @@ class Modality:
     def embeddings_key(self) -> str:
         return f"{self.name}_caption_embeddings"
 
+    @property
+    def generation_loss_key(self) -> str:   # train.loss_weights / forward's term: the denoising loss (gen_image)
+        return f"gen_{self.name}"
+
 
 MODALITIES: dict[str, Modality] = {
     m.name: m

@@ -3,6 +3,7 @@
     python dev/bench/bench_gpu_steps.py --json runs/gpu_check/steps.json                  # one GPU (bf16)
     deepspeed --num_gpus 2 dev/bench/bench_gpu_steps.py --stages 2 --equality --json ...  # 2 ranks: identical weights
     python dev/bench/bench_gpu_steps.py --device cpu --shape mid --stages 1 2 3 --steps 2  # dry run of the same code
+    python dev/bench/bench_gpu_steps.py --device cpu --shape mid --stages 2 --denoising    # + gen_<modality> terms
 
 The model is build_7b of bench_pipeline (Vicuna-7B's shape, random init, the tiny tokenizer's ids, NExT-GPT's
 projectors at their real size) around the real NextGPT; the engine is nextgpt.training.deepspeed.build_engine with the stage's
@@ -50,13 +51,20 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     overrides = [f"train.micro_batch_size={args.batch_size}", "train.init_from=", "model.max_length=512",
                  f"train.max_steps={args.warmup + args.steps}", *REAL_PROJECTORS]
     cfg = env.config(STAGES[stage], *overrides)
+    if args.denoising:      # the stage's terms + every denoising term through the workspace's decoders
+        weights = {**cfg.train.loss_weights, "gen_image": 1.0, "gen_video": 1.0, "gen_audio": 1.0}
+        cfg = env.config(STAGES[stage], *overrides, "train.loss_weights={" +
+                         ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}")
     ds_path = Path(args.ds_config or REPO / "code" / "dsconfig" / (f"stage_{stage}.json" if rt.device.type == "cuda"
                                                                    else "cpu.json"))
     ds = runtime.load_ds_config(ds_path, cfg, rt.world_size)
     torch.manual_seed(0)
     model, _ = build_7b(cfg, rt.device, rt.dtype, SHAPES[args.shape], with_bare=False)
     counts = set_trainable(model, cfg)
+    from nextgpt.model import denoising
     from nextgpt.training.deepspeed import build_ds_config, build_engine, param_groups
+
+    decoder_losses = denoising.build(cfg, rt.device, rt.dtype)
 
     params = param_groups(model, cfg)
     engine = build_engine(model, cfg, build_ds_config(ds, cfg, rt.world_size, args.warmup + args.steps, params,
@@ -73,7 +81,9 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     times, tokens, samples, shares, losses = [], [], [], [], []
-    for i, batch in enumerate(batches):
+    without: list[float] = []      # --denoising: the same batch's step without the terms, right before (A/B)
+
+    def timed_step(batch):
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
         start = time.perf_counter()
@@ -82,8 +92,18 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
         engine.step()
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
+        return out, time.perf_counter() - start
+
+    for i, batch in enumerate(batches):
+        if decoder_losses is not None:
+            model.denoising = None
+            _, seconds = timed_step(batch)
+            if i >= args.warmup:
+                without.append(seconds)
+            model.denoising = decoder_losses
+        out, seconds = timed_step(batch)
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
             tokens.append(int(batch["attention_mask"].sum()))
             samples.append(batch["input_ids"].shape[0])
             shares.append(flop_share(model, batch))
@@ -93,6 +113,9 @@ def stage_run(env, work: Path, stage: int, args, rt) -> dict:
     tokens_per_s = statistics.mean(tokens) / step
     peak = peak_tflops(rt.device, args.peak_tflops)
     result = dict(stage=stage, shape=args.shape, world_size=rt.world_size, batch_size=args.batch_size,
+                  denoising=sorted(decoder_losses.losses) if decoder_losses is not None else [],
+                  step_ms_without_denoising=1000 * statistics.median(without) if without else None,
+                  step_ratios=[a / b for a, b in zip(times, without)],
                   zero=engine.zero_optimization_stage(), step_ms=1000 * step, tokens_per_s_per_gpu=tokens_per_s,
                   samples_per_s_per_gpu=statistics.mean(samples) / step, flop_params=n,
                   model_tflops=4 * n * tokens_per_s / 1e12, mfu_4n=4 * n * tokens_per_s / (peak * 1e12) if peak else None,
@@ -133,7 +156,8 @@ def run(args) -> dict:
         runtime.shutdown(rt)
     if not rt.is_main:
         return {}
-    rows = [[f"stage {r['stage']}", f"ZeRO-{r['zero']}", r["step_ms"], r["tokens_per_s_per_gpu"],
+    rows = [[f"stage {r['stage']}" + (" + denoising" if r["denoising"] else ""), f"ZeRO-{r['zero']}", r["step_ms"],
+             r["tokens_per_s_per_gpu"],
              r["samples_per_s_per_gpu"], r["mfu_4n"] if r["mfu_4n"] is not None else float("nan"),
              r["run_flops_share"], r["peak_allocated_gib"] or float("nan"), r.get("ranks_identical", "")]
             for r in results]
@@ -141,6 +165,12 @@ def run(args) -> dict:
                 f"{str(rt.dtype).removeprefix('torch.')}, {rt.world_size} rank(s), micro-batch {args.batch_size})",
                 ["stage", "ZeRO", "step ms", "tokens/s/GPU", "samples/s/GPU", "MFU (4N)", "run FLOPs share",
                  "peak GiB", "ranks identical"], rows)
+    for r in results:
+        if r["step_ms_without_denoising"]:
+            ratios = sorted(r["step_ratios"])
+            print(f"stage {r['stage']}: {r['step_ms_without_denoising']:.0f} ms without the denoising terms, "
+                  f"{r['step_ms']:.0f} ms with them ({', '.join(r['denoising'])}); per-step ratio median "
+                  f"{statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
     result = {"machine": machine(), "device": str(rt.device), "runs": results,
               "command": "python dev/bench/bench_gpu_steps.py " + " ".join(args.argv)}
     return result  # run_cli writes it to --json
@@ -155,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ds_config", help="DeepSpeed JSON for every stage (default: the stage's; cpu.json on CPU)")
+    p.add_argument("--denoising", action="store_true",
+                   help="add every gen_<modality> term (model/denoising.py) through the workspace's decoders; each "
+                        "step is also timed without them on the same batch just before (A/B, same engine)")
     p.add_argument("--equality", action="store_true", help="with 2+ ranks: trainable weights identical on all ranks")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)      # deepspeed launcher

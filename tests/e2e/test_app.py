@@ -57,7 +57,8 @@ def server(tiny_env, programmed, tmp_path_factory):
     pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
     _ = tiny_env.imagebind                              # the tiny ImageBind encodes uploaded images
     port = free_port()
-    argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
+    argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6",
+                         "inference.force_signal=false")           # plain decoding: the video block is cut
     log = tmp_path_factory.mktemp("app_log") / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(REPO_ROOT / "code" / "app.py"), *argv, "--ckpt",

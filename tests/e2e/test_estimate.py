@@ -43,3 +43,28 @@ def test_estimate_micro_batch_1_is_weight_bound_and_does_not_split(tiny_env, tmp
     result = json.loads(out.read_text())
     assert result["suffix_backward_used"] is False and result["full_backward_ratio"] > 0.99
     assert all(p["bound"] == "weights" for p in result["predictions"])       # 13 GB read per pass, few rows
+
+
+def test_estimate_adds_the_denoising_term_from_the_decoder(tiny_env, tmp_path):
+    """gen_image on: the frozen tiny UNet's forward + backward and the VAE encoder per image block join the FLOPs,
+    its weights and saved tensors the memory; off: none of it."""
+    off, on = tmp_path / "off.json", tmp_path / "on.json"
+    base = ["data.datasets=[cc3m_dec]", "train.micro_batch_size=4"]
+    assert estimate.main([*tiny_env.argv("stage_2", *base), "--json", str(off)]) == 0
+    assert estimate.main([*tiny_env.argv("stage_2", *base, "train.loss_weights={lm: 1.0, image: 1.0, gen_image: 1.0}"),
+                          "--json", str(on)]) == 0
+    without, with_ = json.loads(off.read_text()), json.loads(on.read_text())
+    assert without["flops_per_sample"]["denoising"] == 0 and not without["denoising"]
+    cost = with_["denoising"]["image"]
+    cfg = tiny_env.config("stage_2")
+    vae = json.loads((tiny_env.ckpt / "stable-diffusion" / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    assert cost["latent"] == [vae["latent_channels"], cfg.inference.image.height // scale,
+                              cfg.inference.image.width // scale]
+    assert cost["source"].endswith("stable-diffusion")                          # the tiny folder's UNet
+    assert cost["unet_forward"] > 0 and cost["unet_backward"] > 0 and cost["vae_encode"] > 0
+    per_block = cost["unet_forward"] + cost["unet_backward"] + cost["vae_encode"]
+    assert with_["flops_per_sample"]["denoising"] == per_block                 # every cc3m_dec sample has one
+    assert with_["flops_per_sample"]["total"] == without["flops_per_sample"]["total"] + per_block
+    assert with_["memory_gib"]["decoder weights"] * 2**30 == 2 * cost["params"]
+    assert with_["memory_gib"]["decoder activations"] * 2**30 == 4 * cost["saved_bytes"]

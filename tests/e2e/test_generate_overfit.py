@@ -47,6 +47,10 @@ def test_generate_signal_blocks(tiny_env):
     exact = model.generate(question, max_new_tokens=n_text + 4, do_sample=False)      # ends with [IMG3]
     assert [m for m, _ in exact.outputs] == ["image"] and not exact.truncated
     torch.testing.assert_close(exact.outputs[0][1], expected)
+    model.cfg.inference.force_signal = False                # plain decoding: the block is cut and reported
     cut = model.generate(question, max_new_tokens=n_text + 2, do_sample=False)
     assert cut.outputs == [] and cut.truncated == ["image"]
+    model.cfg.inference.force_signal = True                 # the default: a block that cannot finish never starts
+    forced = model.generate(question, max_new_tokens=n_text + 2, do_sample=False)
+    assert forced.outputs == [] and not forced.truncated and model.token_ids.signal["image"][0] not in forced.token_ids
     assert model.training                               # generate restores the mode it found

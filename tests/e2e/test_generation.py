@@ -66,12 +66,32 @@ def test_text_only_reply_writes_no_media(tiny_env, programmed, tmp_path, capsys)
 
 
 def test_truncated_signal_block_is_reported(tiny_env, programmed, tmp_path, capsys):
-    code = run_main(tiny_env, programmed, "signal", tmp_path, "--prompt", "Show me everything",
+    """Plain decoding (--no-force-signal): max_new_tokens cuts the block, and that is said."""
+    code = run_main(tiny_env, programmed, "signal", tmp_path, "--prompt", "Show me everything", "--no-force-signal",
                     extra=("inference.max_new_tokens=3",))
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "the image signal block was cut off at max_new_tokens=3" in printed
     assert [p.name for p in tmp_path.iterdir()] == ["reply_0.txt"]
+
+
+def test_force_signal_starts_no_block_it_cannot_finish_and_require_appends_one(tiny_env, programmed, tmp_path,
+                                                                              capsys):
+    """inference.force_signal (the default): with 3 new tokens the 4-token image block is not started, so nothing
+    is cut; --require image then puts the block at the end of the reply and the image is decoded."""
+    code = run_main(tiny_env, programmed, "signal", tmp_path / "forced", "--prompt", "Show me everything",
+                    extra=("inference.max_new_tokens=3",))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "cut off" not in printed and [p.name for p in (tmp_path / "forced").iterdir()] == ["reply_0.txt"]
+    code = run_main(tiny_env, programmed, "text", tmp_path / "required", "--prompt", "Tell me a joke.",
+                    "--require", "image")
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "no image signal block in the reply; one was put at its end" in printed
+    assert sorted(p.name for p in (tmp_path / "required").iterdir()) == ["image_0.png", "reply_0.txt"]
+    reply = (tmp_path / "required" / "reply_0.txt").read_text().strip().replace(" ", "")
+    assert reply == programmed["word"] + "[IMG0][IMG1][IMG2][IMG3]"
 
 
 def test_interactive_session_loads_once_and_numbers_outputs(tiny_env, programmed, tmp_path, capsys, monkeypatch):
@@ -82,7 +102,8 @@ def test_interactive_session_loads_once_and_numbers_outputs(tiny_env, programmed
     lines = f"Show me everything\n\n<Image>{image_in}</Image> again please\n--audio /nowhere.wav hi\nexit\nnever\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
     # 6 new tokens: WORD, [IMG0..3] complete, [VID0] cut off -> one image per request, the video reported
-    argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6")
+    argv = tiny_env.argv("stage_3", *programmed["overrides"], "inference.max_new_tokens=6",
+                         "inference.force_signal=false")
     code = inference.main([*argv, "--ckpt", str(programmed["deltas"]["signal"]), "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -139,7 +160,7 @@ def test_batch_equals_one_at_a_time_and_rows_keep_their_media(tiny_env, signal_m
     conversations = [Conversation.of("Show me everything"),
                      Conversation.of("a much longer question about the picture, please", [
                          Media("image", str(image), image.name)])]
-    sampling = Sampling(max_new_tokens=12, do_sample=False)
+    sampling = Sampling(max_new_tokens=12, do_sample=False, force_signal=False)
     batch = generate(model, conversations, sampling, seed=0)
     alone = [generate(model, [c], sampling, seed=0)[0] for c in conversations]
     for together, single in zip(batch, alone):
@@ -149,6 +170,56 @@ def test_batch_equals_one_at_a_time_and_rows_keep_their_media(tiny_env, signal_m
                                    rtol=1e-5, atol=1e-5)
         assert together.truncated == ["video"]                 # 12 tokens: WORD, [IMG0..3], 7 of [VID0..23]
         assert "[IMG0]" not in together.display_text and together.display_text
+
+
+def test_force_signal_completes_a_started_block(signal_model):
+    """A model that starts the image block and breaks off after [IMG0]: plain decoding gives a malformed run and no
+    image; force_signal completes the block in order (and the video block, too long for the budget, never starts)."""
+    import torch
+
+    from nextgpt.model.generate import Conversation, Sampling, generate
+    from nextgpt.model import llm as llm_utils
+
+    model, _ = signal_model
+    image_block = model.token_ids.signal["image"]
+    head = llm_utils.effective_token_matrix(model.llm, "lm_head").detach().clone()
+    rows = head[model.token_ids.new_token_ids]                            # (38, D): the new tokens' lm_head rows
+    broken = rows.clone()
+    broken[model.token_ids.new_token_ids.index(image_block[1])] = 0      # nothing points from [IMG0] to [IMG1]
+    try:
+        llm_utils.set_token_matrix(model.llm, "lm_head", broken, model.token_ids)
+        replies = {force: generate(model, [Conversation.of("Show me everything")],
+                                   Sampling(max_new_tokens=8, do_sample=False, force_signal=force), seed=0)[0]
+                   for force in (False, True)}
+    finally:
+        llm_utils.set_token_matrix(model.llm, "lm_head", rows, model.token_ids)
+    plain, forced = replies[False], replies[True]
+    assert image_block[0] in plain.token_ids and plain.outputs == [] and "image" in plain.malformed
+    start = forced.token_ids.index(image_block[0])
+    assert forced.token_ids[start:start + 4] == image_block and [o.modality for o in forced.outputs] == ["image"]
+    assert not forced.malformed and not forced.truncated
+    video_block = model.token_ids.signal["video"]
+    assert video_block[0] not in forced.token_ids                          # 24 ids never fit in what was left
+    assert all(isinstance(o.conditioning, torch.Tensor) for o in forced.outputs)
+
+
+def test_signal_blocks_processor_masks():
+    """SignalBlocks on hand-made ids: inside a block only its next id; later ids never outside a block; a block
+    starts only when it fits in the tokens left."""
+    import torch
+
+    from nextgpt.model.generate import SignalBlocks
+
+    signal = {"image": [10, 11, 12, 13], "audio": [20, 21]}
+    processor = SignalBlocks(signal, max_new_tokens=3)
+    prompt = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    scores = processor(prompt, torch.zeros(2, 30))                          # 3 left: audio may start, image not
+    assert torch.isinf(scores[:, [10, 11, 12, 13, 21]]).all() and torch.isfinite(scores[:, [20, 5]]).all()
+    grown = torch.tensor([[1, 2, 3, 20], [1, 2, 3, 5]])                     # row 0 inside the audio block
+    scores = processor(grown, torch.zeros(2, 30))
+    assert scores[0].argmax() == 21 and torch.isinf(scores[0]).sum() == 29
+    assert torch.isinf(scores[1, [10, 11, 12, 13, 21]]).all()               # 2 left: only audio's 2 ids fit
+    assert torch.isfinite(scores[1, [5, 20]]).all()
 
 
 def test_stream_yields_text_then_the_reply_with_media(tiny_env, signal_model, programmed, tmp_path):

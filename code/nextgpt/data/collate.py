@@ -11,6 +11,9 @@
                      as conversation.encode recorded them (only modalities present in the batch)
     caption_embeds   {modality: FloatTensor (n_m, T_m, D_m)}: one row per signal block of that modality, same order
                      as signal_blocks[modality]; pooled decoders (AudioLDM) are stored (D,) and viewed (n, 1, D)
+    target_paths     {modality: list[str] (n_m)}: each block's target medium (Target.media_path), same order
+    target_keys      {modality: list[int] (n_m)}: a stable key of each target (its sample's file, record and block)
+                     that seeds its noise draw in the denoising loss (model/denoising.py)
     samples          list[Sample] (B), for error messages
     skipped          list[str]: one line per record left out of this batch (skip_bad only; empty otherwise)
 
@@ -23,6 +26,7 @@ is an error. The number of signal blocks in the token ids must equal the sample'
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,11 @@ def stack_signal_blocks(rows: list[list[tuple[str, int]]]) -> dict[str, torch.Te
         for modality, start in sorted(blocks, key=lambda b: b[1]):
             out.setdefault(modality, []).append((row, int(start)))
     return {m: torch.tensor(v, dtype=torch.long).reshape(-1, 2) for m, v in out.items()}
+
+
+def target_key(source: str, index: int, block: int) -> int:
+    """A stable 32-bit key of one target (sample file, record, block): the part of its noise seed that names it."""
+    return zlib.crc32(f"{source}\0{index}\0{block}".encode())
 
 
 class Collator:
@@ -101,6 +110,8 @@ class Collator:
         embeds: dict[str, list[torch.Tensor]] = {}
         texts: dict[str, list[str]] = {}             # online caption embeddings: the captions, same order
         blocks: list[list[tuple[str, int]]] = []
+        target_paths: dict[str, list[str]] = {}
+        target_keys: dict[str, list[int]] = {}
         features: list[np.ndarray] = []
         for row, (enc, captions, cached) in enumerate(kept):
             sample = enc.sample
@@ -119,7 +130,9 @@ class Collator:
                 names.append(medium.name)
                 paths.append(medium.path)
             blocks.append(self._blocks(enc))
-            for target, embed in zip(sample.targets, captions or [None] * len(sample.targets)):
+            for block, (target, embed) in enumerate(zip(sample.targets, captions or [None] * len(sample.targets))):
+                target_paths.setdefault(target.modality, []).append(target.media_path)
+                target_keys.setdefault(target.modality, []).append(target_key(sample.source, sample.index, block))
                 if self.caption_mode == "online":
                     texts.setdefault(target.modality, []).append(target.caption)
                 else:
@@ -137,6 +150,8 @@ class Collator:
             "signal_blocks": stack_signal_blocks(blocks),
             "caption_embeds": {m: torch.stack(v) for m, v in embeds.items()},
             **({"caption_texts": texts} if self.caption_mode == "online" else {}),
+            "target_paths": target_paths,
+            "target_keys": target_keys,
             "samples": [e.sample for e in batch],
             "skipped": skipped,
         }

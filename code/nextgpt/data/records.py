@@ -87,7 +87,8 @@ def target_item(modality: str, embed_name: str, caption: str, ctx: Context) -> T
     name = Path(embed_name).name
     if name.endswith(".npy"):
         name = name[: -len(".npy")]
-    return Target(modality=modality, embed_path=str(item_path(ctx.embed_dir, name)), caption=caption)
+    return Target(modality=modality, embed_path=str(item_path(ctx.embed_dir, name)), caption=caption,
+                  media_path=str(ctx.media_dirs[modality] / name) if modality in ctx.media_dirs else "")
 
 
 def check_modality(found: str, index: int, ctx: Context) -> None:

@@ -32,6 +32,10 @@ class Target:
     modality: str                      # which output projector
     embed_path: str                    # <embed_dir>/<media file name>.npy: caption embedding, (T, D) or (D,)
     caption: str = ""
+    # the target medium itself (<media folder>/<media file name>): read only by the denoising loss
+    # (train.loss_weights gen_<modality>, model/denoising.py); may be absent otherwise. Derived from the record's
+    # name and the catalog's folder, so not part of a target's identity (==)
+    media_path: str = field(default="", compare=False)
 
 
 @dataclass

@@ -98,8 +98,10 @@ def build_items(cfg, datasets: dict, limit: int = 0) -> list[Item]:
                 target = next((t for t in sample.targets if t.modality == modality), None)
                 request = turns[asked - 1].text
                 caption = target.caption if target is not None and target.caption else request
-                items.append(Item(key, name, GENERATE, Conversation(turns[:asked], list(sample.media)), modality,
-                                  embed_path=target.embed_path if target is not None else "", score_text=caption))
+                require = (modality,) if modality in cfg.inference.require else ()    # inference.require
+                items.append(Item(key, name, GENERATE, Conversation(turns[:asked], list(sample.media), require),
+                                  modality, embed_path=target.embed_path if target is not None else "",
+                                  score_text=caption))
                 continue
             last = max((i for i, t in enumerate(turns) if t.role == "gpt"), default=None)
             if last is None:

@@ -2,7 +2,9 @@
 
     Conversation(turns human/gpt/.../human, media) --template (prompt_for_generation)--> ids (L,) + soft-token slots
     --NextGPT.embed (input_proj(ImageBind feature) written in)--> inputs_embeds (B, L, D), left-padded
-    --LLM.generate (sampled or greedy; stops at model.stop, "###" for vicuna_v0, or </s>)--> new ids per row
+    --LLM.generate (sampled or greedy; stops at model.stop, "###" for vicuna_v0, or </s>; with
+      Sampling.force_signal a started block is completed in order: SignalBlocks)--> new ids per row
+    --Conversation.require: a block of each required modality the reply lacks is put at its end--> ids per row
     --tokens.scan_signal_blocks--> (modality, start) of each complete [IMG0..3] / [VID0..23] / [AUD0..7] block
     --one forward over prompt + answer (right-padded)--> hidden_states[hidden_layer] (B, L', D)
     --NextGPT.project at each block--> conditioning (1, T, D_out) per output
@@ -46,6 +48,9 @@ class Sampling:
     temperature: float = _DEFAULTS.temperature
     top_p: float = _DEFAULTS.top_p
     do_sample: bool = _DEFAULTS.do_sample
+    # constrained decoding (SignalBlocks): once [IMG0] / [VID0] / [AUD0] is generated the rest of its block follows
+    # in order, a block's later ids never appear outside one, and no block starts that max_new_tokens would cut
+    force_signal: bool = _DEFAULTS.force_signal
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,9 +62,10 @@ class Sampling:
 
     @classmethod
     def from_config(cls, settings, **overrides) -> "Sampling":
-        """From cfg.inference (max_new_tokens, temperature, top_p, do_sample), with per-request overrides."""
+        """From cfg.inference (max_new_tokens, temperature, top_p, do_sample, force_signal), with per-request
+        overrides."""
         values = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                      top_p=settings.top_p, do_sample=settings.do_sample)
+                      top_p=settings.top_p, do_sample=settings.do_sample, force_signal=settings.force_signal)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -70,10 +76,20 @@ class Conversation:
     of the first human turn (the only place the template has for media, as in training)."""
     turns: list[Turn]
     media: list[Media] = field(default_factory=list)
+    # modalities the reply must carry (inference.py --require, evaluate on its generation requests): a block of
+    # each that the model did not write is put at the end of its answer, and decoded like a generated one
+    require: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        from nextgpt.modalities import get
+
+        self.require = tuple(self.require)
+        for modality in self.require:
+            get(modality)                           # an unknown modality is an error here, not a missing output
 
     @classmethod
-    def of(cls, text: str, media: Sequence[Media] = ()) -> "Conversation":
-        return cls([Turn("human", text)], list(media))
+    def of(cls, text: str, media: Sequence[Media] = (), require: Sequence[str] = ()) -> "Conversation":
+        return cls([Turn("human", text)], list(media), tuple(require))
 
 
 @dataclass
@@ -93,6 +109,7 @@ class Reply:
     truncated: list[str] = field(default_factory=list)    # modalities whose block max_new_tokens cut off
     malformed: list[str] = field(default_factory=list)    # modalities whose signal ids came out of order
     display_text: str = ""                      # `text` without the signal-token strings (what a person reads)
+    appended: list[str] = field(default_factory=list)     # required modalities whose block was put at the end
 
     def as_turn(self) -> Turn:
         """The gpt turn to append to the conversation; its signal block is rebuilt from ids by the template (it
@@ -129,11 +146,47 @@ def _prepare(model, conversations: Sequence[Conversation]):
             [e.input_ids for e in encoded])
 
 
+class SignalBlocks:
+    """Constrained decoding of signal blocks (Sampling.force_signal), a transformers logits processor.
+
+    After a block's id k the only allowed next id is its id k+1, so a started block always completes in order;
+    ids k >= 1 are never allowed elsewhere (no stray or out-of-order signal ids); a block does not start when
+    fewer new tokens remain than it has ids (max_new_tokens would cut it). scores (B, V) -> (B, V).
+    Written here because no library processor forces a multi-token continuation only after a trigger id
+    (transformers' force_words / constraints need beam search and place the words anywhere)."""
+
+    def __init__(self, signal: dict[str, list[int]], max_new_tokens: int):
+        self.follows = {a: b for ids in signal.values() for a, b in zip(ids, ids[1:])}    # id -> the next id
+        self.inner = sorted(i for ids in signal.values() for i in ids[1:])
+        self.starts = {ids[0]: len(ids) for ids in signal.values()}
+        self.max_new_tokens = max_new_tokens
+        self.prompt_length: int | None = None     # input_ids' length at the first call: the prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        remaining = self.max_new_tokens - (input_ids.shape[1] - self.prompt_length)
+        banned = self.inner + [start for start, n in self.starts.items() if n > remaining]
+        scores = scores.clone()
+        scores[:, banned] = -torch.inf
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            if last in self.follows:                  # inside a block: its next id, nothing else
+                forced = self.follows[last]
+                scores[row] = -torch.inf
+                scores[row, forced] = 0.0
+        return scores
+
+
 def _llm_generate(model, input_ids, attention_mask, positions, features, sampling: Sampling, streamer=None):
     """-> (B, L + new) ids; the prompt's soft tokens are given as inputs_embeds."""
+    from transformers import LogitsProcessorList
+
     inputs_embeds, _ = model.embed(input_ids, positions, features)
     options = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
                if sampling.do_sample else dict(do_sample=False))
+    if sampling.force_signal:
+        options["logits_processor"] = LogitsProcessorList([SignalBlocks(model.token_ids.signal,
+                                                                        sampling.max_new_tokens)])
     result = model.causal_lm.generate(
         input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
         max_new_tokens=sampling.max_new_tokens, stop_strings=[model.stop], tokenizer=model.tokenizer,
@@ -152,9 +205,24 @@ def _cut_at_stop(model, generated: list[int]) -> list[int]:
     return generated
 
 
+def _append_blocks(model, generated: list[int], modalities: Sequence[str]) -> list[int]:
+    """The answer's ids with a block of each modality put at its end: before the stop ("###") when there is one;
+    signal ids left at the end (a block max_new_tokens cut) are dropped first, so the new block stands alone."""
+    body, tail = list(generated), []
+    while body and model.stop in model.tokenizer.decode(body):
+        tail.insert(0, body.pop())
+    signal_ids = {i for ids in model.token_ids.signal.values() for i in ids}
+    while body and body[-1] in signal_ids:
+        body.pop()
+    for modality in modalities:
+        body += model.token_ids.signal[modality]
+    return body + tail
+
+
 def _finish(model, sequences, prompts: list[list[int]], positions, features, decoders, decoder_settings,
-            seed: int | None, out_dir, counts) -> list[Reply]:
-    """Generated ids -> Replies: text, signal-block scan, conditioning from one forward, optional decode/write."""
+            seed: int | None, out_dir, counts, requires: Sequence[Sequence[str]] = ()) -> list[Reply]:
+    """Generated ids -> Replies: text, signal-block scan (+ required blocks), conditioning from one forward,
+    optional decode/write. requires: per row, the modalities its reply must carry (Conversation.require)."""
     longest = max(len(p) for p in prompts)
     replies, rows_with_blocks = [], []
     signal_strings = [t for ids in model.token_ids.signal.values() for t in model.tokenizer.convert_ids_to_tokens(ids)]
@@ -164,13 +232,19 @@ def _finish(model, sequences, prompts: list[list[int]], positions, features, dec
         generated = sequence[longest:] if len(sequence) > longest and sequence[longest - len(prompt):longest] == prompt \
             else sequence
         generated = _cut_at_stop(model, generated)
+        required = list(dict.fromkeys(requires[row])) if row < len(requires) else []
+        have = {m for m, _ in scan_signal_blocks(generated, model.token_ids).blocks}
+        appended = [m for m in required if m not in have]
+        if appended:
+            generated = _append_blocks(model, generated, appended)
         text = model.tokenizer.decode(generated, skip_special_tokens=True).split(model.stop)[0].strip()
         display = text
         for token in signal_strings:
             display = display.replace(token, "")
         scan = scan_signal_blocks(generated, model.token_ids)
         reply = Reply(text=text, token_ids=generated, truncated=[m for m, _ in scan.truncated],
-                      malformed=[m for m, _ in scan.malformed], display_text=" ".join(display.split()))
+                      malformed=[m for m, _ in scan.malformed], display_text=" ".join(display.split()),
+                      appended=appended)
         for modality in reply.truncated + reply.malformed:
             logger.warning("generation: %s signal block %s; no %s output", modality,
                            "cut by max_new_tokens" if modality in reply.truncated else "malformed", modality)
@@ -254,7 +328,7 @@ def generate(model, conversations: Sequence[Conversation], sampling: Sampling, s
         _seed(seed)
         sequences = _llm_generate(model, input_ids, mask, positions, features, sampling)
         return _finish(model, sequences, prompts, positions, features, decoders, decoder_settings, seed, out_dir,
-                       {} if counts is None else counts)
+                       {} if counts is None else counts, [c.require for c in conversations])
     finally:
         model.train(was_training)
 
@@ -295,7 +369,8 @@ def stream(model, conversation: Conversation, sampling: Sampling, seed: int | No
             raise result["error"]
         with torch.no_grad():
             (reply,) = _finish(model, result["sequences"], prompts, positions, features, decoders,
-                               decoder_settings, seed, out_dir, {} if counts is None else counts)
+                               decoder_settings, seed, out_dir, {} if counts is None else counts,
+                               [conversation.require])
         yield reply
     finally:
         model.train(was_training)

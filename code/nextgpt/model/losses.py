@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from nextgpt.modalities import MODALITIES
 from nextgpt.tokens import IGNORE
 
-# What NextGPT.forward may return: the weighted sum, its terms (one alignment term per modality) and accuracy.
-TERMS = ["loss", "lm", *MODALITIES, "token_acc"]
+# What NextGPT.forward may return: the weighted sum, its terms (one alignment and one denoising term per modality,
+# model/denoising.py) and accuracy.
+TERMS = ["loss", "lm", *MODALITIES, *(m.generation_loss_key for m in MODALITIES.values()), "token_acc"]
 
 L2_EPS = 1e-6     # under the sqrt: the distance's gradient stays finite when a token is matched exactly
 

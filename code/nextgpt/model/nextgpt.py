@@ -6,6 +6,8 @@
     at every signal block (batch["signal_blocks"], recorded when the sample was encoded):
         hidden (n, N, D) + input embeddings (n, N, D)
         --output_proj[modality]--> (n, T, D_out) -- l2 / mse --> caption_embeds[modality] (n, T, D_out)
+                                                 \-- frozen decoder UNet, MSE to its noise / velocity target
+                                                     (gen_<modality>, model/denoising.py, when attached)
 
 A stage is configuration: which modules train (model/trainable.py: set_trainable), which loss terms count
 (cfg.train.loss_weights; the terms are model/losses.py's).
@@ -87,6 +89,9 @@ class NextGPT(nn.Module):
         self.full_token_matrices = self.token_rows == "all"
         # Groups whose values a delta must carry: trained here (set_trainable) or loaded (checkpoint.load_*).
         self.delta_groups: set[str] = set()
+        # model/denoising.Denoising (frozen UNets + VAEs, not submodules) when a gen_<modality> weight is set;
+        # train.py attaches it (denoising.build), so inference never loads a UNet for a loss it does not compute
+        self.denoising = None
         object.__setattr__(self, "_encoder", None)             # live ImageBind, created on first use, not a submodule
 
     # ------------------------------------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ class NextGPT(nn.Module):
         """batch: the collate dict (input_ids, labels, attention_mask, media_*, caption_embeds, samples).
 
         -> {"loss", "lm", <modality>: alignment term for each modality with signal blocks and a loss weight,
-            "token_acc"}
+            gen_<modality>: its denoising term when self.denoising has it, "token_acc"}
         """
         weights = self.cfg.train.loss_weights
         device = self.device
@@ -167,7 +172,8 @@ class NextGPT(nn.Module):
         if "signal_blocks" not in batch:
             raise ValueError("the batch has no signal_blocks (batches come from nextgpt.data.collate.Collator)")
         blocks = {m: [tuple(b) for b in v.tolist()] for m, v in batch["signal_blocks"].items() if v.numel()}
-        wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0]
+        denoised = [m for m in blocks if self.denoising is not None and m in self.denoising]
+        wanted = [m for m in blocks if weights.get(m, 0.0) != 0.0 or m in denoised]
         on_nothing = self.unused_here(positions is not None, wanted)
 
         inputs_embeds, token_embeds = self.embed(input_ids, positions, features)
@@ -200,10 +206,14 @@ class NextGPT(nn.Module):
                 if modality in on_nothing:                     # x 0: qformer's one zero block is not empty
                     unused = unused + 0.0 * self.project_nothing(modality).float().sum()
                 continue
-            if modality not in caption_embeds:
+            if modality not in caption_embeds and weights.get(modality, 0.0) != 0.0:
                 raise ValueError(f"the batch has {modality} signal blocks but no caption_embeds[{modality!r}]")
             hidden_states = hidden_all[self.cfg.model.hidden_layer]
             prediction = self.project(modality, hidden_states, token_embeds, blocks[modality], split)
+            if modality in denoised:        # (n, T, D_out) conditions the frozen UNet; grad flows back through it
+                terms[MODALITIES[modality].generation_loss_key] = self.denoising(modality, prediction, batch)
+            if weights.get(modality, 0.0) == 0.0:
+                continue                    # denoising only: no alignment term
             target = caption_embeds[modality].to(device)
             if target.shape[0] != prediction.shape[0]:
                 raise ValueError(f"{modality}: {prediction.shape[0]} signal blocks in the batch but "

@@ -119,6 +119,8 @@ def test_real_sample_files_parse(folder, modality, count):
         assert s.turns == [Turn("human", caption), Turn("gpt", caption, modality)]
         assert s.targets == [Target(modality, str(embed / f"{r[key]}.npy"), caption)] and s.media == []
         assert Path(s.targets[0].embed_path).exists()          # the shipped embeddings use exactly these names
+        media_path = s.targets[0].media_path                  # the target medium (the denoising loss reads it)
+        assert media_path == str(root / f"{modality}s" / r[key]) and Path(media_path).is_file()
 
     comp = read_file(root / f"{folder}_comprehension.json", dataset="c", role="enc", embed_dir=embed).samples
     assert len(comp) == count

@@ -10,7 +10,7 @@ from nextgpt.data.types import Media, Target, Turn
 from nextgpt.model import suffix
 from nextgpt.model.nextgpt import build_model
 from nextgpt.model.trainable import set_trainable
-from test_model import make_batch, sample
+from batches import make_batch, sample
 
 CAPTIONS = [("a red circle", "image"), ("a blue square moving left on a white background", "video"),
             ("a high beeping tone", "audio"), ("two green triangles", "image"), ("a low hum", "audio")]
