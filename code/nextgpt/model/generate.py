@@ -295,7 +295,7 @@ def _conditioning(model, rows_with_blocks, prompts, replies, positions, longest,
     media_features = features[keep] if features is not None and keep else None
     embeds, token_embeds = model.embed(input_ids, media_positions, media_features)
     out = model.causal_lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    hidden_states = out.hidden_states[model.cfg.model.hidden_layer]                 # (B', L', D)
+    hidden_states = out.hidden_states[model.hidden_layer]                 # (B', L', D)
     for i, (row, blocks) in enumerate(rows_with_blocks):
         for modality, start in blocks:
             if modality not in model.output_proj:

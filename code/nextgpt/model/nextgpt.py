@@ -10,7 +10,7 @@
                                                      (gen_<modality>, model/denoising.py, when attached)
 
 A stage is configuration: which modules train (model/trainable.py: set_trainable), which loss terms count
-(cfg.train.loss_weights; the terms are model/losses.py's).
+(cfg.train.loss_weights, given at construction as LossSettings; the terms are model/losses.py's).
 
 Any batch on any rank: a trainable module that this micro-batch does not use but another rank's does runs here
 on nothing (unused_here): input_proj on an empty (0, F) batch when there is no medium, an output projector on an
@@ -69,14 +69,34 @@ def takes_part(module: nn.Module) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
+@dataclass
+class LossSettings:
+    """What forward computes, given at construction (build_model takes them from the stage's train.* settings and
+    the device decision), not read from a config inside forward."""
+    weights: dict[str, float]                   # train.loss_weights: term -> weight in "loss"
+    alignment: str = "l2"                       # train.alignment_loss: l2 | mse
+    suffix_backward: bool = True                # train.suffix_backward (model/suffix.py; exact, a speed choice)
+    # split only where suffix.worth_splitting says the third LLM pass pays: the roofline of a weight-bound GPU
+    # (build_model sets it when the model is built on a GPU); on the CPU every split pays
+    split_by_roofline: bool = False
+
+    @classmethod
+    def from_config(cls, train, device: "str | torch.device | None" = None) -> "LossSettings":
+        return cls(dict(train.loss_weights), train.alignment_loss, train.suffix_backward,
+                   device is not None and torch.device(device).type == "cuda")
+
+
 class NextGPT(nn.Module):
-    def __init__(self, cfg, llm, tokenizer, token_ids, imagebind_dim: int, conditioning_shapes: dict[str, tuple]):
+    def __init__(self, cfg, llm, tokenizer, token_ids, imagebind_dim: int, conditioning_shapes: dict[str, tuple],
+                 losses: LossSettings | None = None):
         super().__init__()
         self.cfg = cfg
+        self.losses = losses if losses is not None else LossSettings.from_config(cfg.train)
         self.llm = llm                                          # LlamaForCausalLM or a PeftModel around it
         self.tokenizer = tokenizer
         self.token_ids = token_ids
         self.token_rows = cfg.train.token_rows                  # the PEFT structure was built for this
+        self.hidden_layer = cfg.model.hidden_layer              # whose hidden states feed output_proj
         hidden = self.causal_lm.config.hidden_size
         self.input_proj = build_input_proj(imagebind_dim, hidden)
         self.conditioning_shapes = dict(conditioning_shapes)
@@ -162,7 +182,7 @@ class NextGPT(nn.Module):
         -> {"loss", "lm", <modality>: alignment term for each modality with signal blocks and a loss weight,
             gen_<modality>: its denoising term when self.denoising has it, "token_acc"}
         """
-        weights = self.cfg.train.loss_weights
+        weights = self.losses.weights
         device = self.device
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
@@ -208,7 +228,7 @@ class NextGPT(nn.Module):
                 continue
             if modality not in caption_embeds and weights.get(modality, 0.0) != 0.0:
                 raise ValueError(f"the batch has {modality} signal blocks but no caption_embeds[{modality!r}]")
-            hidden_states = hidden_all[self.cfg.model.hidden_layer]
+            hidden_states = hidden_all[self.hidden_layer]
             prediction = self.project(modality, hidden_states, token_embeds, blocks[modality], split)
             if modality in denoised:        # (n, T, D_out) conditions the frozen UNet; grad flows back through it
                 terms[MODALITIES[modality].generation_loss_key] = self.denoising(modality, prediction, batch)
@@ -222,13 +242,13 @@ class NextGPT(nn.Module):
                 raise ValueError(f"{modality}: caption embeddings of shape {tuple(target.shape[1:])} but the "
                                  f"{modality} decoder needs {tuple(prediction.shape[1:])} (embeddings computed "
                                  "with a different decoder?)")
-            terms[modality] = alignment_loss(prediction, target.view(prediction.shape), self.cfg.train.alignment_loss)
+            terms[modality] = alignment_loss(prediction, target.view(prediction.shape), self.losses.alignment)
         loss = sum(weights.get(name, 0.0) * value for name, value in terms.items()) + unused
         return {"loss": loss, **terms, "token_acc": accuracy}
 
     def _split(self, input_ids, attention_mask, media_positions, blocks) -> list[int] | None:
         """Per-row prefix lengths for suffix backward (model/suffix.py), or None for one full pass."""
-        if not (self.cfg.train.suffix_backward and torch.is_grad_enabled()):
+        if not (self.losses.suffix_backward and torch.is_grad_enabled()):
             return None
         causal_lm = self.causal_lm
         if getattr(causal_lm, "is_activation_checkpointing", False):
@@ -242,7 +262,7 @@ class NextGPT(nn.Module):
         split = suffix.split_points(input_ids, lengths, media_positions, blocks, inputs)
         if max(split) == 0:
             return None
-        if input_ids.is_cuda and not suffix.worth_splitting(*input_ids.shape, split, lengths):
+        if self.losses.split_by_roofline and not suffix.worth_splitting(*input_ids.shape, split, lengths):
             return None                     # weight-bandwidth-bound (small micro-batch): 3 passes cost more than 2
         return split
 
@@ -328,7 +348,7 @@ def build_model(cfg, device: str | torch.device | None = None, dtype: torch.dtyp
     llm_utils.resize_for_tokens(llm, len(tokenizer))
     llm = llm_utils.wrap_llm(llm, token_ids, cfg.train.token_rows, cfg.model.lora, cfg.model.quantization,
                              cfg.model.gradient_checkpointing)
-    model = NextGPT(cfg, llm, tokenizer, token_ids, feature_dim, shapes)
+    model = NextGPT(cfg, llm, tokenizer, token_ids, feature_dim, shapes, LossSettings.from_config(cfg.train, device))
     model.input_proj.to(device=device, dtype=dtype or torch.float32)
     model.output_proj.to(device=device, dtype=dtype or torch.float32)
     return model

@@ -211,11 +211,11 @@ def test_loss_definitions(stage_models):
             target = batch["caption_embeds"][modality]
             l2 = (prediction - target).pow(2).sum(-1).sqrt().mean()          # the original's l2_loss(...).mean()
             torch.testing.assert_close(out[modality], l2, rtol=1e-5, atol=1e-5)
-        model.cfg.train.alignment_loss = "mse"
+        model.losses.alignment = "mse"
         try:
             mse = model(batch)
         finally:
-            model.cfg.train.alignment_loss = "l2"
+            model.losses.alignment = "l2"
         torch.testing.assert_close(mse["audio"], F.mse_loss(prediction, target))
 
 
@@ -319,3 +319,15 @@ def test_load_llm_from_sharded_bin(tiny_env, tmp_path):
     assert all(torch.equal(state[k].bfloat16(), v) for k, v in loaded.state_dict().items())
     with pytest.raises(FileNotFoundError, match="config.json"):
         llm_utils.load_llm(tmp_path / "nowhere")
+
+
+def test_forward_takes_its_loss_settings_at_construction():
+    """Loss weights, the alignment kind and the suffix-backward choice are NextGPT.losses (build_model takes them from
+    train.* and the device decision); forward reads no config and picks no maths path by the tensors' device."""
+    import inspect
+
+    from nextgpt.model.nextgpt import NextGPT
+
+    for method in (NextGPT.forward, NextGPT._split):
+        source = inspect.getsource(method)
+        assert "cfg" not in source and "is_cuda" not in source, method.__name__

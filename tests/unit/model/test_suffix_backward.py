@@ -30,7 +30,7 @@ def both_paths(model, batch):
     """-> [(outputs, {name: grad})] for suffix_backward on, then off."""
     results = []
     for on in (True, False):
-        model.cfg.train.suffix_backward = on
+        model.losses.suffix_backward = on
         model.zero_grad(set_to_none=True)
         out = model(batch)
         out["loss"].backward()
