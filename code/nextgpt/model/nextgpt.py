@@ -6,7 +6,7 @@
     at every signal block (batch["signal_blocks"], recorded when the sample was encoded):
         hidden (n, N, D) + input embeddings (n, N, D)
         --output_proj[modality]--> (n, T, D_out) -- l2 / mse --> caption_embeds[modality] (n, T, D_out)
-                                                 \-- frozen decoder UNet, MSE to its noise / velocity target
+                                                 \\-- frozen decoder UNet, MSE to its noise / velocity target
                                                      (gen_<modality>, model/denoising.py, when attached)
 
 A stage is configuration: which modules train (model/trainable.py: set_trainable), which loss terms count
