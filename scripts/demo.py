@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--untrained-toy", action="store_true",
                         help="keep ImageBind and the decoders random (no toy training; tests of the plumbing)")
     parser.add_argument("--judged-requests", type=int, default=12,
-                        help="judged requests per modality and checkpoint of trained-on combinations (default 12; "
-                             "the held-out combinations are always all judged)")
+                        help="judged requests per modality and checkpoint of trained-on combinations (default 12, "
+                             "and then every held-out combination; below 12 also at most that many held-out)")
     parser.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed",
                         help="train through the deepspeed launcher (default) or a plain python process")
     args = parser.parse_args(argv)
@@ -392,7 +392,8 @@ def demo(args) -> int:
           judged / "judged.md",
           tool("scripts/tiny/judge_eval.py", *with_config("eval"), "--ckpt", "base",
                *(str(outputs[s]) for s in (1, 2, 3)), "--trained", str(args.judged_requests),
-               "--captions", str(min(8, args.judged_requests)), "--out", str(judged)))
+               "--captions", str(min(8, args.judged_requests)),
+               *(["--held", str(args.judged_requests)] if args.judged_requests < 12 else []), "--out", str(judged)))
 
     # 12: inference through the interactive CLI, greedy
     inference_dir = runs / "inference"

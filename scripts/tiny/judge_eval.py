@@ -34,14 +34,14 @@ MODALITIES = ("image", "video", "audio")
 CAPTIONS = {"image": toy.image_captions, "video": toy.video_captions, "audio": toy.audio_captions}
 
 
-def requests(modality: str, trained: int, seed: int) -> list[dict]:
-    """Every held-out combination's caption, then `trained` seeded captions of combinations that were trained on."""
+def requests(modality: str, trained: int, seed: int, held: int | None = None) -> list[dict]:
+    """Every held-out combination's caption (or the first `held`), then `trained` seeded captions of combinations
+    that were trained on."""
     rows = [dict(caption=c, want=dict(zip(judge.KEYS[modality], attrs)),
                  held=modality != "audio" and toy.held_out(attrs[0], attrs[1])) for c, *attrs in CAPTIONS[modality]()]
-    held = [r for r in rows if r["held"]]
     seen = [r for r in rows if not r["held"]]
     random.Random(seed).shuffle(seen)
-    return held + seen[:trained]
+    return [r for r in rows if r["held"]][:held] + seen[:trained]
 
 
 def shares(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float | int]:
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", nargs="*", default=[], help="base | checkpoint folders (in report order)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--trained", type=int, default=12, help="captions of trained combinations per modality")
+    parser.add_argument("--held", type=int, default=None, help="held-out captions per modality (default: all)")
     parser.add_argument("--captions", type=int, default=8, help="captioning requests per modality")
     parser.add_argument("--seed", type=int, default=None, help="default: inference.seed")
     args = parser.parse_args(argv)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         decoders = Decoders(cfg, device=device, dtype=dtype, seed=seed)
         scorer = ImageBindScorer(cfg.path(cfg.model.imagebind), cfg.model.imagebind_preset,
                                  cfg.path(cfg.model.decoders["image"]) / "tokenizer", device=device, dtype=dtype)
-        asked = {m: requests(m, args.trained, seed) for m in MODALITIES}
+        asked = {m: requests(m, args.trained, seed, args.held) for m in MODALITIES}
         started = time.time()
         rows = ceiling(decoders, asked, out / "media" / "ceiling", seed)
         summary = {"ceiling": {m: split_shares(r, m) for m, r in rows.items()}, "checkpoints": [],
@@ -228,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         for n, value in enumerate(args.ckpt):
             started = time.time()
             torch.manual_seed(cfg.train.seed)
-            if value == "base":
-                model, name = build_model(cfg, device=device, dtype=dtype).eval(), "base"
-            else:
-                model, info = load_model(cfg, value, device, dtype)
+            model, name = build_model(cfg, device=device, dtype=dtype), "base"
+            if value != "base":
+                # as evaluate.py loads: a stage-1 checkpoint holds no output_proj / LoRA (they stay as initialised)
+                info = checkpoint_info(value)
+                checkpoint_lib.load_checkpoint(model, info.path, allow_missing=("input_proj", "output_proj", "lora"))
                 name = "/".join(Path(info.path).parts[-2:])
+            model.eval()
             judged, emission = end_to_end(model, decoders, cfg, asked, out / "media" / f"{n}_{Path(value).name}", seed)
             run = {"name": name, "path": value, "emission": emission,
                    "judged": {m: split_shares(r, m) for m, r in judged.items()},

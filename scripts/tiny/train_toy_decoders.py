@@ -36,7 +36,7 @@ from nextgpt.io import atomic_write_text
 
 FOLDERS = {"image": "stable-diffusion", "video": "zeroscope", "audio": "audioldm"}
 PIPELINES = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline", "audio": "AudioLDMPipeline"}
-RECIPE = {"version": 1, "seed": 0, "vae_steps": 500, "audio_vae_steps": 300, "image_steps": 800,
+RECIPE = {"version": 2, "seed": 0, "vae_steps": 500, "audio_vae_steps": 300, "image_steps": 800,
           "video_steps": 600, "audio_steps": 500, "batch": 16, "lr": 3e-3, "vae_lr": 3e-3, "drop": 0.1,
           "gamma": 5.0, "held_out": [list(c) for c in toy.HELD_OUT]}
 STAMP = "toy_training.json"
