@@ -197,8 +197,7 @@ def _run_features(samples, modalities, cfg, args, out_dir: Path, log) -> None:
         if not items:
             continue
         # a medium is a file, or a member of its folder's webdataset shards (nextgpt/store/tars.py)
-        found = locate_many([p for p, _ in items.values()])
-        missing = [(n, p, w) for (n, (p, w)), member in zip(items.items(), found)
+        missing = [(n, p, w) for (n, (p, w)), member in zip(items.items(), locate_many([p for p, _ in items.values()]))
                    if member is None and not Path(p).is_file()]
         if missing:
             name, path, where = missing[0]

@@ -1,6 +1,6 @@
 """Media read from webdataset tar shards in place (issue 27) vs the same media as files.
 
-    python dev/bench/bench_tars.py                          # every part, CPU (under 3 min here)
+    python dev/bench/bench_tars.py                          # every part, CPU (~40 s of CPU time; 2.5-6 min wall at load 11-20)
     python dev/bench/bench_tars.py --parts scale --scale-items 100000   # the large shard-set run, on its own
 
 Parts, each on the real code paths (scripts/prepare_data.py, code/process_embeddings.py, nextgpt/store/tars.py):

@@ -51,7 +51,7 @@ INDEX_ARRAY = "tars.index.npy"
 FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)       # one per medium of a precompute: kept small
 class Member:
     """Where one medium lives: the media folder whose index names it, the shard (file, row of the index's shard
     list), the member's name, data offset and size."""
@@ -86,7 +86,7 @@ class Blob:
 # ----------------------------------------------------------------------------------------------------------------
 # Building an index (prepare_data)
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Scanned:
     """One regular member of a shard as the scan found it; `truncated` when its data runs past the file's end."""
     name: str
