@@ -167,6 +167,7 @@ def build_7b(cfg, device, dtype, shape: dict = VICUNA_7B, with_bare: bool = True
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from nextgpt.imagebind.encode import LazyEncoder
     from nextgpt.model import llm as llm_utils
     from nextgpt.model.nextgpt import NextGPT, conditioning_shapes, imagebind_dim
     from nextgpt.tokens import load_tokenizer
@@ -180,7 +181,8 @@ def build_7b(cfg, device, dtype, shape: dict = VICUNA_7B, with_bare: bool = True
     # The tiny tokenizer's ids (< 800, the 38 NExT-GPT tokens included) all fall inside the 32000-row matrices.
     llm = llm_utils.wrap_llm(llm, token_ids, cfg.train.token_rows, cfg.model.lora, "none", False)
     model = NextGPT(cfg, llm, tokenizer, token_ids, imagebind_dim(cfg.model.imagebind_preset),
-                    conditioning_shapes(cfg))
+                    conditioning_shapes(cfg), media_encoder=LazyEncoder(cfg.path(cfg.model.imagebind),
+                                                                        cfg.model.imagebind_preset, device, dtype))
     model.input_proj.to(device=device, dtype=dtype)
     model.output_proj.to(device=device, dtype=dtype)
     return model, finish_baseline(cfg, bare, shape["vocab_size"]) if with_bare else None

@@ -49,6 +49,20 @@ def preprocessed_batches(paths: Sequence[str | Path], modality: str, batch_size:
                 raise
 
 
+class LazyEncoder:
+    """The ImageBind a model is given for batches without cached features: an Encoder made on its first encode, so a
+    run that reads cached features never loads ImageBind. Not an nn.Module: never in a state_dict or a delta."""
+
+    def __init__(self, checkpoint: str | Path, preset: str = "huge", device=None, dtype=None):
+        self.checkpoint, self.preset, self.device, self.dtype = str(checkpoint), preset, device, dtype
+        self.encoder: Encoder | None = None
+
+    def encode(self, paths: Sequence[str | Path], modality: str) -> torch.Tensor:        # -> (N, out_dim) float32
+        if self.encoder is None:
+            self.encoder = Encoder(self.checkpoint, self.preset, device=self.device, dtype=self.dtype)
+        return self.encoder.encode(paths, modality)
+
+
 class Encoder:
     """A loaded, frozen ImageBind (vision + audio) that turns media files into (N, out_dim) float32 vectors."""
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from nextgpt import runtime
+from nextgpt.imagebind.encode import LazyEncoder
 from nextgpt.model import llm as llm_utils
 from nextgpt.model import suffix
 from nextgpt.model.losses import alignment_loss, check_signal_labels, lm_loss_and_accuracy
@@ -88,7 +89,7 @@ class LossSettings:
 
 class NextGPT(nn.Module):
     def __init__(self, cfg, llm, tokenizer, token_ids, imagebind_dim: int, conditioning_shapes: dict[str, tuple],
-                 losses: LossSettings | None = None):
+                 losses: LossSettings | None = None, media_encoder=None):
         super().__init__()
         self.cfg = cfg
         self.losses = losses if losses is not None else LossSettings.from_config(cfg.train)
@@ -112,7 +113,9 @@ class NextGPT(nn.Module):
         # model/denoising.Denoising (frozen UNets + VAEs, not submodules) when a gen_<modality> weight is set;
         # train.py attaches it (denoising.build), so inference never loads a UNet for a loss it does not compute
         self.denoising = None
-        object.__setattr__(self, "_encoder", None)             # live ImageBind, created on first use, not a submodule
+        # ImageBind for batches without cached features (imagebind.encode.LazyEncoder: loads on first use; not a
+        # submodule); None: every batch must carry its features
+        self.media_encoder = media_encoder
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -130,20 +133,13 @@ class NextGPT(nn.Module):
     def device(self) -> torch.device:
         return self.input_proj.weight.device
 
-    def media_encoder(self):
-        """ImageBind (frozen, eval), loaded on first use when a batch has no cached features."""
-        if self._encoder is None:
-            from nextgpt.imagebind.encode import Encoder
-
-            encoder = Encoder(self.cfg.path(self.cfg.model.imagebind), self.cfg.model.imagebind_preset,
-                              device=self.device, dtype=self.input_proj.weight.dtype)
-            object.__setattr__(self, "_encoder", encoder)
-        return self._encoder
-
     @torch.no_grad()
     def encode_media(self, paths: Sequence[str], modalities: Sequence[str]) -> torch.Tensor:
         """(N, F) ImageBind features of media files, in the given order (one encoder call per modality)."""
-        encoder = self.media_encoder()
+        encoder = self.media_encoder
+        if encoder is None:
+            raise ValueError("the batch has no cached ImageBind features and this model was given no media_encoder "
+                             "(build_model gives one)")
         features: list[torch.Tensor | None] = [None] * len(paths)
         for modality in dict.fromkeys(modalities):
             index = [i for i, m in enumerate(modalities) if m == modality]
@@ -348,7 +344,10 @@ def build_model(cfg, device: str | torch.device | None = None, dtype: torch.dtyp
     llm_utils.resize_for_tokens(llm, len(tokenizer))
     llm = llm_utils.wrap_llm(llm, token_ids, cfg.train.token_rows, cfg.model.lora, cfg.model.quantization,
                              cfg.model.gradient_checkpointing)
-    model = NextGPT(cfg, llm, tokenizer, token_ids, feature_dim, shapes, LossSettings.from_config(cfg.train, device))
+    media_encoder = LazyEncoder(cfg.path(cfg.model.imagebind), cfg.model.imagebind_preset, device=device or "cpu",
+                                dtype=dtype or torch.float32)    # the model's device and projector dtype
+    model = NextGPT(cfg, llm, tokenizer, token_ids, feature_dim, shapes, LossSettings.from_config(cfg.train, device),
+                    media_encoder)
     model.input_proj.to(device=device, dtype=dtype or torch.float32)
     model.output_proj.to(device=device, dtype=dtype or torch.float32)
     return model

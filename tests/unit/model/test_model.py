@@ -234,7 +234,7 @@ def test_soft_token_is_the_projected_feature(stage_models):
 
 
 def test_live_imagebind_matches_cached_features(stage_models, tiny_env):
-    from nextgpt.imagebind.encode import Encoder
+    from nextgpt.imagebind.encode import Encoder, LazyEncoder
 
     model, _ = stage_models[1]
     image = next((tiny_env.data / "T_X_pair_data" / "cc3m" / "images").glob("*.jpg"))
@@ -242,7 +242,7 @@ def test_live_imagebind_matches_cached_features(stage_models, tiny_env):
     samples = STAGE_SAMPLES[1]()
     samples[0].media = [Media("image", str(image), image.name)]
     samples[1].media = [Media("audio", str(audio), audio.name)]
-    model.cfg.model.imagebind = str(tiny_env.imagebind)
+    model.media_encoder = LazyEncoder(tiny_env.imagebind, "tiny")     # what build_model gives, at the tiny file
     batch = make_batch(model, samples)
     encoder = Encoder(tiny_env.imagebind, "tiny")
     cached = torch.cat([encoder.encode([str(image)], "image"), encoder.encode([str(audio)], "audio")])
@@ -250,7 +250,7 @@ def test_live_imagebind_matches_cached_features(stage_models, tiny_env):
         live = model(dict(batch, media_features=None))
         from_cache = model(dict(batch, media_features=cached))
     torch.testing.assert_close(live["lm"], from_cache["lm"])
-    assert model._encoder is not None and "_encoder" not in dict(model.named_children())
+    assert model.media_encoder.encoder is not None and "media_encoder" not in dict(model.named_children())
 
 
 def test_broken_signal_block_in_labels_names_the_sample(stage_models):
