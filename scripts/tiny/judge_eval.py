@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from nextgpt.checkpoint.load import load_model
+        from nextgpt.checkpoint import delta as checkpoint_lib
+        from nextgpt.checkpoint.load import checkpoint_info
         from nextgpt.runtime import pick_device
         from nextgpt.eval.embedders import ImageBindScorer
         from nextgpt.model.decoders import Decoders
