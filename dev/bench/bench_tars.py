@@ -166,7 +166,8 @@ def bench_scale(env, work: Path, items: int) -> dict:
         result[source] = dict(
             rss_growth_bytes_per_item=(large["peak_rss_bytes"] - small["peak_rss_bytes"]) / (large["items"] - small["items"]),
             # start-up (imports, model build) is in both runs' seconds: the difference is the steady rate
-            steady_items_per_s=(large["items"] - small["items"]) / max(large["seconds"] - small["seconds"], 1e-9))
+            steady_items_per_s=((large["items"] - small["items"]) / (large["seconds"] - small["seconds"])
+                                if large["seconds"] > small["seconds"] else float("nan")))   # nan: the load changed
     result["tars_minus_files_bytes_per_item"] = (result["tars"]["rss_growth_bytes_per_item"]
                                                  - result["files"]["rss_growth_bytes_per_item"])
     return result
