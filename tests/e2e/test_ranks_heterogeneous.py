@@ -35,6 +35,11 @@ CASES = {
     # 2 ranks and 1 process differ by its quantisation (2.7e-3 here; 1.5e-8 under ZeRO-0, which does not partition).
     "fine_tuning": ["data.datasets=[mosit_instruction,llava_instruction,alpaca_instruction]",
                     "train.optimizer_8bit=false"],
+    # stage 2 with the denoising terms (model/denoising.py) beside the alignment ones: the frozen UNets run only on
+    # the ranks whose micro-batch has that modality, and their gradient reaches the same output projectors
+    "stage_2+denoising": ["data.datasets=[cc3m_dec,webvid_dec,audiocap_dec]",
+                          "train.loss_weights={lm: 1.0, image: 1.0, video: 1.0, audio: 1.0, gen_image: 1.0, "
+                          "gen_video: 1.0, gen_audio: 1.0}"],
 }
 
 
@@ -56,7 +61,7 @@ def what_ranks_see(env, stage):
     from nextgpt.data.loaders import build_run_data
     from nextgpt.tokens import load_tokenizer
 
-    cfg = env.config(stage, *common(stage), f"train.gradient_accumulation_steps={ACCUMULATION}")
+    cfg = env.config(stage.split("+")[0], *common(stage), f"train.gradient_accumulation_steps={ACCUMULATION}")
     tokenizer, token_ids = load_tokenizer(cfg.path(cfg.model.llm), cfg.model.template)
     seen = []
     for rank in (0, 1):
@@ -79,11 +84,14 @@ def test_two_ranks_with_different_batches_equal_one_process(env, tmp_path, stage
         assert any(kind == (frozenset(), frozenset()) for rank in seen for step in rank for kind in step), seen
 
     two = tmp_path / "two"
-    launch_train(env.argv(stage, f"train.output_dir={two}", *common(stage),
+    config = stage.split("+")[0]                # "stage_2+denoising": stage_2's config with that case's settings
+    launch_train(env.argv(config, f"train.output_dir={two}", *common(stage),
                           f"train.gradient_accumulation_steps={ACCUMULATION}"))
     assert "rank 0/2" in (two / "train.log").read_text()
+    if stage.endswith("+denoising"):            # the terms ran (the step means over both ranks name them)
+        assert all(f'"gen_{m}"' in (two / "metrics.jsonl").read_text() for m in ("image", "video", "audio"))
     one = tmp_path / "one"
-    argv = env.argv(stage, f"train.output_dir={one}", *common(stage),
+    argv = env.argv(config, f"train.output_dir={one}", *common(stage),
                     f"train.gradient_accumulation_steps={2 * ACCUMULATION}", "train.save_every=1",
                     f"train.keep_last={STEPS}")
     assert train.main(argv) == 0
