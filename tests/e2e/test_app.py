@@ -201,7 +201,8 @@ def test_handler_turns_media_errors_and_clear(handler, tmp_path):
 
     _, history, state, files = _last(handler, {"text": "show me a picture", "files": []}, [], None)
     assert [t.role for t in state.turns] == ["human", "gpt"] and state.turns[1].output_modality == "image"
-    assert files == [str(state.folder / "image_0.png")] and history[-2]["content"] == {"path": files[0]}
+    # force_signal (on by default) completes the block, so the image is the last entry: no "out of order" note
+    assert files == [str(state.folder / "image_0.png")] and history[-1]["content"] == {"path": files[0]}
     # bad inputs: a chat message each, the conversation unchanged, the text kept in the box for another try
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
