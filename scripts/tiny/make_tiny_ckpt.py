@@ -318,11 +318,13 @@ PIPELINE_WRITERS = {"image": ("stable-diffusion", write_stable_diffusion),
                     "audio": ("audioldm", write_audioldm)}
 
 
-def write_pipelines(out: Path, seed: int = 0) -> None:
-    """Tiny diffusers pipelines: out/stable-diffusion, out/zeroscope, out/audioldm (save_pretrained folders)."""
+def write_pipelines(out: Path, seed: int = 0, only: list[str] | None = None) -> None:
+    """Tiny diffusers pipelines: out/stable-diffusion, out/zeroscope, out/audioldm (save_pretrained folders);
+    only: those modalities."""
     _quiet()
-    for folder, writer in PIPELINE_WRITERS.values():
-        writer(out / folder, seed)
+    for modality, (folder, writer) in PIPELINE_WRITERS.items():
+        if only is None or modality in only:
+            writer(out / folder, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +341,19 @@ def main(argv: list[str] | None = None) -> int:
     writers = {"llm": (write_llm, out / "vicuna", "LLM + tokenizer"),
                "imagebind": (write_imagebind, out / "imagebind" / "imagebind_tiny.pth", "ImageBind"),
                "pipelines": (write_pipelines, out, "diffusion pipelines (stable-diffusion, zeroscope, audioldm)")}
+    if args.train:
+        # a part already toy-trained with the current recipe is kept, so an interrupted `make tiny` resumes
+        from tiny import train_toy_decoders, train_toy_imagebind
+
+        if "imagebind" in parts and train_toy_imagebind.done(writers["imagebind"][1]):
+            parts = [p for p in parts if p != "imagebind"]
+        if "pipelines" in parts:
+            todo = [name for name, (folder, _) in PIPELINE_WRITERS.items()
+                    if not train_toy_decoders.done(out / folder)]
+            writers["pipelines"] = (lambda path: write_pipelines(path, only=todo), out,
+                                    f"diffusion pipelines ({', '.join(PIPELINE_WRITERS[m][0] for m in todo)})")
+            if not todo:
+                parts = [p for p in parts if p != "pipelines"]
     for part in parts:
         writer, path, what = writers[part]
         try:
