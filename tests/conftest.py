@@ -8,7 +8,8 @@ config overrides pointing the tiny configs at them), built once per test session
 scripts/ and code/ are on the import path through pyproject.toml's [tool.pytest.ini_options] pythonpath.
 
 tests/unit/ mirrors code/nextgpt (in-process); every test under tests/e2e/ is marked `slow` here, except the one
-marked `smoke`: `make test` runs `-m "not slow"` (unit + the smoke), `make test-all` everything.
+marked `smoke`: `make test` runs `-m "not slow"` (unit + the smoke), `make test-all` everything but the tests marked
+`heavy` (minutes each), which `make test-heavy` runs.
 """
 
 from __future__ import annotations

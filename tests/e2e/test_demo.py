@@ -19,7 +19,7 @@ def test_demo_runs_every_step_and_reports(tmp_path):
     work = tmp_path / "demo"
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--workdir", str(work), "--launcher", "python",
                "--pretrain-steps", "3", "--stage1-steps", "2", "--stage2-steps", "2", "--stage3-steps", "2",
-               "--untrained-toy", "--judged-requests", "1"]
+               "--judged-requests", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

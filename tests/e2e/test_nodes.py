@@ -84,6 +84,7 @@ def test_two_nodes_stage1_on_a_shared_folder(shared_run):
     assert "done: " in job.log(0) and "done: " not in job.log(1)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind, stage, data", [("torchrun", "stage_1", "cc3m_enc"), ("torchrun", "stage_2", "cc3m_dec"),
                                                ("deepspeed", "stage_3", "image_instruction")])
 def test_two_nodes_stages(tiny_env, tmp_path, kind, stage, data):
@@ -100,6 +101,7 @@ def test_two_nodes_stages(tiny_env, tmp_path, kind, stage, data):
     assert_written_once(out)
 
 
+@pytest.mark.heavy
 def test_two_nodes_process_embeddings(tiny_env, tmp_path):
     """`process_embeddings --all` sharded over two nodes writes what one process writes, one manifest."""
     reference = tiny_env.embeddings()
@@ -136,7 +138,7 @@ def test_node_with_its_own_disk_is_refused(tiny_env, tmp_path, script):
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("*.npy"))
 
 
-@pytest.mark.parametrize("victim", ["rank", "node"])
+@pytest.mark.parametrize("victim", ["rank", pytest.param("node", marks=pytest.mark.heavy)])
 def test_dead_rank_stops_the_job_and_resume_is_bit_exact(tiny_env, tmp_path, shared_run, victim):
     """kill -9 node 1's rank (or its whole launcher tree) after a checkpoint: rank 0 stops within
     train.dist_timeout with one line naming rank 1; `latest` verifies; both nodes rerun with --resume auto end
@@ -200,6 +202,7 @@ def sshd(tmp_path):
     daemon.wait()
 
 
+@pytest.mark.heavy
 def test_pdsh_hostfile_over_ssh(tiny_env, tmp_path, sshd):
     """`deepspeed --hostfile` without --no_ssh: DeepSpeed's runner starts every node's launcher through pdsh/ssh
     (hosts `localhost` and `127.0.0.1`: two names of this machine)."""

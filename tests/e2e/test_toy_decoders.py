@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 # Floors a margin under what the recipe reached here (README "The toy world, trained and judged": all attributes
 # right 0.20, background 0.89); far under the targets, which this recipe does not reach: a regression floor.
