@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -276,9 +277,12 @@ def test_an_interrupted_precompute_leaves_no_temporary_file(tiny_env, tmp_path, 
                *tiny_env.argv("stage_2", f"data.embed_dir={out}"), "--all", "--batch-size", "1", "--store", layout]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while process.poll() is None and not [p for p in out.rglob("*") if p.is_file()]:
-        time.sleep(0.01)
-    time.sleep(0.3)                                          # a few batches in: the writer thread is busy
+        time.sleep(0.002)
+    # Frozen the moment items are being written, the signal waits until SIGCONT: on a fast machine the whole
+    # precompute ends within a sleep, and a signal during interpreter exit would test nothing.
+    process.send_signal(signal.SIGSTOP)
     process.send_signal(signum)
+    process.send_signal(signal.SIGCONT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, output
     assert output.strip().splitlines()[-1].startswith(f"error: interrupted by {signal_names[signum]}"), output
