@@ -107,12 +107,12 @@ class NodeJob:
                                                        stderr=subprocess.STDOUT, start_new_session=True))
         return self
 
-    def wait_for(self, text: str, node: int = 0, timeout: float = 300) -> None:
+    def wait_for(self, text: str, node: int = 0, timeout: float = 300, poll: float = 0.2) -> None:
         deadline = time.time() + timeout
         while text not in self.log(node):
             if time.time() > deadline or all(p.poll() is not None for p in self.processes):
                 raise TimeoutError(f"node {node} never printed {text!r}:\n{self.log(node)[-3000:]}")
-            time.sleep(0.2)
+            time.sleep(poll)
 
     def rank_pid(self, node: int) -> int:
         """The training process of `node` (the launcher's python child that is not a launcher itself)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -148,7 +149,10 @@ def test_dead_rank_stops_the_job_and_resume_is_bit_exact(tiny_env, tmp_path, sha
     out = tmp_path / "out"
     args = train_args(tiny_env, "stage_1", out, *STAGE_1)
     job = NodeJob("deepspeed", args, tmp_path / "killed").start()
-    job.wait_for(f"saved {out / 'checkpoint-2'}")
+    job.wait_for(f"saved {out / 'checkpoint-2'}", poll=0.01)
+    # node 1's rank held the moment checkpoint-2 is saved: rank 0 cannot get past its next collective, so on a
+    # fast machine the run cannot finish before the kill lands
+    os.kill(job.rank_pid(1), signal.SIGSTOP)
     killed = time.time()
     job.kill_rank(1) if victim == "rank" else job.kill_node(1)
     codes = job.wait(120)
